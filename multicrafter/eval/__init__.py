@@ -1,0 +1,1 @@
+"""Evaluation command lines: `python -m multicrafter.eval toy ...` (ToyWorld) and `... faces ...` (real photos)."""

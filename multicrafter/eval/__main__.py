@@ -1,0 +1,31 @@
+"""Dispatch `python -m multicrafter.eval {toy,faces} ...` to the matching module's `main(argv)`."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import run_cli
+
+USAGE = "usage: python -m multicrafter.eval {toy,faces} [options]   (add --help after the mode for its options)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        print("  toy    score a model (or the ground-truth renders) on held-out ToyWorld scenes")
+        print("  faces  Hungarian-matched face similarity of a generated image against reference photos")
+        return 0
+    mode, rest = argv[0], argv[1:]
+    if mode == "toy":
+        from .toy import main as mode_main
+    elif mode == "faces":
+        from .faces import main as mode_main
+    else:
+        print(f"error: unknown evaluation mode '{mode}' (expected toy or faces)", file=sys.stderr)
+        return 2
+    return mode_main(rest) or 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
