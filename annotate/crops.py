@@ -1,0 +1,146 @@
+"""Mask clean-up and the reference crops a sample's subjects need (object crop from the mask, face crop via dlib).
+
+A clicked mask has specks and holes; the trainer downsamples masks to the latent grid, so small specks become
+whole wrong tokens. References are square crops so they pack like the target latents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from multicrafter.errors import UserError
+from multicrafter.io import load_image
+
+BACKGROUNDS = ("white", "black", "gray", "keep")
+_FILL = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (127, 127, 127)}
+
+
+def as_bool_mask(mask: Any) -> np.ndarray:
+    """Accept a bool/0-1/0-255 array or an 'L'/'1' PIL image; return HxW bool."""
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"))
+    arr = np.asarray(mask)
+    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+        arr = arr[..., 0]
+    if arr.ndim != 2:
+        raise UserError(f"mask must be a 2-D array, got shape {tuple(arr.shape)}")
+    if arr.dtype == bool:
+        return arr.copy()
+    return arr >= (128 if arr.max(initial=0) > 1 else 1)
+
+
+def mask_to_image(mask: Any) -> Image.Image:
+    """The on-disk form: 8-bit, 0 or 255."""
+    return Image.fromarray(as_bool_mask(mask).astype(np.uint8) * 255, mode="L")
+
+
+def mask_box(mask: Any) -> list[int] | None:
+    """[x0, y0, x1, y1] with exclusive x1/y1, or None for an empty mask."""
+    m = as_bool_mask(mask)
+    ys, xs = np.nonzero(m)
+    if len(xs) == 0:
+        return None
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+
+
+def refine_mask(mask: Any, min_area: int | float = 0.002, fill_holes: bool = True) -> np.ndarray:
+    """Remove specks smaller than `min_area` (pixels, or a fraction of the image when < 1) and fill enclosed holes.
+
+    The largest component is always kept, so refinement never empties a non-empty mask.
+    """
+    m = as_bool_mask(mask)
+    if not m.any():
+        return m
+    limit = min_area * m.size if min_area < 1 else min_area
+    labels, n = ndimage.label(m)
+    areas = ndimage.sum_labels(m, labels, index=np.arange(1, n + 1))
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[1:] = areas >= limit
+    keep[1 + int(np.argmax(areas))] = True
+    out = keep[labels]
+    return ndimage.binary_fill_holes(out) if fill_holes else out
+
+
+def square_box(box: list[int] | tuple[int, ...], pad: float) -> tuple[int, int, int, int]:
+    """A square around `box` enlarged by `pad` (fraction of its longer side); may extend past the image."""
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0) * (1.0 + 2.0 * pad)
+    side = max(int(round(side)), 1)
+    cx, cy = (x0 + x1) / 2.0, (y0 + y1) / 2.0
+    left, top = int(round(cx - side / 2.0)), int(round(cy - side / 2.0))
+    return left, top, left + side, top + side
+
+
+def _crop_padded(img: Image.Image, box: tuple[int, int, int, int], fill: tuple[int, int, int]) -> Image.Image:
+    """PIL crop that fills outside the image with `fill` rather than black."""
+    canvas = Image.new(img.mode, (box[2] - box[0], box[3] - box[1]), fill if img.mode == "RGB" else 0)
+    x0, y0 = max(0, -box[0]), max(0, -box[1])
+    inner = img.crop((max(box[0], 0), max(box[1], 0), min(box[2], img.width), min(box[3], img.height)))
+    canvas.paste(inner, (x0, y0))
+    return canvas
+
+
+def reference_crop(image: Any, mask: Any, pad: float = 0.1, background: str | tuple[int, int, int] = "white",
+                   size: int | None = None) -> Image.Image:
+    """Square crop around the masked subject; pixels outside the mask become `background` ("keep" leaves them)."""
+    img = load_image(image)
+    m = as_bool_mask(mask)
+    if m.shape != (img.height, img.width):
+        raise UserError(f"mask size {m.shape[1]}x{m.shape[0]} differs from image size {img.width}x{img.height}")
+    box = mask_box(m)
+    if box is None:
+        raise UserError("cannot make a reference crop from an empty mask")
+    if background != "keep" and not isinstance(background, tuple) and background not in _FILL:
+        raise UserError(f"background must be one of {', '.join(BACKGROUNDS)} or an (r, g, b) tuple")
+    fill = background if isinstance(background, tuple) else _FILL.get(background, (255, 255, 255))
+    sq = square_box(box, pad)
+    if background != "keep":
+        arr = np.asarray(img).copy()
+        arr[~m] = fill
+        img = Image.fromarray(arr)
+    crop = _crop_padded(img, sq, fill)
+    return crop.resize((size, size), Image.Resampling.LANCZOS) if size else crop
+
+
+def _face_detector():
+    try:
+        import dlib
+    except ImportError as exc:
+        raise UserError("face crops need dlib (pip install dlib-bin)") from exc
+    return dlib.get_frontal_face_detector()
+
+
+def detect_faces(image: Any, upsample: int = 1) -> list[list[int]]:
+    """Face boxes [x0, y0, x1, y1] from dlib's HOG detector (ships inside dlib: works offline)."""
+    arr = np.asarray(load_image(image))
+    rects = _face_detector()(arr, upsample)
+    return [[max(r.left(), 0), max(r.top(), 0), min(r.right(), arr.shape[1]), min(r.bottom(), arr.shape[0])]
+            for r in rects]
+
+
+def _overlap(a: list[int], b: list[int]) -> float:
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    return float(w * h)
+
+
+def face_crop(image: Any, mask: Any = None, box: list[int] | None = None, pad: float = 0.4,
+              size: int | None = None) -> Image.Image:
+    """Square crop of the face belonging to the subject (the detected face overlapping its mask/box the most)."""
+    img = load_image(image)
+    faces = detect_faces(img)
+    if not faces:
+        raise UserError("no face found in the image; mark this subject as kind 'object' or crop it by hand")
+    region = box if box is not None else (mask_box(mask) if mask is not None else None)
+    if region is not None:
+        best = max(faces, key=lambda f: _overlap(f, region))
+        if _overlap(best, region) == 0:
+            raise UserError("no detected face lies inside this subject's mask or box")
+    else:
+        best = max(faces, key=lambda f: (f[2] - f[0]) * (f[3] - f[1]))
+    crop = _crop_padded(img, square_box(best, pad), (255, 255, 255))
+    return crop.resize((size, size), Image.Resampling.LANCZOS) if size else crop

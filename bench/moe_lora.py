@@ -1,0 +1,86 @@
+"""MoE-LoRA layer cost vs a plain LoRA of the same rank: forward+backward median time per implementation.
+
+    python bench/moe_lora.py [--tokens 1024] [--repeats 15] [--threads 1] [--device cpu]
+
+Prints one row per (in, out, rank): base only, LoRA, MoE dense, MoE grouped, and the ratios to LoRA. The numbers
+chose `MoELoRALinear._use_dense` (the "auto" rule). Timings are medians of `--repeats` runs after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from multicrafter.moe_lora import MoELoRALinear  # noqa: E402
+
+
+def peft_lora(base: nn.Linear, rank: int) -> nn.Module:
+    """The LoRA the adapter really uses: a peft LoRA Linear of the same rank (dropout 0, non-zero B)."""
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as LoraLinear
+
+    mod = LoraLinear(base, "default", config=LoraConfig(r=rank, lora_alpha=rank), r=rank, lora_alpha=rank)
+    nn.init.normal_(mod.lora_B["default"].weight, std=0.01)
+    return mod
+
+
+def time_fb(mod: nn.Module, x: torch.Tensor, repeats: int, sync) -> float:
+    def step():
+        x.grad = None
+        mod(x).square().mean().backward()
+        sync()
+
+    for _ in range(3):
+        step()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--shapes", default="192x768,768x3072,3072x768", help="comma-separated INxOUT")
+    ap.add_argument("--ranks", default="16,64")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    print(f"tokens={args.tokens} threads={args.threads} device={dev} dtype={args.dtype}, fwd+bwd median ms")
+    print(f"{'in':>5} {'out':>5} {'r':>4} {'base':>8} {'lora':>8} {'dense':>8} {'grouped':>8} "
+          f"{'auto':>6} {'dense/lora':>10} {'grp/lora':>9}")
+    for shape in args.shapes.split(","):
+        fin, fout = (int(v) for v in shape.split("x"))
+        for r in (int(v) for v in args.ranks.split(",")):
+            torch.manual_seed(0)
+            base = nn.Linear(fin, fout).to(dev, dtype).requires_grad_(False)
+            x = torch.randn(args.tokens, fin, device=dev, dtype=dtype, requires_grad=True)
+            lora = peft_lora(base, r).to(dev, dtype)
+            moe = MoELoRALinear(base, num_experts=4, top_k=1, rank=r, alpha=r).to(dev, dtype)
+            nn.init.normal_(moe.expert_B, std=0.01)
+            t = {"base": time_fb(base, x, args.repeats, sync), "lora": time_fb(lora, x, args.repeats, sync)}
+            for impl in ("dense", "grouped"):
+                moe.impl = impl
+                t[impl] = time_fb(moe, x, args.repeats, sync)
+            moe.impl = "auto"
+            auto = "dense" if moe._use_dense() else "grouped"
+            print(f"{fin:>5} {fout:>5} {r:>4} {t['base']:8.2f} {t['lora']:8.2f} {t['dense']:8.2f} "
+                  f"{t['grouped']:8.2f} {auto:>6} {t['dense'] / t['lora']:10.3f} {t['grouped'] / t['lora']:9.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Training losses: rectified-flow matching (FLUX-style timestep sampling) and the paper's Dice attention loss.
+
+Pre-training objective: L = L_diff + lambda * L_attn.
+  L_diff: x_t = (1 - s) x_0 + s * eps, the transformer predicts v = eps - x_0, mean squared error.
+  L_attn: sum over subjects i of 1 - (2 sum_j M^_ij M_ij + e) / (sum_j M^_ij + sum_j M_ij + e), with M^ the
+          normalised attention map and M the subject mask area-resized to the packed latent grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+TIMESTEP_SCHEMES = ("logit_normal", "uniform", "shifted", "flux_shift")
+
+
+@dataclass
+class TimestepSampling:
+    """How training sigmas are drawn. `flux_shift` uses FLUX's resolution-dependent shift mu (as inference does)."""
+
+    scheme: str = "logit_normal"
+    mean: float = 0.0
+    std: float = 1.0
+    shift: float = 3.0          # for `shifted`: s' = shift*s / (1 + (shift-1)*s)
+
+    def __post_init__(self) -> None:
+        if self.scheme not in TIMESTEP_SCHEMES:
+            raise ValueError(f"timestep scheme must be one of {TIMESTEP_SCHEMES}, got {self.scheme!r}")
+
+
+def sample_sigmas(batch: int, cfg: TimestepSampling, generator: torch.Generator | None = None,
+                  mu: float | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Noise levels in (0, 1) for a batch, on CPU generator then moved (reproducible across devices)."""
+    if cfg.scheme == "uniform":
+        u = torch.rand(batch, generator=generator)
+    else:
+        u = torch.sigmoid(cfg.mean + cfg.std * torch.randn(batch, generator=generator))
+    if cfg.scheme == "shifted":
+        u = cfg.shift * u / (1 + (cfg.shift - 1) * u)
+    elif cfg.scheme == "flux_shift":
+        m = 0.0 if mu is None else mu
+        u = math.exp(m) / (math.exp(m) + (1 / u.clamp(1e-6, 1 - 1e-6) - 1))
+    return u.clamp(1e-4, 1 - 1e-4).to(device)
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rectified-flow interpolation and its velocity target: (x_t, v = noise - x0)."""
+    s = sigmas.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - s) * x0 + s * noise, noise - x0
+
+
+def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(pred.float(), target.float())
+
+
+def masks_to_grid(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N, H, W) masks in [0, 1] -> (B, N, h*w) area fractions on the packed latent grid."""
+    b, n = masks.shape[:2]
+    small = F.interpolate(masks.float().reshape(b * n, 1, *masks.shape[-2:]), size=grid, mode="area")
+    return small.reshape(b, n, grid[0] * grid[1])
+
+
+def dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's Dice attention loss, summed over subjects and averaged over the batch.
+
+    pred: (B, N, T) normalised attention maps; target: (B, N, T) masks on the same grid. Subjects whose mask is
+    empty (fully occluded, or padding when samples have fewer subjects) are skipped via `valid` (B, N).
+    """
+    pred, target = pred.float(), target.float()
+    inter = (pred * target).sum(-1)
+    denom = pred.sum(-1) + target.sum(-1)
+    per_subject = 1 - (2 * inter + eps) / (denom + eps)
+    if valid is None:
+        valid = target.sum(-1) > 0
+    per_subject = per_subject * valid.to(per_subject.dtype)
+    return per_subject.sum(-1).mean()

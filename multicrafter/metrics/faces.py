@@ -1,0 +1,150 @@
+"""Face-Sim / R_id: detect faces in a generated image, embed them, and Hungarian-match them to reference faces.
+
+Each reference photo contributes its largest face. The similarity matrix (references × detected faces) goes through
+`hungarian_match`, so each generated face serves at most one reference: two copies of one "average" face cannot
+score for two people. Face-Sim = sum of matched similarities / number of references; a reference with no matched
+face (none detected, or only faces of other people) contributes 0, which also makes the score order-invariant.
+
+Every backend maps its similarity into [0, 1] with 0 meaning "not this person" (see each backend's docstring:
+`dlib` uses 1 − distance/0.6 clipped, `insightface` the ArcFace cosine clipped at 0). Clipping matters for the
+reward: a wrong face must never score below a missing face, or the policy learns to draw no faces at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from ..errors import UserError
+from ..io import load_image
+from .hungarian import hungarian_match
+
+MIN_SIDE = 32  # below this no face detector can work; the image scores 0 with a note
+
+
+@dataclass
+class Face:
+    box: tuple[float, float, float, float]   # x0, y0, x1, y1 in the input image's pixels
+    score: float                             # detector confidence (backend scale)
+    embedding: np.ndarray                    # backend embedding (dlib 128-d, ArcFace 512-d)
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1])
+
+
+class FaceBackend(Protocol):
+    name: str
+    scale: str   # one line: what a similarity of 0 and 1 mean on this backend
+
+    def faces(self, image: Image.Image) -> list[Face]: ...
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, d) × (m, d) → (similarity in [0, 1], raw backend value such as a distance or cosine), both (n, m)."""
+        ...
+
+
+@dataclass
+class FaceSimResult:
+    face_sim: float
+    matches: list[dict[str, Any]]            # {"reference", "face", "similarity", "raw", "box"} per matched pair
+    per_reference: list[float]
+    faces_detected: int
+    reference_faces: list[int]               # faces found in each reference image
+    backend: str = ""
+    scale: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"face_sim": self.face_sim, "matches": self.matches, "per_reference": self.per_reference,
+                "faces_detected": self.faces_detected, "reference_faces": self.reference_faces,
+                "backend": self.backend, "scale": self.scale, "notes": self.notes}
+
+
+def prepare_rgb(image: Any, max_side: int) -> tuple[np.ndarray, float]:
+    """Any image input → contiguous uint8 RGB array, downscaled so its longer side ≤ max_side; returns the scale
+    factor (original pixels per array pixel). Greyscale/RGBA/palette images are converted; unreadable ones raise."""
+    img = load_image(image, mode="RGB")
+    scale = 1.0
+    if max(img.size) > max_side:
+        scale = max(img.size) / max_side
+        img = img.resize((max(1, round(img.width / scale)), max(1, round(img.height / scale))), Image.BILINEAR)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8)), scale
+
+
+def too_small(arr: np.ndarray) -> bool:
+    return min(arr.shape[:2]) < MIN_SIDE
+
+
+def largest_face(faces: Sequence[Face]) -> Face | None:
+    return max(faces, key=lambda f: f.area) if faces else None
+
+
+def match_faces(generated: Sequence[Face], references: Sequence[Face | None], backend: FaceBackend,
+                notes: Sequence[str] = ()) -> FaceSimResult:
+    """Hungarian Face-Sim from already detected faces (reuse embeddings across calls, e.g. in a reward loop)."""
+    n_ref = len(references)
+    notes = list(notes)
+    sim = np.zeros((n_ref, len(generated)))
+    raw = np.full((n_ref, len(generated)), np.nan)
+    ref_rows = [i for i, f in enumerate(references) if f is not None]
+    if ref_rows and generated:
+        a = np.stack([references[i].embedding for i in ref_rows])  # type: ignore[union-attr]
+        b = np.stack([f.embedding for f in generated])
+        s, r = backend.similarity(a, b)
+        sim[ref_rows], raw[ref_rows] = s, r
+    if not generated:
+        notes.append("no face detected in the generated image: Face-Sim is 0")
+    result = hungarian_match(sim, min_similarity=1e-9)  # a zero-similarity "match" is no match
+    matches = [{"reference": i, "face": j, "similarity": s, "raw": float(raw[i, j]),
+                "box": [round(float(v), 1) for v in generated[j].box]} for i, j, s in result.matches]
+    unmatched = [i for i in range(n_ref) if result.per_reference[i] == 0 and references[i] is not None]
+    if generated and unmatched:
+        notes.append(f"no generated face resembles reference(s) {unmatched}: they score 0")
+    return FaceSimResult(face_sim=result.score, matches=matches, per_reference=result.per_reference,
+                         faces_detected=len(generated), reference_faces=[], backend=backend.name,
+                         scale=backend.scale, notes=notes)
+
+
+def reference_faces(references: Sequence[Any], backend: FaceBackend) -> tuple[list[Face | None], list[int], list[str]]:
+    """Largest face of each reference photo; a reference without a face is None (it will score 0) with a note."""
+    faces, counts, notes = [], [], []
+    for i, ref in enumerate(references):
+        found = backend.faces(ref)
+        counts.append(len(found))
+        faces.append(largest_face(found))
+        if not found:
+            notes.append(f"no face found in reference {i}: it scores 0")
+        elif len(found) > 1:
+            notes.append(f"reference {i} shows {len(found)} faces: the largest is used")
+    return faces, counts, notes
+
+
+def face_similarity(image: Any, references: Sequence[Any], backend: FaceBackend) -> FaceSimResult:
+    """Face-Sim of one generated image against reference photos (paths, PIL images or arrays)."""
+    if not references:
+        raise UserError("face similarity needs at least one reference image")
+    image = load_image(image, mode="RGB")
+    ref, counts, notes = reference_faces(references, backend)
+    if min(image.size) < MIN_SIDE:
+        notes.append(f"generated image is {image.width}x{image.height}, too small to find faces")
+    result = match_faces(backend.faces(image), ref, backend, notes)
+    result.reference_faces = counts
+    return result
+
+
+def get_backend(name: str = "dlib", **kwargs: Any) -> FaceBackend:
+    """`dlib` (offline default) or `insightface` (needs a local buffalo_l/antelopev2 folder); kwargs go to it."""
+    if name == "dlib":
+        from .face_dlib import DlibBackend
+
+        return DlibBackend(**kwargs)
+    if name == "insightface":
+        from .face_insightface import InsightFaceBackend
+
+        return InsightFaceBackend(**kwargs)
+    raise UserError(f"unknown face backend '{name}' (expected dlib or insightface)")

@@ -1,0 +1,229 @@
+"""MultiCrafterPipeline: FluxPipeline plus in-context reference subjects, attention capture and adapters.
+
+The denoising loop is diffusers' own FluxPipeline.__call__ (so every stock argument works and, with no references
+and no adapter, the result is bit-identical to FluxPipeline). References enter through two forward hooks on the
+transformer: the pre-hook appends the packed reference tokens and their UnoPE ids to the image stream (and tells the
+attention capture where everything sits), the post-hook keeps only the target tokens of the prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import FluxPipeline
+from diffusers.utils import BaseOutput
+
+from . import presets
+from .attention import AttentionCapture, CaptureLayout, find_capture, install_capture, normalize_maps, remove_capture
+from .errors import UserError, one_line
+from .references import (
+    PackedReferences,
+    ReferenceOptions,
+    encode_references,
+    join_references,
+    prepare_reference_images,
+    target_grid,
+)
+
+
+@dataclass
+class MultiCrafterPipelineOutput(BaseOutput):
+    """images: generated images. attention_maps: (N, h, w) for one image ((B, N, h, w) for a batch), each subject's
+    map averaged over steps and captured blocks and peak-normalised as in the Dice loss. attention_per_step:
+    (steps, N, h, w); attention_per_block: {block: (N, h, w)} (first image of the batch), for inspection."""
+
+    images: list[PIL.Image.Image] | np.ndarray
+    attention_maps: torch.Tensor | None = None
+    attention_per_step: torch.Tensor | None = None
+    attention_per_block: dict[int, torch.Tensor] | None = None
+    reference_images: list[PIL.Image.Image] | None = None
+
+
+class _ReferenceHooks:
+    """Forward hooks that condition every transformer call of one generation on the packed references."""
+
+    def __init__(self, refs: PackedReferences, capture: AttentionCapture | None, calls_per_step: int):
+        self.refs, self.capture, self.calls_per_step = refs, capture, calls_per_step
+        self.calls = 0
+        self.n_target = 0
+
+    def pre(self, module, args, kwargs):
+        hs, ids = kwargs["hidden_states"], kwargs["img_ids"]
+        self.n_target = hs.shape[1]
+        kwargs["hidden_states"], kwargs["img_ids"] = join_references(hs, ids, self.refs)
+        if self.capture is not None:
+            cond = self.calls % self.calls_per_step == 0   # with true CFG the negative pass follows; skip it
+            self.capture.enabled = cond
+            self.capture.layout = CaptureLayout(kwargs["encoder_hidden_states"].shape[1], self.n_target,
+                                                list(self.refs.lengths))
+        return args, kwargs
+
+    def post(self, module, args, kwargs, output):
+        if self.capture is not None and self.capture.enabled:
+            self.capture.end_step()
+        self.calls += 1
+        if isinstance(output, tuple):
+            return (output[0][:, : self.n_target],) + tuple(output[1:])
+        output.sample = output.sample[:, : self.n_target]
+        return output
+
+
+class MultiCrafterPipeline(FluxPipeline):
+    """Multi-subject generation on FLUX: `pipe(prompt=..., reference_images=[a, b], return_attention=True)`."""
+
+    reference_options: ReferenceOptions = ReferenceOptions()
+    adapter_name: str | None = None
+    model_dir: str | None = None
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path = "toy", adapter: str | Path | None = None,
+                        dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                        enable_model_cpu_offload: bool = False, **kwargs: Any) -> MultiCrafterPipeline:
+        """`tiny` (random, from configs), `toy` (embedded, offline), or any diffusers FLUX folder / hub id."""
+        name = str(pretrained_model_name_or_path)
+        if name == "tiny":
+            pipe = cls(**presets.build_tiny_components(dtype=dtype or torch.float32))
+            pipe.reference_options = ReferenceOptions(**presets.TINY_REFERENCE_SIZES)
+        else:
+            path = presets.resolve_model_path(name)
+            if dtype is not None:
+                kwargs["torch_dtype"] = dtype
+            try:
+                pipe = super().from_pretrained(path, **kwargs)
+            except (OSError, ValueError) as exc:
+                if Path(path).exists():
+                    raise UserError(f"cannot load model folder {path}: {one_line(exc)}") from None
+                raise presets.load_error(name, exc) from None
+            pipe.model_dir = path
+            pipe.reference_options = presets.reference_options_for(path)
+            if name == "toy" and adapter is None and presets.toy_adapter_dir("ippo") is not None:
+                adapter = "ippo"
+        if device is not None:
+            pipe.to(device)
+        if enable_model_cpu_offload:
+            pipe.enable_model_cpu_offload()
+        if adapter:
+            pipe.load_adapter(adapter)
+        return pipe
+
+    # ---------------------------------------------------------------- adapters
+    def _adapter_dir(self, name_or_dir: str | Path) -> Path:
+        p = Path(name_or_dir).expanduser()
+        if p.is_dir():
+            return p
+        if self.model_dir is not None and (Path(self.model_dir) / "adapters" / str(name_or_dir)).is_dir():
+            return Path(self.model_dir) / "adapters" / str(name_or_dir)
+        raise UserError(f"adapter '{name_or_dir}' not found (not a folder, and not a named adapter of this model)")
+
+    def available_adapters(self) -> list[str]:
+        if self.model_dir is None or not (Path(self.model_dir) / "adapters").is_dir():
+            return []
+        return sorted(p.name for p in (Path(self.model_dir) / "adapters").iterdir() if p.is_dir())
+
+    def load_adapter(self, name_or_dir: str | Path):
+        """Load a MultiCrafter adapter folder (LoRA + optional MoE-LoRA), replacing any loaded one."""
+        from .adapters import load_adapter, remove_adapter
+
+        directory = self._adapter_dir(name_or_dir)
+        if self.adapter_name is not None:
+            remove_adapter(self.transformer)
+        cfg = load_adapter(self.transformer, directory)
+        self.adapter_name = str(name_or_dir)
+        extra = getattr(cfg, "extra", None) or {}
+        if "reference_style" in extra:
+            self.reference_options = ReferenceOptions(style=extra["reference_style"])
+        return cfg
+
+    def save_adapter(self, directory: str | Path, config: Any = None) -> None:
+        from .adapters import save_adapter
+
+        save_adapter(self.transformer, directory, config)
+
+    def set_adapter_enabled(self, enabled: bool) -> None:
+        from .adapters import set_adapter_enabled
+
+        if self.adapter_name is not None:
+            set_adapter_enabled(self.transformer, enabled)
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """Run the base model without the adapter (for with/without comparisons), then switch it back on."""
+        self.set_adapter_enabled(False)
+        try:
+            yield self
+        finally:
+            self.set_adapter_enabled(True)
+
+    # ---------------------------------------------------------------- generation
+    def prepare_references(self, reference_images: Sequence[Any] | None,
+                           options: ReferenceOptions | None = None) -> list[PIL.Image.Image]:
+        return prepare_reference_images(reference_images or [], options or self.reference_options)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, reference_images: Sequence[Any] | None = None, *,
+                 return_attention: bool = False, attention_mode: str = "ref2img",
+                 attention_blocks: Iterable[int] | None = None, use_adapter: bool = True,
+                 reference_options: ReferenceOptions | None = None, **kwargs: Any):
+        """Generate with reference subjects. Accepts every FluxPipeline.__call__ argument through **kwargs."""
+        height = kwargs.get("height") or self.default_sample_size * self.vae_scale_factor
+        width = kwargs.get("width") or self.default_sample_size * self.vae_scale_factor
+        unit = self.vae_scale_factor * 2
+        if height % unit or width % unit or height <= 0 or width <= 0:
+            raise UserError(f"height and width must be positive multiples of {unit}, got {height}x{width}")
+        kwargs["height"], kwargs["width"] = height, width
+        refs_pil = self.prepare_references(reference_images, reference_options)
+        if return_attention and not refs_pil:
+            raise UserError("attention maps need at least one reference image")
+
+        grid = target_grid(height, width, self.vae_scale_factor)
+        device = self._execution_device
+        packed = encode_references(self.vae, refs_pil, grid, 1, device, self.transformer.dtype)
+
+        capture, installed = None, False
+        if return_attention:
+            capture = find_capture(self.transformer)
+            if capture is None:
+                capture, installed = AttentionCapture(mode=attention_mode), True
+                install_capture(self.transformer, capture, attention_blocks)
+            capture.clear()
+        has_neg = kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
+        calls_per_step = 2 if (kwargs.get("true_cfg_scale", 1.0) > 1 and has_neg) else 1
+        hooks = _ReferenceHooks(packed, capture, calls_per_step)
+        handles = []
+        if packed.num_tokens or capture is not None:
+            handles = [self.transformer.register_forward_pre_hook(hooks.pre, with_kwargs=True),
+                       self.transformer.register_forward_hook(hooks.post, with_kwargs=True)]
+        return_dict = kwargs.pop("return_dict", True)
+        adapter_ctx = self.adapter_disabled() if not use_adapter else contextlib.nullcontext()
+        try:
+            with adapter_ctx:
+                result = super().__call__(prompt=prompt, return_dict=True, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+            if installed:
+                remove_capture(self.transformer)
+        out = MultiCrafterPipelineOutput(images=result.images, reference_images=refs_pil)
+        if capture is not None and capture.per_step:
+            out.attention_per_step, out.attention_maps, out.attention_per_block = _summarise(capture, grid)
+        if not return_dict:
+            return (out.images, out.attention_maps) if return_attention else (out.images,)
+        return out
+
+
+def _summarise(capture: AttentionCapture, grid: tuple[int, int]):
+    """Per-step, overall and per-block maps on the packed target grid, each peak-normalised."""
+    steps = torch.stack(capture.per_step)                  # (S, B, N, T)
+    s, b, n, _ = steps.shape
+    overall = normalize_maps(steps.mean(0)).reshape(b, n, *grid)
+    per_step = normalize_maps(steps[:, 0]).reshape(s, n, *grid)
+    per_block = {k: normalize_maps(v[0]).reshape(n, *grid) for k, v in capture.per_block().items()}
+    return per_step, (overall[0] if b == 1 else overall), per_block

@@ -1,0 +1,149 @@
+"""Reference conditioning (as UNO): resize each reference, VAE-encode, pack 2x2, and give it diagonal position ids.
+
+The image stream the transformer sees is [target tokens | ref 1 tokens | ... | ref N tokens]. Reference k's position
+ids are (0, y + H_t + sum of earlier h, x + W_t + sum of earlier w) in packed-token units, so references sit
+diagonally past the target and past each other and never share a RoPE position with the target (UNO's "UnoPE").
+Only the target tokens are decoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+from .io import load_image
+
+MAX_REFERENCES = 4
+
+
+@dataclass
+class ReferenceOptions:
+    """How references are prepared. Defaults follow UNO: long side 512 for one reference, 320 for several."""
+
+    max_references: int = MAX_REFERENCES
+    long_side_single: int = 512
+    long_side_multi: int = 320
+    multiple: int = 16            # sizes are rounded down to a multiple of this (VAE x8 and 2x2 packing)
+    style: str = "multicrafter"   # "multicrafter" or "uno" (identical rules; "uno" marks a converted UNO adapter)
+
+    def long_side(self, n: int) -> int:
+        return self.long_side_single if n <= 1 else self.long_side_multi
+
+
+@dataclass
+class PackedReferences:
+    """The reference part of the image stream for one batch."""
+
+    latents: torch.Tensor          # (B, sum l_i, C*4)
+    ids: torch.Tensor              # (sum l_i, 3)
+    lengths: list[int]             # tokens per reference, in order
+    grids: list[tuple[int, int]]   # packed (h, w) per reference
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(self.lengths))
+
+
+def reference_size(width: int, height: int, long_side: int, multiple: int = 16) -> tuple[int, int]:
+    """Scale so the long side is `long_side`, keep aspect, round each side down to `multiple` (at least one)."""
+    scale = long_side / max(width, height)
+    w = max(multiple, int(round(width * scale)) // multiple * multiple)
+    h = max(multiple, int(round(height * scale)) // multiple * multiple)
+    return w, h
+
+
+def prepare_reference_images(images: Sequence[Any], options: ReferenceOptions | None = None) -> list[Image.Image]:
+    """Load (path, PIL or numpy), convert to RGB and resize each reference by the options' rule."""
+    options = options or ReferenceOptions()
+    images = list(images or [])
+    if len(images) > options.max_references:
+        raise UserError(f"too many reference images: {len(images)} (at most {options.max_references})")
+    out = []
+    long_side = options.long_side(len(images))
+    for i, src in enumerate(images):
+        try:
+            img = load_image(src, "RGB")
+        except UserError as exc:
+            raise UserError(f"reference {i + 1}: {exc}") from None
+        if min(img.size) < 8:
+            raise UserError(f"reference {i + 1} is too small ({img.width}x{img.height})")
+        w, h = reference_size(img.width, img.height, long_side, options.multiple)
+        out.append(img.resize((w, h), Image.BICUBIC) if (w, h) != img.size else img)
+    return out
+
+
+def target_grid(height: int, width: int, vae_scale_factor: int) -> tuple[int, int]:
+    """Packed target token grid (rows, cols): each packed token covers 2x2 latent pixels."""
+    return height // (vae_scale_factor * 2), width // (vae_scale_factor * 2)
+
+
+def reference_position_ids(target_hw: tuple[int, int], ref_hws: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """UnoPE ids for all references, concatenated: (sum h_k*w_k, 3), in packed-token units."""
+    off_h, off_w = target_hw
+    parts = []
+    for h, w in ref_hws:
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] = torch.arange(h)[:, None] + off_h
+        ids[..., 2] = torch.arange(w)[None, :] + off_w
+        parts.append(ids.reshape(h * w, 3))
+        off_h, off_w = off_h + h, off_w + w
+    return torch.cat(parts) if parts else torch.zeros(0, 3)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, C*4), FLUX's 2x2 patch packing."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (1, 3, H, W) in [-1, 1], the VAE's input range."""
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None]
+
+
+@torch.no_grad()
+def encode_references(
+    vae: torch.nn.Module,
+    images: Sequence[Image.Image],
+    target_hw: tuple[int, int],
+    batch_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    generator: torch.Generator | None = None,
+    sample: bool = False,
+) -> PackedReferences:
+    """VAE-encode prepared references (mode of the posterior by default, as UNO), normalise, pack, give ids."""
+    latents, lengths, grids = [], [], []
+    for img in images:
+        x = image_to_tensor(img).to(device=device, dtype=vae.dtype)
+        dist = vae.encode(x).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        packed = pack_latents(z.to(dtype))
+        latents.append(packed)
+        grids.append((z.shape[2] // 2, z.shape[3] // 2))
+        lengths.append(packed.shape[1])
+    if latents:
+        cat = torch.cat(latents, dim=1).expand(batch_size, -1, -1)
+    else:
+        cat = torch.zeros(batch_size, 0, 0, device=device, dtype=dtype)
+    ids = reference_position_ids(target_hw, grids).to(device=device, dtype=dtype)
+    return PackedReferences(latents=cat, ids=ids, lengths=lengths, grids=grids)
+
+
+def join_references(hidden_states: torch.Tensor, img_ids: torch.Tensor, refs: PackedReferences | None):
+    """Append reference tokens after the target tokens: the image stream becomes [target | ref_1 | ... | ref_N]."""
+    if refs is None or refs.num_tokens == 0:
+        return hidden_states, img_ids
+    ref_latents = refs.latents.to(hidden_states.dtype)
+    if ref_latents.shape[0] != hidden_states.shape[0]:
+        ref_latents = ref_latents[:1].expand(hidden_states.shape[0], -1, -1)
+    return torch.cat([hidden_states, ref_latents], dim=1), torch.cat([img_ids, refs.ids.to(img_ids.dtype)], dim=0)
