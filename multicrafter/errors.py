@@ -23,8 +23,20 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter (hub retries, optional-backend notices) off the user's screen; errors still show."""
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import logging
+
+    for name in ("huggingface_hub", "diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run a CLI `main(argv)`; print one line and exit 2 on any error (set MULTICRAFTER_DEBUG=1 for tracebacks)."""
+    quiet_libraries()
     try:
         code = main(argv)
     except KeyboardInterrupt:

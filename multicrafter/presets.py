@@ -96,8 +96,11 @@ def resolve_model_path(name: str) -> str:
 
 def load_error(name: str, exc: Exception) -> UserError:
     """One line for a model that could not be loaded (typically: offline and not in the local cache)."""
-    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
-    why = "offline and not in the local cache" if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    text = str(exc)
+    if "cache" in text or "connect" in text.lower() or os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        why = "not in the local cache and the Hub cannot be reached"
+    else:
+        why = f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
     return UserError(
         f"model '{name}' is unavailable ({why}); download it once with `hf download {name} --local-dir DIR` "
         "and pass the folder instead"

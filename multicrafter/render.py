@@ -1,0 +1,76 @@
+"""Writing results people look at: PNGs with embedded parameters and attention-map overlays (matplotlib)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from .io import atomic_write_bytes, save_image_atomic
+
+META_KEY = "multicrafter"
+
+
+def save_generation(image: Image.Image, path: str | Path, params: dict[str, Any]) -> None:
+    """Save a PNG with its generation parameters as JSON text metadata (key `multicrafter`)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(META_KEY, json.dumps(params, default=str, sort_keys=True))
+    save_image_atomic(image, path, pnginfo=info)
+
+
+def read_generation_params(path: str | Path) -> dict[str, Any]:
+    with Image.open(path) as im:
+        return json.loads(im.text.get(META_KEY, "{}"))
+
+
+def overlay(image: Image.Image, amap: torch.Tensor | np.ndarray, alpha: float = 0.55, cmap: str = "jet") -> Image.Image:
+    """Blend one (h, w) map in [0, 1] over the image, upsampled to the image size."""
+    import matplotlib
+
+    m = np.asarray(amap.detach().cpu() if isinstance(amap, torch.Tensor) else amap, dtype=np.float32)
+    m = np.clip(m / (m.max() + 1e-8), 0, 1)
+    heat = matplotlib.colormaps[cmap](m)[..., :3]
+    heat_img = Image.fromarray((heat * 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
+    return Image.blend(image.convert("RGB"), heat_img, alpha)
+
+
+def attention_figure(image: Image.Image, maps: torch.Tensor, names: Sequence[str] | None = None,
+                     title: str | None = None) -> Image.Image:
+    """A matplotlib figure: the image, then each subject's map overlaid on it. Returns a PIL image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = maps.shape[0]
+    names = list(names or [f"subject {i + 1}" for i in range(n)])
+    fig, axes = plt.subplots(1, n + 1, figsize=(2.6 * (n + 1), 2.9), dpi=100)
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    for i in range(n):
+        axes[i + 1].imshow(overlay(image, maps[i]))
+        axes[i + 1].set_title(names[i] if i < len(names) else f"subject {i + 1}")
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def save_attention_figure(image: Image.Image, maps: torch.Tensor, path: str | Path,
+                          names: Sequence[str] | None = None) -> None:
+    fig = attention_figure(image, maps, names)
+    buf = io.BytesIO()
+    fig.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
