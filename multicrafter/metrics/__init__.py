@@ -1,5 +1,29 @@
-"""Metrics: Hungarian multi-ID matching (shared by faces, objects and ToyWorld) and the paper's image metrics."""
+"""Metrics: Hungarian multi-ID matching (shared by faces, objects and ToyWorld) and the paper's image metrics.
+
+CLIP-T/CLIP-I (`clip`), DINO-I (`dino`), AES (`aesthetic`), Face-Sim (`faces`, backends `face_dlib` and
+`face_insightface`) and object ID-Sim (`objects`) are imported lazily so that `hungarian_match` stays light.
+"""
+
+from importlib import import_module
+from typing import Any
 
 from .hungarian import HungarianResult, hungarian_match
 
-__all__ = ["HungarianResult", "hungarian_match"]
+_LAZY = {
+    "ModelUnavailable": "loading",
+    "ClipScorer": "clip",
+    "DinoScorer": "dino",
+    "AestheticScorer": "aesthetic",
+    "FaceSimResult": "faces",
+    "face_similarity": "faces",
+    "get_backend": "faces",
+    "subject_similarity": "objects",
+}
+
+__all__ = ["HungarianResult", "hungarian_match", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -76,7 +76,7 @@ def load_head(path: str | Path) -> AestheticHead:
         if isinstance(state, Mapping) and "state_dict" in state:
             state = state["state_dict"]
         return AestheticHead.from_state_dict(state)
-    except (OSError, RuntimeError, ValueError, KeyError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.load/safetensors raise many types for a bad file
         raise ModelUnavailable(f"aesthetic head {path.name} is unreadable ({type(exc).__name__}: "
                                f"{' '.join(str(exc).split())[:120]})") from None
 

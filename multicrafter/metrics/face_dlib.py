@@ -63,10 +63,7 @@ class DlibBackend:
         self.max_side = int(max_side)
 
     def detect(self, arr: np.ndarray) -> list[tuple[Any, float]]:
-        """dlib rectangles with scores, best first, on an RGB uint8 array."""
-        up = self.upsample if self.upsample is not None else int(max(arr.shape[:2]) < 1000)
-        rects, scores, _ = self.detector.run(arr, up, self.threshold)
-        return sorted(zip(rects, scores), key=lambda t: -t[1])
+        return hog_detect(self.detector, arr, self.threshold, self.upsample)
 
     def faces(self, image: Any) -> list[Face]:
         arr, scale = prepare_rgb(image, self.max_side)
@@ -90,3 +87,9 @@ class DlibBackend:
         dist = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1)
         return np.clip(1.0 - dist / SAME_PERSON_DISTANCE, 0.0, 1.0), dist
 
+
+def hog_detect(detector: Any, arr: np.ndarray, threshold: float, upsample: int | None) -> list[tuple[Any, float]]:
+    """dlib rectangles with scores, best first, on an RGB uint8 array (upsample None: 1 below 1000 px, else 0)."""
+    up = upsample if upsample is not None else int(max(arr.shape[:2]) < 1000)
+    rects, scores, _ = detector.run(arr, up, threshold)
+    return sorted(zip(rects, scores), key=lambda t: -t[1])

@@ -1,0 +1,127 @@
+"""`python -m multicrafter.eval faces`: Hungarian Face-Sim of generated images against reference photos.
+
+One image:   --image gen.png --ref a.png --ref b.png [--json out.json]
+A whole run: --dataset DIR [--images OUT_DIR] — DIR/metadata.jsonl in the dataset format (DESIGN §6): each line's
+`file_name` is the generated image (looked up in --images when given, else in DIR) and its face subjects'
+`reference` files are the references (a plain `"refs": [...]` list also works).
+Writes JSON (face_sim, matches, faces_detected, per-reference scores, notes) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError, run_cli
+from ..io import atomic_write_json, atomic_write_text, load_image
+from ..metrics.faces import FaceBackend, face_similarity, get_backend
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m multicrafter.eval faces", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="generated image")
+    src.add_argument("--dataset", help="folder with metadata.jsonl (benchmark run mode)")
+    p.add_argument("--ref", action="append", default=[], help="reference photo (repeat, one per person)")
+    p.add_argument("--images", help="with --dataset: folder holding the generated images (default: the dataset)")
+    p.add_argument("--backend", choices=["dlib", "insightface"], default="dlib")
+    p.add_argument("--det-threshold", type=float, help="detector score threshold (dlib HOG: 0, insightface: 0.5)")
+    p.add_argument("--insightface-root", help="folder with buffalo_l/antelopev2 ONNX files (or its parent)")
+    p.add_argument("--insightface-name", default="buffalo_l", help="model pack name under the root")
+    p.add_argument("--insightface-detector", choices=["scrfd", "dlib"], default="scrfd")
+    p.add_argument("--json", help="write the result here")
+    p.add_argument("--markdown", help="also write the markdown table here")
+    args = p.parse_args(argv)
+    if args.image and not args.ref:
+        p.error("--image needs at least one --ref")
+    if args.dataset and args.ref:
+        p.error("--ref is for --image mode; --dataset reads references from metadata.jsonl")
+    return args
+
+
+def make_backend(args: argparse.Namespace) -> FaceBackend:
+    if args.backend == "dlib":
+        return get_backend("dlib", **({"threshold": args.det_threshold} if args.det_threshold is not None else {}))
+    kw: dict[str, Any] = {"root": args.insightface_root, "model_name": args.insightface_name,
+                          "detector": args.insightface_detector}
+    if args.det_threshold is not None:
+        kw["det_threshold"] = args.det_threshold
+    return get_backend("insightface", **kw)
+
+
+def single_table(res: dict[str, Any], refs: list[str]) -> str:
+    lines = ["| reference | matched face (box) | similarity | raw |", "|---|---|---|---|"]
+    by_ref = {m["reference"]: m for m in res["matches"]}
+    for i, name in enumerate(refs):
+        m = by_ref.get(i)
+        cells = (f"{m['box']}", f"{m['similarity']:.4f}", f"{m['raw']:.4f}") if m else ("—", "0.0000", "—")
+        lines.append(f"| {Path(name).name} | " + " | ".join(cells) + " |")
+    lines.append(f"| **Face-Sim** | {res['faces_detected']} faces detected | **{res['face_sim']:.4f}** | |")
+    return "\n".join(lines)
+
+
+def read_samples(dataset: Path, images: Path | None) -> list[tuple[str, Path, list[Path]]]:
+    meta = dataset / "metadata.jsonl"
+    if not meta.is_file():
+        raise UserError(f"no metadata.jsonl in {dataset}")
+    samples = []
+    for n, line in enumerate(meta.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = row["file_name"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{meta}:{n}: not a JSON object with a file_name") from None
+        refs = row.get("refs") or [s["reference"] for s in row.get("subjects", [])
+                                   if s.get("reference") and s.get("kind", "face") == "face"]
+        if not refs:
+            raise UserError(f"{meta}:{n}: sample {name} has no face references")
+        image = dataset / name
+        if images is not None:
+            image = images / name if (images / name).exists() else images / Path(name).name
+        samples.append((name, image, [dataset / r for r in refs]))
+    if not samples:
+        raise UserError(f"{meta} lists no samples")
+    return samples
+
+
+def run_dataset(args: argparse.Namespace, backend: FaceBackend) -> tuple[dict[str, Any], str]:
+    samples = read_samples(Path(args.dataset), Path(args.images) if args.images else None)
+    rows, table = [], ["| sample | references | faces detected | Face-Sim |", "|---|---|---|---|"]
+    for name, image, refs in samples:
+        res = face_similarity(load_image(image), [load_image(r) for r in refs], backend).to_json()
+        rows.append({"file_name": name, **res})
+        table.append(f"| {name} | {len(refs)} | {res['faces_detected']} | {res['face_sim']:.4f} |")
+    mean = sum(r["face_sim"] for r in rows) / len(rows)
+    table.append(f"| **mean** ({len(rows)} samples) | | | **{mean:.4f}** |")
+    out = {"face_sim": mean, "n": len(rows), "faces_detected": sum(r["faces_detected"] for r in rows),
+           "matches": [{"sample": r["file_name"], **m} for r in rows for m in r["matches"]],
+           "backend": backend.name, "scale": backend.scale, "samples": rows}
+    return out, "\n".join(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    backend = make_backend(args)
+    if args.image:
+        image = load_image(args.image)
+        refs = [load_image(r) for r in args.ref]
+        out = {"image": args.image, "references": args.ref, **face_similarity(image, refs, backend).to_json()}
+        table = single_table(out, args.ref)
+    else:
+        out, table = run_dataset(args, backend)
+    print(table)
+    for note in out.get("notes", []):
+        print(f"note: {note}")
+    if args.json:
+        atomic_write_json(args.json, out)
+    if args.markdown:
+        atomic_write_text(args.markdown, table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,218 @@
+"""CLIP-T / CLIP-I / DINO-I / AES on tiny random checkpoints saved to disk and loaded through the real loading code."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from multicrafter.errors import UserError
+from multicrafter.metrics.aesthetic import AestheticHead, AestheticScorer, load_head
+from multicrafter.metrics.clip import ClipScorer
+from multicrafter.metrics.dino import DinoScorer
+from multicrafter.metrics.loading import ModelUnavailable
+from multicrafter.metrics.preprocess import CLIP_MEAN, CLIP_STD, clip_default
+
+PROJ = 8
+
+
+def _tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[]), len(vocab)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    tok, n_vocab = _tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=n_vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=PROJ)
+    path = tmp_path_factory.mktemp("clip")
+    CLIPModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip(clip_dir):
+    return ClipScorer.load(str(clip_dir), batch_size=2)
+
+
+def _images(n: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    sizes = [(40, 30), (32, 32), (64, 20), (25, 50), (33, 47)]
+    return [Image.fromarray(rng.integers(0, 256, (sizes[i % 5][1], sizes[i % 5][0], 3), dtype=np.uint8))
+            for i in range(n)]
+
+
+def test_preprocess_resize_crop_normalise():
+    pre = clip_default(32)
+    x = pre([Image.new("RGB", (64, 40), (255, 255, 255)), Image.new("L", (10, 90), 0)])
+    assert x.shape == (2, 3, 32, 32)
+    white = (1 - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
+    assert np.allclose(x[0].mean(dim=(1, 2)).numpy(), white, atol=1e-5)
+    assert np.allclose(x[1].mean(dim=(1, 2)).numpy(), -np.asarray(CLIP_MEAN) / np.asarray(CLIP_STD), atol=1e-5)
+
+
+def test_clip_embeddings_shapes_norms_and_batching(clip, clip_dir):
+    imgs = _images(5)
+    emb = clip.image_embeddings(imgs)
+    assert emb.shape == (5, PROJ)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-5)
+    one_batch = ClipScorer.load(str(clip_dir), batch_size=16).image_embeddings(imgs)
+    assert torch.allclose(emb, one_batch, atol=1e-5)
+    assert clip.image_embeddings([]).shape == (0, PROJ)
+    txt = clip.text_embeddings(["a cat", "a dog", "b"])
+    assert txt.shape == (3, PROJ) and torch.allclose(txt.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_clip_t_is_the_cosine_of_model_features(clip):
+    imgs, prompts = _images(3), ["a red cat", "two dogs", "x"]
+    scores = clip.clip_t(imgs, prompts)
+    assert len(scores) == 3 and all(-1 <= s <= 1 for s in scores)
+    with torch.no_grad():
+        px = clip.preprocess(imgs)
+        tok = clip.tokenizer(prompts, padding=True, return_tensors="pt")
+        i = clip.model.get_image_features(pixel_values=px).pooler_output
+        t = clip.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output
+    manual = torch.nn.functional.cosine_similarity(i, t).tolist()
+    assert np.allclose(scores, manual, atol=1e-5)
+    with pytest.raises(ValueError):
+        clip.clip_t(imgs, prompts[:2])
+
+
+def test_clip_t_truncates_long_prompts(clip):
+    long = "a " * 200 + "cat"
+    [score] = clip.clip_t(_images(1), [long])
+    assert -1 <= score <= 1
+    assert clip.text_embeddings([long]).shape == (1, PROJ)
+
+
+def test_clip_i_identity_and_missing_references(clip):
+    imgs = _images(3)
+    scores = clip.clip_i(imgs, [[imgs[0]], [imgs[1], imgs[1]], []])
+    assert scores[0] == pytest.approx(1.0, abs=1e-5) and scores[1] == pytest.approx(1.0, abs=1e-5)
+    assert scores[2] == 0.0
+    other = clip.clip_i([imgs[0]], [[imgs[1], imgs[2]]])[0]
+    e = clip.image_embeddings(imgs)
+    assert other == pytest.approx(float((e[1] @ e[0] + e[2] @ e[0]) / 2), abs=1e-5)
+
+
+def test_preprocessor_config_in_folder_is_used(tmp_path, clip_dir):
+    import shutil
+
+    folder = tmp_path / "clip"
+    shutil.copytree(clip_dir, folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"size": {"shortest_edge": 48}, "crop_size": {"height": 32, "width": 32}, "image_mean": [0.5, 0.5, 0.5],
+         "image_std": [0.5, 0.5, 0.5], "resample": 2}))
+    pre = ClipScorer.load(str(folder)).preprocess
+    assert pre.resize == 48 and pre.crop == (32, 32) and pre.mean == (0.5, 0.5, 0.5) and pre.resample == 2
+
+
+def test_hub_id_offline_is_one_clear_line():
+    with pytest.raises(ModelUnavailable) as err:
+        ClipScorer.load("openai/clip-vit-base-patch32")
+    msg = str(err.value)
+    assert isinstance(err.value, UserError) and "\n" not in msg
+    assert "openai/clip-vit-base-patch32" in msg and "offline" in msg and "--clip-model DIR" in msg
+
+
+@pytest.mark.parametrize("bad", ["/nonexistent/clip", "./no/such/folder"])
+def test_missing_folder_is_unavailable(bad):
+    with pytest.raises(ModelUnavailable, match="no such folder"):
+        ClipScorer.load(bad)
+
+
+def test_folder_without_config_is_unavailable(tmp_path):
+    with pytest.raises(ModelUnavailable, match="config.json"):
+        DinoScorer.load(str(tmp_path))
+
+
+@pytest.fixture(scope="module", params=["vit", "dinov2"])
+def dino(request, tmp_path_factory):
+    from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=32,
+                  patch_size=8)
+    model = ViTModel(ViTConfig(**common), add_pooling_layer=False) if request.param == "vit" else \
+        Dinov2Model(Dinov2Config(**common))
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return DinoScorer.load(str(path), batch_size=3)
+
+
+def test_dino_embeddings_and_dino_i(dino):
+    imgs = _images(5, seed=1)
+    emb = dino.image_embeddings(imgs)
+    assert emb.shape == (5, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-5)
+    with torch.no_grad():
+        cls = dino.model(pixel_values=dino.preprocess(imgs)).last_hidden_state[:, 0]
+    assert torch.allclose(emb, torch.nn.functional.normalize(cls, dim=-1), atol=1e-5)  # batching is invisible
+    s = dino.dino_i(imgs[:2], [[imgs[0]], [imgs[0], imgs[1]]])
+    assert s[0] == pytest.approx(1.0, abs=1e-5) and -1 <= s[1] < 1.0
+
+
+def test_dino_hub_id_offline():
+    with pytest.raises(ModelUnavailable, match="facebook/dino-vits16.*offline.*--dino-model"):
+        DinoScorer.load()
+
+
+def _laion_head(dim: int) -> nn.Sequential:
+    """Same layer layout (and state-dict keys layers.0/2/4/6/7) as LAION's improved aesthetic predictor."""
+    return nn.Sequential(nn.Linear(dim, 16), nn.Dropout(0.2), nn.Linear(16, 8), nn.Dropout(0.2), nn.Linear(8, 4),
+                         nn.Dropout(0.1), nn.Linear(4, 2), nn.Linear(2, 1))
+
+
+def test_aesthetic_head_matches_laion_layout(tmp_path, clip, clip_dir):
+    seq = _laion_head(PROJ).eval()
+    torch.save({f"layers.{k}": v for k, v in seq.state_dict().items()}, tmp_path / "aesthetic-model.pth")
+    aes = AestheticScorer.load(clip=str(clip_dir), head=str(tmp_path))     # folder + default filename
+    imgs = _images(4, seed=2)
+    scores = aes.score(imgs)
+    assert len(scores) == 4 and all(np.isfinite(scores))
+    with torch.no_grad():
+        expect = seq(clip.image_embeddings(imgs)).squeeze(-1).tolist()
+    assert np.allclose(scores, expect, atol=1e-5)
+    assert aes.score([]) == []
+    shared = AestheticScorer.load(clip=clip, head=str(tmp_path / "aesthetic-model.pth"))
+    assert np.allclose(shared.score(imgs), scores, atol=1e-5)
+
+
+def test_linear_head_and_safetensors(tmp_path, clip):
+    from safetensors.torch import save_file
+
+    lin = nn.Linear(PROJ, 1)
+    save_file({k: v.contiguous() for k, v in lin.state_dict().items()}, str(tmp_path / "h.safetensors"))
+    head = load_head(tmp_path / "h.safetensors")
+    x = torch.randn(3, PROJ)
+    assert torch.allclose(head(x), lin(x).squeeze(-1), atol=1e-6)
+    with pytest.raises(ValueError, match="expects 4-d"):
+        AestheticScorer(clip, AestheticHead.from_state_dict(nn.Linear(4, 1).state_dict()))
+
+
+def test_aesthetic_unavailable_and_corrupt_head(tmp_path, clip):
+    with pytest.raises(ModelUnavailable, match="trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth.*offline"):
+        AestheticScorer.load(clip=clip)
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelUnavailable, match="bad.pth is unreadable"):
+        AestheticScorer.load(clip=clip, head=str(tmp_path / "bad.pth"))
+    with pytest.raises(ModelUnavailable, match="no such file"):
+        AestheticScorer.load(clip=clip, head=str(tmp_path / "missing.pth"))
