@@ -16,7 +16,8 @@ from PIL import Image
 import annotate.dataset as ds
 from annotate import DatasetWriter, SubjectSpec, load_dataset_samples, sanitize_name, validate_dataset
 from annotate.import_folder import import_folder
-from annotate.validate import errors_of, main as validate_main
+from annotate.validate import errors_of
+from annotate.validate import main as validate_main
 from multicrafter.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
