@@ -31,20 +31,23 @@ def peft_lora(base: nn.Linear, rank: int) -> nn.Module:
     return mod
 
 
-def time_fb(mod: nn.Module, x: torch.Tensor, repeats: int, sync) -> float:
-    def step():
+def time_fb(variants: dict, x: torch.Tensor, repeats: int, sync) -> dict[str, float]:
+    """Median fwd+bwd ms per variant; variants run round-robin so load from other processes hits all alike."""
+    def step(fn):
         x.grad = None
-        mod(x).square().mean().backward()
+        fn(x).square().mean().backward()
         sync()
 
-    for _ in range(3):
-        step()
-    ts = []
+    for fn in variants.values():
+        for _ in range(2):
+            step(fn)
+    ts = {k: [] for k in variants}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+        for k, fn in variants.items():
+            t0 = time.perf_counter()
+            step(fn)
+            ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in ts.items()}
 
 
 def main(argv=None) -> None:
@@ -72,10 +75,10 @@ def main(argv=None) -> None:
             lora = peft_lora(base, r).to(dev, dtype)
             moe = MoELoRALinear(base, num_experts=4, top_k=1, rank=r, alpha=r).to(dev, dtype)
             nn.init.normal_(moe.expert_B, std=0.01)
-            t = {"base": time_fb(base, x, args.repeats, sync), "lora": time_fb(lora, x, args.repeats, sync)}
-            for impl in ("dense", "grouped"):
-                moe.impl = impl
-                t[impl] = time_fb(moe, x, args.repeats, sync)
+            dense = MoELoRALinear(base, num_experts=4, top_k=1, rank=r, alpha=r, impl="dense").to(dev, dtype)
+            dense.load_state_dict(moe.state_dict())
+            moe.impl = "grouped"
+            t = time_fb({"base": base, "lora": lora, "dense": dense, "grouped": moe}, x, args.repeats, sync)
             moe.impl = "auto"
             auto = "dense" if moe._use_dense() else "grouped"
             print(f"{fin:>5} {fout:>5} {r:>4} {t['base']:8.2f} {t['lora']:8.2f} {t['dense']:8.2f} "

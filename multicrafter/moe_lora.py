@@ -28,6 +28,7 @@ from .errors import UserError
 SINGLE_FFN = ("proj_mlp", "proj_out")
 DOUBLE_FFN = ("ff.net.0.proj", "ff.net.2")
 IMPLS = ("auto", "dense", "grouped")
+DENSE_MAX_EXTRA_RANK = 128  # "auto": compute all experts densely while (E − k)·r stays at or below this
 
 
 @dataclass
@@ -126,10 +127,10 @@ class MoELoRALinear(nn.Module):
     def _use_dense(self) -> bool:
         if self.impl != "auto":
             return self.impl == "dense"
-        # Dense computes every expert (E× the LoRA FLOPs) but needs no sort, gather or host sync; it wins while the
-        # extra expert work is small next to the base matmul (measured in bench/moe_lora.py).
-        extra = (self.num_experts - self.top_k) * self.rank * (self.in_features + self.out_features)
-        return extra <= 0.125 * self.in_features * self.out_features
+        # Dense does (E − k)·r·(in + out) extra multiply-adds per token; grouped instead moves every token's input and
+        # output through a gather/scatter and syncs for the group sizes. Both extras scale with in + out, so the
+        # break-even is a rank: measured with bench/moe_lora.py (dense wins at (E−k)·r = 48, grouped at 192).
+        return (self.num_experts - self.top_k) * self.rank <= DENSE_MAX_EXTRA_RANK
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits → (top-k expert ids (N, k), their gates (N, k), full softmax (N, E))."""
@@ -159,14 +160,10 @@ class MoELoRALinear(nn.Module):
         order = torch.argsort(flat, stable=True)
         tok = order // k if k > 1 else order
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # host sync: sizes of the groups
-        hs = h.index_select(0, tok)
-        cs = coef.reshape(-1)[order].unsqueeze(-1)
-        ys, start = [], 0
-        for e, c in enumerate(counts):
-            if c:
-                sl = slice(start, start + c)
-                ys.append(((hs[sl] @ self.expert_A[e].t()) * cs[sl]) @ self.expert_B[e])
-                start += c
+        hs = h.index_select(0, tok).split(counts)  # split/unbind, not slicing: their backward does not zero-fill
+        cs = coef.reshape(-1)[order].unsqueeze(-1).split(counts)
+        As, Bs = self.expert_A.unbind(0), self.expert_B.unbind(0)
+        ys = [((hs[e] @ As[e].t()) * cs[e]) @ Bs[e] for e, c in enumerate(counts) if c]
         return out.index_add_(0, tok, torch.cat(ys).to(out.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -208,8 +205,9 @@ def inject_moe_lora(model: nn.Module, cfg: MoELoRAConfig) -> list[str]:
         if type(target) is not nn.Linear:
             raise UserError(f"MoE-LoRA target {name} is a {type(target).__name__}, not a plain nn.Linear "
                             "(does the LoRA target it too?)")
-        setattr(parent, child, MoELoRALinear(target, cfg.num_experts, cfg.top_k, cfg.rank, cfg.alpha,
-                                             cfg.router_noise, cfg.straight_through_router, cfg.impl))
+        moe = MoELoRALinear(target, cfg.num_experts, cfg.top_k, cfg.rank, cfg.alpha, cfg.router_noise,
+                            cfg.straight_through_router, cfg.impl)
+        setattr(parent, child, moe.train(target.training))  # a new module defaults to train mode: follow the model
     return names
 
 
