@@ -1,0 +1,61 @@
+"""`python -m multicrafter.generate`: a real run on tiny, and one-line errors for each bad input."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from multicrafter.render import read_generation_params
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "multicrafter.generate", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("refs")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(d / f"{name}.png")
+    (d / "text.png").write_text("this is not an image")
+    (d / "corrupt.png").write_bytes((d / "a.png").read_bytes()[:120])
+    return d
+
+
+def test_generate_writes_image_metadata_and_attention(refs, tmp_path):
+    out, att = tmp_path / "out.png", tmp_path / "att.png"
+    r = run("--model", "tiny", "--ref", str(refs / "a.png"), "--ref", str(refs / "b.png"), "--prompt", "a cat",
+            "--out", str(out), "--attention-out", str(att), "--height", "48", "--width", "64", "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (64, 48)
+    params = read_generation_params(out)
+    assert params["prompt"] == "a cat" and params["seed"] == 0 and params["references"] == ["a.png", "b.png"]
+    assert Image.open(att).width > Image.open(att).height  # image + one panel per subject
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--ref", "{d}/missing.png"], "not found"),
+    (["--ref", "{d}/corrupt.png"], "not a valid image"),
+    (["--ref", "{d}/text.png"], "not a valid image"),
+    (["--ref", "{d}/a.png"] * 5, "at most 4"),
+    (["--height", "50"], "multiple of 16"),
+    (["--model", "nobody/unknown-model"], "unavailable"),
+])
+def test_bad_inputs_one_line_no_traceback(refs, tmp_path, extra, message):
+    args = [a.replace("{d}", str(refs)) for a in extra]
+    model = [] if "--model" in args else ["--model", "tiny"]
+    r = run(*model, *args, "--prompt", "x", "--out", str(tmp_path / "o.png"))
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_help():
+    r = run("--help")
+    assert r.returncode == 0 and "--ref" in r.stdout and "--attention-out" in r.stdout
