@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from multicrafter.errors import UserError
@@ -50,6 +51,14 @@ class Subject:
     box: list[float] | None = None
     extra: dict = field(default_factory=dict)
 
+    def load_mask(self) -> np.ndarray:
+        """HxW bool, thresholded the same way everywhere (>= 128, or >= 1 for a 0/1 mask)."""
+        with Image.open(self.mask) as m:
+            return as_bool_mask(m)
+
+    def load_reference(self) -> Image.Image:
+        return load_image(self.reference)
+
 
 @dataclass
 class Sample:
@@ -62,6 +71,9 @@ class Sample:
     extra: dict
     line: int
     record: dict
+
+    def load_image(self) -> Image.Image:
+        return load_image(self.image)
 
 
 @dataclass

@@ -94,7 +94,7 @@ class FlorenceGrounder:
         return cls(model.to(device), tok, image_size=size, mean=mean, std=std, device=device, **kwargs)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
-        arr = np.asarray(image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC), np.float32) / 255.0
+        arr = np.asarray(image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC), np.float32) / 255.0
         arr = (arr - np.array(self.mean, np.float32)) / np.array(self.std, np.float32)
         return torch.from_numpy(arr).permute(2, 0, 1)[None].to(self.device)
 

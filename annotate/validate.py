@@ -181,8 +181,11 @@ class _Checker:
             return
         if size is not None and msize != size:
             self.err(line, f"{tag}: mask size {msize[0]}x{msize[1]} differs from image size {size[0]}x{size[1]}")
-        if not (arr >= 128).any():
+        peak = int(arr.max(initial=0))
+        if peak == 0 or 1 < peak < 128:
             self.err(line, f"{tag}: mask is empty (no pixel >= 128)")
+        elif peak == 1:
+            self.err(line, f"{tag}: mask uses values 0/1; 0/255 is expected (read as 0/1)", "warning")
 
     def check_orphans(self) -> None:
         for sub in DATA_DIRS:

@@ -75,6 +75,7 @@ def test_round_trip_identical(tmp_path):
         for sub, m in zip(s.subjects, masks):
             arr = np.asarray(Image.open(sub.mask))
             assert arr.dtype == np.uint8 and np.array_equal(arr >= 128, m) and set(np.unique(arr)) <= {0, 255}
+            assert np.array_equal(sub.load_mask(), m)
         assert np.array_equal(np.asarray(Image.open(s.subjects[0].reference)), np.asarray(ref))
 
 
@@ -158,9 +159,13 @@ def test_validate_passes_valid_dataset_and_cli(tmp_path):
     root = tmp_path / "ok"
     make_dataset(root)
     (root / "masks" / "stray_0.png").write_bytes(b"left by an interrupted save")
+    first = load_dataset_samples(root)[0].subjects[0]
+    Image.fromarray(first.load_mask().astype(np.uint8)).save(first.mask)  # a 0/1 mask: readable, but flagged
     problems = validate_dataset(root)
     assert not errors_of(problems)
     assert any(p.severity == "warning" and "stray_0.png" in p.message for p in problems)
+    assert any(p.line == 1 and "0/1" in p.message for p in problems)
+    assert load_dataset_samples(root)[0].subjects[0].load_mask().sum() == 14 * 16
     res = subprocess.run([sys.executable, "-m", "annotate.validate", str(root)], cwd=REPO, capture_output=True,
                          text=True)
     assert res.returncode == 0 and "valid" in res.stdout
