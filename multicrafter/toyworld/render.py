@@ -43,7 +43,7 @@ def shape_inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if shape == "circle":
         return u * u + v * v <= 0.88**2
     if shape == "square":
-        return np.maximum(au, av) <= 0.7
+        return np.maximum(au, av) <= 0.72
     if shape == "diamond":
         return au + av <= 1.0
     if shape == "hexagon":
@@ -59,7 +59,7 @@ def shape_inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         theta = np.minimum(theta, 2 * math.pi / 5 - theta)
         x, y = r * np.cos(theta), r * np.sin(theta)
         x2, y2 = _STAR_INNER * math.cos(math.pi / 5), _STAR_INNER * math.sin(math.pi / 5)
-        return (x2 - 1.0) * y - y2 * (x - 1.0) <= 0
+        return (x2 - 1.0) * y - y2 * (x - 1.0) >= 0
     if shape == "heart":
         x = 1.12 * u
         y = -1.12 * v + 0.2
@@ -121,8 +121,8 @@ def render_background(width: int, height: int, colour: str, texture: str) -> np.
     if texture == "striped":      # vertical bands (subjects' stripes are horizontal)
         mask = (xs // (period // 2)) % 2 == 1
     elif texture == "dotted":
-        cy = ys % period - period / 2 + 0.5
-        cx = xs % period - period / 2 + 0.5
+        cy = (ys + period // 2) % period - period / 2 + 0.5   # dots centred on the image edges too
+        cx = (xs + period // 2) % period - period / 2 + 0.5
         mask = cx * cx + cy * cy <= (period * 0.22) ** 2
     elif texture == "checkered":
         mask = ((xs // period) + (ys // period)) % 2 == 1

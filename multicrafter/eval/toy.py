@@ -1,0 +1,168 @@
+"""`python -m multicrafter.eval toy`: score a model (or the ground-truth renders) on held-out ToyWorld scenes.
+
+Scenes come from the test identity split at fixed seeds (scene i of seed s is always the same), so numbers are
+comparable across adapters and runs. For each seed: n scenes, one image each (generator seed = seed * 100003 + i).
+The JSON holds each metric's mean over seeds, its per-seed values and std, per-attribute accuracy and the scores
+restricted to scenes with a similar pair (where leakage shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..errors import UserError, one_line, run_cli
+from ..io import atomic_write_json, save_image_atomic
+
+METRICS = ("id_sim", "leakage", "layout", "quality", "overall", "acc_shape", "acc_colour", "acc_pattern")
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
+    return seeds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m multicrafter.eval toy",
+                                description="Score a model on held-out ToyWorld scenes (ID-Sim, leakage, layout, "
+                                            "quality, overall). --model ground-truth scores the renders themselves.")
+    p.add_argument("--model", required=True, help="toy | ground-truth | tiny | a model folder or hub id")
+    p.add_argument("--adapter", default=None, help="adapter name (e.g. baseline, attn, attn_moe, ippo) or folder")
+    p.add_argument("--n", type=int, default=64, help="scenes per seed")
+    p.add_argument("--seed", type=int, default=0, help="scene/generator seed (ignored with --seeds)")
+    p.add_argument("--seeds", type=_seeds, default=None, help="several seeds, e.g. 0,1,2")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=3.5, help="guidance scale")
+    p.add_argument("--size", type=int, default=128, help="scene size (multiple of 16)")
+    p.add_argument("--ref-size", type=int, default=64)
+    p.add_argument("--similar-prob", type=float, default=0.3)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--save-images", default=None, metavar="DIR", help="also save each scored image")
+    return p
+
+
+def _model_runner(model: str, adapter: str | None, steps: int, guidance: float) -> Callable[[Any, int], Image.Image]:
+    """Load the pipeline once; returns generate(sample, generator_seed) -> PIL image."""
+    try:
+        import torch
+
+        from .. import MultiCrafterPipeline  # lazy: the core pipeline is heavy and optional for ground truth
+    except ImportError as exc:
+        raise UserError(f"cannot run model {model!r}: the MultiCrafter pipeline is unavailable ({one_line(exc)})") from None
+    try:
+        pipe = MultiCrafterPipeline.from_pretrained(model, adapter=adapter)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loading failure is the user's model/adapter choice
+        raise UserError(f"cannot load model {model!r}" + (f" with adapter {adapter!r}" if adapter else "")
+                        + f": {one_line(exc)}") from None
+
+    def generate(sample: Any, seed: int) -> Image.Image:
+        h, w = sample.image.shape[:2]
+        out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
+                   height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
+                   generator=torch.Generator().manual_seed(seed))
+        return out.images[0]
+
+    return generate
+
+
+def evaluate_seed(seed: int, n: int, generate: Callable[[Any, int], Any] | None, size: int = 128,
+                  ref_size: int = 64, similar_prob: float = 0.3, save_dir: Path | None = None) -> dict:
+    """Score n held-out scenes of one seed; `generate=None` scores the ground-truth renders."""
+    from ..toyworld import build_sample, evaluate_image
+
+    per = []
+    for i in range(n):
+        sample = build_sample(seed, i, split="test", size=size, ref_size=ref_size, similar_prob=similar_prob)
+        image = sample.image if generate is None else generate(sample, seed * 100003 + i)
+        if save_dir is not None:
+            pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+            save_image_atomic(pil, save_dir / f"seed{seed}_{i:04d}.png")
+        result = evaluate_image(image, [Image.fromarray(r) for r in sample.references], scene=sample.scene)
+        result["similar"] = sample.scene["similar"]
+        per.append(result)
+    out = {m: float(np.mean([r[m] for r in per])) if per else 0.0 for m in METRICS}
+    sim = [r for r in per if r["similar"]]
+    out["similar_pairs"] = {"n": len(sim), "id_sim": float(np.mean([r["id_sim"] for r in sim])) if sim else None,
+                            "leakage": float(np.mean([r["leakage"] for r in sim])) if sim else None}
+    out["notes"] = sorted({note for r in per for note in r["notes"]})[:20]
+    return out
+
+
+def summarise(per_seed: dict[int, dict], n: int) -> dict:
+    seeds = list(per_seed)
+    res: dict[str, Any] = {"n": n * len(seeds), "n_per_seed": n, "seeds": seeds, "per_seed": {}, "std": {}}
+    for m in METRICS:
+        vals = [per_seed[s][m] for s in seeds]
+        res[m] = float(np.mean(vals))
+        res["per_seed"][m] = vals
+        res["std"][m] = float(np.std(vals)) if len(vals) > 1 else 0.0
+    res["attribute_accuracy"] = {a: res[f"acc_{a}"] for a in ("shape", "colour", "pattern")}
+    sim = [per_seed[s]["similar_pairs"] for s in seeds if per_seed[s]["similar_pairs"]["n"]]
+    total = sum(p["n"] for p in sim)
+    res["similar_pairs"] = {
+        "n": total,
+        "id_sim": sum(p["id_sim"] * p["n"] for p in sim) / total if total else None,
+        "leakage": sum(p["leakage"] * p["n"] for p in sim) / total if total else None,
+    }
+    res["notes"] = sorted({note for s in seeds for note in per_seed[s]["notes"]})[:20]
+    return res
+
+
+def markdown_table(res: dict) -> str:
+    seeds = res["seeds"]
+    head = "| metric | mean | std | " + " | ".join(f"seed {s}" for s in seeds) + " |"
+    sep = "|---" * (3 + len(seeds)) + "|"
+    rows = [head, sep]
+    for m in METRICS:
+        rows.append(f"| {m} | {res[m]:.3f} | {res['std'][m]:.3f} | "
+                    + " | ".join(f"{v:.3f}" for v in res["per_seed"][m]) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    if args.size < 32 or args.size % 16:
+        raise UserError(f"--size must be a multiple of 16 and >= 32, got {args.size}")
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    seeds = args.seeds if args.seeds is not None else [args.seed]
+    ground_truth = args.model in ("ground-truth", "gt")
+    if ground_truth and args.adapter:
+        raise UserError("--adapter makes no sense with --model ground-truth")
+    generate = None if ground_truth else _model_runner(args.model, args.adapter, args.steps, args.guidance)
+    save_dir = Path(args.save_images) if args.save_images else None
+    per_seed = {s: evaluate_seed(s, args.n, generate, args.size, args.ref_size, args.similar_prob, save_dir)
+                for s in seeds}
+    res = summarise(per_seed, args.n)
+    res.update({"model": args.model, "adapter": args.adapter, "split": "test", "size": args.size,
+                "steps": None if ground_truth else args.steps, "guidance": None if ground_truth else args.guidance})
+    if any(isinstance(v, float) and not math.isfinite(v) for v in res.values()):
+        raise UserError("evaluation produced a non-finite score")
+    print(f"ToyWorld held-out: model={args.model}" + (f" adapter={args.adapter}" if args.adapter else "")
+          + f", {args.n} scenes x {len(seeds)} seed(s)")
+    print(markdown_table(res))
+    sp = res["similar_pairs"]
+    if sp["n"]:
+        print(f"similar-pair scenes ({sp['n']}): id_sim {sp['id_sim']:.3f}, leakage {sp['leakage']:.3f}")
+    if args.json:
+        atomic_write_json(args.json, res)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
