@@ -30,8 +30,8 @@ def _tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[]), len(vocab)
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
+def build_tiny_clip(path) -> None:
+    """Save a random CLIP (projection dim PROJ, 32 px images, 16 text positions) and its tokenizer to `path`."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
@@ -43,9 +43,14 @@ def clip_dir(tmp_path_factory):
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=8),
         projection_dim=PROJ)
-    path = tmp_path_factory.mktemp("clip")
     CLIPModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip")
+    build_tiny_clip(path)
     return path
 
 

@@ -1,0 +1,99 @@
+"""`python -m multicrafter.eval faces`: single-image and dataset modes, JSON/markdown, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import insightface
+import pytest
+from PIL import Image
+
+from multicrafter.eval.faces import main
+from multicrafter.io import save_image_atomic
+
+T1 = os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")
+ROOT = Path(__file__).resolve().parents[1]
+# Boxes of two of t1's faces (dlib HOG, 1280x886 image), padded: references cut from the group photo.
+BOXES = {"left": (15, 234, 219, 438), "middle": (402, 250, 627, 474)}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faces_cli")
+    group = Image.open(T1).convert("RGB")
+    small = group.resize((960, 664))   # keep the CLI tests quick
+    save_image_atomic(small, d / "gen.png")
+    for name, box in BOXES.items():
+        save_image_atomic(group.crop(box), d / f"{name}.png")
+    save_image_atomic(Image.new("RGB", (320, 320), (200, 180, 150)), d / "blank.png")
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    return d
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "multicrafter.eval", "faces", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def test_single_image_json_and_markdown(files, capsys):
+    out, md = files / "out.json", files / "out.md"
+    assert main(["--image", str(files / "gen.png"), "--ref", str(files / "left.png"), "--ref",
+                 str(files / "middle.png"), "--ref", str(files / "blank.png"), "--json", str(out),
+                 "--markdown", str(md)]) == 0
+    res = json.loads(out.read_text())
+    assert {"face_sim", "matches", "faces_detected", "per_reference", "notes", "scale"} <= set(res)
+    assert res["faces_detected"] == 6 and res["reference_faces"] == [1, 1, 0]
+    assert [m["reference"] for m in res["matches"]] == [0, 1]
+    assert all(m["similarity"] > 0.5 for m in res["matches"])
+    assert res["face_sim"] == pytest.approx(sum(m["similarity"] for m in res["matches"]) / 3)
+    table = md.read_text()
+    assert "| blank.png | — | 0.0000 | — |" in table and f"**{res['face_sim']:.4f}**" in table
+    printed = capsys.readouterr().out
+    assert "note: no face found in reference 2" in printed
+
+
+def test_dataset_mode(files, tmp_path):
+    ds = tmp_path / "ds"
+    (ds / "refs").mkdir(parents=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in BOXES:
+        (ds / "refs" / f"{name}.png").write_bytes((files / f"{name}.png").read_bytes())
+    (run / "0001.png").write_bytes((files / "gen.png").read_bytes())
+    (run / "0002.png").write_bytes((files / "blank.png").read_bytes())
+    subjects = [{"name": n, "kind": "face", "reference": f"refs/{n}.png"} for n in BOXES]
+    lines = [{"file_name": "images/0001.png", "caption": "x", "subjects": subjects},
+             {"file_name": "images/0002.png", "refs": ["refs/left.png"]}]
+    (ds / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "o.json"
+    assert main(["--dataset", str(ds), "--images", str(run), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n"] == 2 and [s["file_name"] for s in res["samples"]] == ["images/0001.png", "images/0002.png"]
+    first, second = res["samples"]
+    assert first["face_sim"] > 0.5 and second["face_sim"] == 0 and second["faces_detected"] == 0
+    assert res["face_sim"] == pytest.approx((first["face_sim"] + second["face_sim"]) / 2)
+    assert all(m["sample"] == "images/0001.png" for m in res["matches"]) and len(res["matches"]) == 2
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--image", "{d}/corrupt.png", "--ref", "{d}/left.png"], "not a valid image"),
+    (["--image", "{d}/gen.png", "--ref", "{d}/missing.png"], "image not found"),
+    (["--image", "{d}/gen.png", "--ref", "{d}/left.png", "--backend", "insightface", "--insightface-root", "{d}"],
+     "insightface model pack 'buffalo_l' not found"),
+    (["--dataset", "{d}"], "no metadata.jsonl"),
+])
+def test_bad_input_is_one_line(files, args, expect):
+    proc = run_cli(*[a.format(d=files) for a in args])
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], proc.stderr
+
+
+def test_help():
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and "--backend" in proc.stdout and "--dataset" in proc.stdout

@@ -1,0 +1,127 @@
+"""Object ID-Sim (Hungarian over mask crops) and the real-image IPPO reward (RewardFn)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_metrics_models import PROJ, _laion_head, build_tiny_clip
+from torch import nn
+
+from multicrafter.metrics.clip import ClipScorer
+from multicrafter.metrics.face_dlib import DlibBackend
+from multicrafter.metrics.loading import ModelUnavailable
+from multicrafter.metrics.objects import mask_box, subject_similarity
+from multicrafter.rewards.base import RewardBatch, composite
+from multicrafter.rewards.real import RealReward
+
+RED, BLUE, GREEN = (220, 20, 20), (20, 20, 220), (20, 200, 20)
+
+
+def colour_embed(images) -> torch.Tensor:
+    """A transparent stand-in for DINO: the mean colour, as a unit vector (same colour ⇒ cosine 1)."""
+    return nn.functional.normalize(torch.tensor(np.stack([np.asarray(i, np.float32).mean((0, 1)) for i in images])),
+                                   dim=-1)
+
+
+def scene(left, right) -> tuple[Image.Image, list[Image.Image]]:
+    img = Image.new("RGB", (96, 64), (0, 0, 0))
+    img.paste(Image.new("RGB", (30, 30), left), (5, 20))
+    img.paste(Image.new("RGB", (30, 30), right), (60, 10))
+    masks = []
+    for box in ((5, 20, 35, 50), (60, 10, 90, 40)):
+        m = Image.new("L", img.size, 0)
+        m.paste(255, box)
+        masks.append(m)
+    return img, masks
+
+
+def swatch(colour) -> Image.Image:
+    return Image.new("RGB", (20, 20), colour)
+
+
+def test_object_subjects_are_matched_one_to_one():
+    img, masks = scene(RED, BLUE)
+    res = subject_similarity(img, [swatch(BLUE), swatch(RED)], colour_embed, masks=masks)
+    assert sorted((m["reference"], m["crop"]) for m in res.matches) == [(0, 1), (1, 0)]
+    assert res.score == pytest.approx(1.0, abs=1e-5) and res.crops == 2
+    assert res.matches[0]["box"] in ([5, 20, 35, 50], [60, 10, 90, 40])
+    copies, masks2 = scene(RED, RED)   # the "average subject" hack: one subject drawn twice
+    hacked = subject_similarity(copies, [swatch(BLUE), swatch(RED)], colour_embed, masks=masks2)
+    assert hacked.per_reference[1] == pytest.approx(1.0, abs=1e-5)
+    assert hacked.score < 0.75 and hacked.per_reference[0] < 0.5
+
+
+def test_object_masks_empty_or_absent():
+    img, masks = scene(RED, GREEN)
+    empty = Image.new("L", img.size, 0)
+    res = subject_similarity(img, [swatch(RED), swatch(GREEN)], colour_embed, masks=[masks[0], empty])
+    assert res.crops == 1 and any("mask 1 is empty" in n for n in res.notes)
+    assert res.per_reference[0] == pytest.approx(1.0, abs=1e-5)
+    none = subject_similarity(img, [swatch(RED)], colour_embed, masks=[empty])
+    assert none.score == 0.0 and none.crops == 0
+    whole = subject_similarity(img, [swatch(RED), swatch(GREEN)], colour_embed)
+    e = colour_embed([swatch(RED), swatch(GREEN), img])
+    assert whole.score == pytest.approx(float(((e[:2] @ e[2]).clamp(min=0)).mean()), abs=1e-6)
+    assert mask_box(masks[0].resize((48, 32)), img.size) == (4, 20, 36, 50)   # masks at another size are rescaled
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("reward")
+    build_tiny_clip(d / "clip")
+    torch.save({f"layers.{k}": v for k, v in _laion_head(PROJ).state_dict().items()}, d / "head.pth")
+    return d
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    from skimage import data
+
+    img = Image.fromarray(data.astronaut()).resize((384, 384))
+    return img, img.crop((110, 30, 220, 150))   # the face, as a reference photo
+
+
+def test_real_reward_components_and_notes(tiny, astronaut):
+    img, face_ref = astronaut
+    reward = RealReward.load(clip_model=str(tiny / "clip"), aes_clip=str(tiny / "clip"), aes_head=str(tiny / "head.pth"))
+    assert reward.components == ("text", "aes", "id") and reward.missing == {}
+    assert reward.aes.clip is reward.text                 # one CLIP in memory when both use the same checkpoint
+    blank = Image.new("RGB", (384, 384), (90, 90, 90))
+    batch = RewardBatch(images=[img, blank], prompts=["a woman", "a wall"], references=[[face_ref], [face_ref]])
+    out = reward(batch)
+    assert set(out.components) == {"text", "aes", "id"} and all(len(v) == 2 for v in out.components.values())
+    assert out.components["id"][0] > 0.5 and out.components["id"][1] == 0.0
+    assert any(n.startswith("sample 1: no face detected") for n in out.notes)
+    assert out.components["text"] == pytest.approx(reward.text.clip_t(batch.images, batch.prompts), abs=1e-6)
+    assert len(reward._ref_cache) == 1                    # the shared reference was embedded once
+    total = composite(out.components, {"text": 1.0, "aes": 0.1, "id": 2.0})
+    expect = [out.components["text"][i] + 0.1 * out.components["aes"][i] + 2 * out.components["id"][i] for i in (0, 1)]
+    assert total == pytest.approx(expect)
+
+
+def test_unavailable_components_fail_loudly_or_are_missing():
+    with pytest.raises(ModelUnavailable) as err:
+        RealReward.load(components=("text",))
+    assert "\n" not in str(err.value) and "openai/clip-vit-base-patch32" in str(err.value)
+    reward = RealReward.load(allow_missing=True)   # hub defaults are not cached here; dlib faces work offline
+    assert reward.components == ("id",) and set(reward.missing) == {"text", "aes"}
+    out = reward(RewardBatch(images=[Image.new("RGB", (64, 64))], prompts=["x"], references=[[]]))
+    assert set(out.components) == {"id"} and out.components["id"] == [0.0]
+    assert any(n.startswith("R_text unavailable") for n in out.notes)
+    with pytest.raises(KeyError, match="text"):                 # never a made-up number for a missing component
+        composite(out.components, {"text": 1.0, "id": 1.0})
+    assert isinstance(reward.face, DlibBackend)
+
+
+def test_object_reward_with_clip_embedder_and_masks(tiny):
+    reward = RealReward.load(components=("id",), id_kind="object", id_model=str(tiny / "clip"))
+    img, masks = scene(RED, BLUE)
+    refs = [img.crop((60, 10, 90, 40)), img.crop((5, 20, 35, 50))]
+    out = reward(RewardBatch(images=[img], prompts=["two squares"], references=[refs],
+                             metadata=[{"masks": masks}]))
+    assert out.components["id"][0] == pytest.approx(1.0, abs=1e-4)   # exact crops of the subjects
+    emb = ClipScorer.load(str(tiny / "clip"), load_tokenizer=False).image_embeddings
+    direct = subject_similarity(img, refs, emb, masks=masks).score
+    assert out.components["id"][0] == pytest.approx(direct, abs=1e-6)
