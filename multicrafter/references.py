@@ -147,3 +147,36 @@ def join_references(hidden_states: torch.Tensor, img_ids: torch.Tensor, refs: Pa
     if ref_latents.shape[0] != hidden_states.shape[0]:
         ref_latents = ref_latents[:1].expand(hidden_states.shape[0], -1, -1)
     return torch.cat([hidden_states, ref_latents], dim=1), torch.cat([img_ids, refs.ids.to(img_ids.dtype)], dim=0)
+
+
+def predict_velocity(
+    transformer: torch.nn.Module,
+    latents: torch.Tensor,
+    latent_ids: torch.Tensor,
+    sigma: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    text_ids: torch.Tensor,
+    refs: PackedReferences | None = None,
+    guidance: torch.Tensor | None = None,
+    capture: Any = None,
+) -> torch.Tensor:
+    """One transformer call on [target | references]; returns the velocity for the target tokens only.
+
+    The single place where training (flow matching, IPPO) calls the model: sigma is the noise level in [0, 1]
+    (FLUX multiplies by 1000 inside), `capture` (an AttentionCapture) gets the sequence layout when given.
+    """
+    n_target = latents.shape[1]
+    hidden, ids = join_references(latents, latent_ids, refs)
+    if capture is not None:
+        from .attention import CaptureLayout
+
+        capture.layout = CaptureLayout(prompt_embeds.shape[1], n_target, list(refs.lengths) if refs else [])
+    if guidance is None and getattr(transformer.config, "guidance_embeds", False):
+        guidance = torch.full((latents.shape[0],), 1.0, device=latents.device, dtype=torch.float32)
+    out = transformer(
+        hidden_states=hidden, timestep=sigma.expand(latents.shape[0]).to(latents.dtype), guidance=guidance,
+        pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
+        img_ids=ids, return_dict=False,
+    )[0]
+    return out[:, :n_target]
