@@ -2,7 +2,8 @@
 
 Captions come from a sidecar `<stem>.txt`, or a `captions.jsonl`/`metadata.jsonl` in the folder with
 {"file_name", "caption"} lines. Images larger than `max_side` are downscaled (and reported). Nothing is skipped
-silently: every file that is not imported is listed with its reason.
+silently: every file that is not imported is listed with its reason. With --florence, each imported sample is
+pre-annotated (grounded boxes -> masks) for review in the Annotate tab.
 """
 
 from __future__ import annotations
@@ -88,8 +89,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("src", help="folder of images (+ <stem>.txt captions or captions.jsonl)")
     parser.add_argument("--out", required=True, help="dataset folder to create or extend")
     parser.add_argument("--max-side", type=int, default=2048, help="downscale larger images to this side")
+    parser.add_argument("--florence", metavar="ID|DIR", help="pre-annotate with Florence-2 grounding (hub id or "
+                        "folder, e.g. florence-community/Florence-2-base-ft); masks from SAM 2 or GrabCut")
+    parser.add_argument("--names", help="comma-separated subject names to ground (default: phrases of the caption)")
+    parser.add_argument("--sam2", metavar="ID|DIR", default=None, help="SAM 2 weights (default "
+                        "facebook/sam2.1-hiera-tiny; GrabCut when unavailable)")
     args = parser.parse_args(argv)
+    grounder = None
+    if args.florence:  # load first, so a missing model fails before anything is written
+        from .florence import FlorenceGrounder
+
+        grounder = FlorenceGrounder.from_pretrained(args.florence)
     rep = import_folder(args.src, args.out, max_side=args.max_side)
+    if grounder is not None:
+        from .florence import preannotate_dataset
+        from .segment import Segmenter
+
+        seg = Segmenter(args.sam2)
+        if seg.note:
+            print(f"note: {seg.note}")
+        names = [n.strip() for n in args.names.split(",") if n.strip()] if args.names else None
+        for sample, found in preannotate_dataset(args.out, grounder, seg, names=names).items():
+            print(f"pre-annotated {sample}: {', '.join(found) or 'nothing found'}")
     for note in rep.notes:
         print(f"note: {note}")
     for name, why in rep.skipped:

@@ -183,7 +183,14 @@ def test_validate_toyworld_output_if_available(tmp_path):
     assert res.returncode == 0, res.stderr
     errors = errors_of(validate_dataset(tmp_path / "tw"))
     assert not errors, errors
-    assert len(load_dataset_samples(tmp_path / "tw")) == 4
+    samples = load_dataset_samples(tmp_path / "tw")
+    assert len(samples) == 4 and all(s.subjects and "toyworld" in s.extra for s in samples)
+    lines = (tmp_path / "tw" / "metadata.jsonl").read_text().splitlines()
+    DatasetWriter(tmp_path / "tw").update_sample(samples[1].name, caption="edited")  # our writer on their output
+    after = (tmp_path / "tw" / "metadata.jsonl").read_text().splitlines()
+    assert [after[0], after[2], after[3]] == [lines[0], lines[2], lines[3]]
+    assert json.loads(after[1])["toyworld"] == samples[1].extra["toyworld"]
+    assert not errors_of(validate_dataset(tmp_path / "tw"))
 
 
 # ---------------------------------------------------------------- names and bad input
@@ -354,3 +361,8 @@ def test_import_folder(tmp_path):
     res = subprocess.run([sys.executable, "-m", "annotate.import_folder", str(src), "--out", str(tmp_path / "d2")],
                          cwd=REPO, capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "imported 2 images" in res.stdout and "skipped broken.png" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "annotate.import_folder", str(src), "--out", str(tmp_path / "d3"),
+                          "--florence", "florence-community/Florence-2-base-ft"], cwd=REPO, capture_output=True,
+                         text=True, env=dict(env, HF_HUB_OFFLINE="1"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Florence-2 weights not available" in res.stderr
+    assert not (tmp_path / "d3").exists()  # failed before writing anything
