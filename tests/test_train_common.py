@@ -1,0 +1,147 @@
+"""train.common: typed YAML configs, metrics truncation on resume, atomic checkpoints, RNG round trip, schedules."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+from multicrafter.errors import UserError
+from train.common import (
+    EMA,
+    MetricsLogger,
+    OptimConfig,
+    build_optimizer,
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    load_config,
+    lr_factor,
+    read_metrics,
+    restore_rng_state,
+    save_checkpoint,
+    setup_accelerator,
+)
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    steps: int = 10
+    name: str | None = None
+    blocks: list[int] = field(default_factory=lambda: [0, 1])
+
+
+@dataclass
+class Outer:
+    model: str = "tiny"
+    flag: bool = False
+    train: Inner = field(default_factory=Inner)
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_load_config_types_and_overrides(tmp_path):
+    p = _write(tmp_path, "model: toy\ntrain:\n  lr: 1e-4\n  steps: 3\n  blocks: [2]\n")
+    cfg = load_config(p, Outer, {"train.steps": 7, "flag": True})
+    assert cfg.model == "toy" and cfg.flag is True
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)   # YAML's "1e-4" string
+    assert cfg.train.steps == 7 and cfg.train.blocks == [2] and cfg.train.name is None
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("train:\n  lrr: 1\n", "train.lrr"),
+    ("train:\n  steps: 1.5\n", "train.steps"),
+    ("flag: 3\n", "flag"),
+    ("train:\n  blocks: [a]\n", "train.blocks[0]"),
+    ("train: 5\n", "train"),
+    ("model: [1\n", "not valid YAML"),
+])
+def test_load_config_errors_name_the_key(tmp_path, text, needle):
+    with pytest.raises(UserError) as e:
+        load_config(_write(tmp_path, text), Outer)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_load_config_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml", Outer)
+
+
+def test_metrics_truncated_on_resume(tmp_path):
+    with MetricsLogger(tmp_path) as m:
+        for s in range(1, 6):
+            m.log({"step": s, "loss": torch.tensor(float(s))})
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 6, "lo')  # torn last line of a killed run
+    with MetricsLogger(tmp_path, resume_step=3) as m:
+        m.log({"step": 4, "loss": 40.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    MetricsLogger(tmp_path).close()  # a fresh run starts an empty file
+    assert read_metrics(tmp_path) == []
+
+
+def test_checkpoints_atomic_prune_and_ignore_partial(tmp_path):
+    for s in (1, 2, 3):
+        save_checkpoint(tmp_path, s, {"w": torch.full((2,), float(s))}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    # A run killed mid-write leaves a tmp dir, or a dir with the final name but no meta.json: neither counts.
+    (tmp_path / "checkpoint-9.tmp-abc").mkdir()
+    torch.save({"w": 0}, tmp_path / "checkpoint-9.tmp-abc" / "state.pt")
+    (tmp_path / "checkpoint-8").mkdir()
+    torch.save({"w": 0}, tmp_path / "checkpoint-8" / "state.pt")
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "checkpoint-3"
+    assert load_checkpoint(latest)["w"].tolist() == [3.0, 3.0]
+    with pytest.raises(UserError):
+        load_checkpoint(tmp_path / "checkpoint-8")
+    save_checkpoint(tmp_path, 3, {"w": torch.zeros(1)}, keep_last=0)  # same step again replaces it
+    assert load_checkpoint(tmp_path / "checkpoint-3")["w"].tolist() == [0.0]
+
+
+def test_rng_round_trip():
+    g = torch.Generator().manual_seed(5)
+    state = capture_rng_state({"data": g})
+    a = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item())
+    restore_rng_state(state, {"data": g})
+    b = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item())
+    assert a == b
+    with pytest.raises(UserError):
+        restore_rng_state(state, {"other": torch.Generator()})
+
+
+def test_lr_schedule_and_optimizer():
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1)
+    f = [lr_factor(s, cfg, 12) for s in range(12)]
+    assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0 and f[-1] > 0.1 and f[-1] < f[5]
+    w = torch.nn.Parameter(torch.ones(3))
+    opt, sched = build_optimizer([w], cfg, 12)
+    assert opt.param_groups[0]["lr"] == 0.5
+    with pytest.raises(UserError):
+        build_optimizer([torch.nn.Parameter(torch.ones(1), requires_grad=False)], cfg, 12)
+
+
+def test_ema_swap():
+    w = torch.nn.Parameter(torch.zeros(2))
+    ema = EMA([w], decay=0.5)
+    with torch.no_grad():
+        w.fill_(2.0)
+    ema.update()
+    ema.swap_in()
+    assert w.tolist() == [1.0, 1.0]
+    ema.swap_out()
+    assert w.tolist() == [2.0, 2.0]
+
+
+def test_setup_accelerator_cpu():
+    acc = setup_accelerator(mixed_precision="no", gradient_accumulation_steps=2, cpu=True)
+    assert acc.gradient_accumulation_steps == 2 and acc.num_processes == 1
+    with pytest.raises(UserError):
+        setup_accelerator(mixed_precision="fp8", cpu=True)
