@@ -97,3 +97,42 @@ def test_bad_input_is_one_line(files, args, expect):
 def test_help():
     proc = run_cli("--help")
     assert proc.returncode == 0 and "--backend" in proc.stdout and "--dataset" in proc.stdout
+
+
+def test_missing_metric_weights_are_reported_not_invented(files, capsys):
+    out = files / "all.json"
+    assert main(["--image", str(files / "gen.png"), "--ref", str(files / "left.png"), "--metrics", "all",
+                 "--prompt", "six people", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["clip_t"] is None and res["clip_i"] is None and res["dino_i"] is None and res["aes"] is None
+    assert set(res["missing"]) == {"clip_t", "clip_i", "dino_i", "aes"}
+    assert all("\n" not in why and "unavailable" in why for why in res["missing"].values())
+    assert res["face_sim"] > 0.5                                  # Face-Sim still works offline
+    printed = capsys.readouterr().out
+    assert "| CLIP-T | missing |" in printed and "note: AES missing: aesthetic head model" in printed
+
+
+def test_extra_metrics_from_local_folders(files, tmp_path):
+    import torch
+    from test_metrics_models import PROJ, _laion_head, build_tiny_clip
+    from transformers import ViTConfig, ViTModel
+
+    build_tiny_clip(tmp_path / "clip")
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=32, patch_size=8), add_pooling_layer=False).save_pretrained(tmp_path / "dino")
+    torch.save({f"layers.{k}": v for k, v in _laion_head(PROJ).state_dict().items()}, tmp_path / "head.pth")
+    out = tmp_path / "o.json"
+    assert main(["--image", str(files / "gen.png"), "--ref", str(files / "left.png"), "--ref", str(files / "gen.png"),
+                 "--metrics", "clip_t,clip_i,dino_i,aes", "--prompt", "six people", "--clip-model",
+                 str(tmp_path / "clip"), "--dino-model", str(tmp_path / "dino"), "--aes-clip", str(tmp_path / "clip"),
+                 "--aes-head", str(tmp_path / "head.pth"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["missing"] == {}
+    assert all(isinstance(res[k], float) for k in ("clip_t", "clip_i", "dino_i", "aes"))
+    assert -1 <= res["clip_t"] <= 1 and -1 <= res["clip_i"] <= 1 and -1 <= res["dino_i"] <= 1
+    assert res["clip_i"] > 0 and res["dino_i"] > 0    # one reference is the image itself (cosine 1)
+
+
+def test_clip_t_without_prompt_is_refused(files):
+    proc = run_cli("--image", str(files / "gen.png"), "--ref", str(files / "left.png"), "--metrics", "clip_t")
+    assert proc.returncode == 2 and "CLIP-T needs --prompt" in proc.stderr

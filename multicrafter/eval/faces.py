@@ -5,6 +5,8 @@ A whole run: --dataset DIR [--images OUT_DIR] — DIR/metadata.jsonl in the data
 `file_name` is the generated image (looked up in --images when given, else in DIR) and its face subjects'
 `reference` files are the references (a plain `"refs": [...]` list also works).
 Writes JSON (face_sim, matches, faces_detected, per-reference scores, notes) and prints a markdown table.
+`--metrics clip_t,clip_i,dino_i,aes` (or `all`) adds the paper's other columns (prompt from --prompt or the
+dataset caption); a metric whose weights are not on this machine is reported as null with a one-line note.
 """
 
 from __future__ import annotations
@@ -16,6 +18,15 @@ from typing import Any
 
 from ..errors import UserError, run_cli
 from ..io import atomic_write_json, atomic_write_text, load_image
+from ..metrics.defaults import (
+    DEFAULT_AES_CLIP,
+    DEFAULT_AES_FILE,
+    DEFAULT_AES_HEAD,
+    DEFAULT_CLIP,
+    DEFAULT_DINO,
+    IMAGE_METRICS,
+    LABELS,
+)
 from ..metrics.faces import FaceBackend, face_similarity, get_backend
 
 
@@ -31,6 +42,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--insightface-root", help="folder with buffalo_l/antelopev2 ONNX files (or its parent)")
     p.add_argument("--insightface-name", default="buffalo_l", help="model pack name under the root")
     p.add_argument("--insightface-detector", choices=["scrfd", "dlib"], default="scrfd")
+    p.add_argument("--metrics", default="", help=f"extra metrics, comma-separated from {','.join(IMAGE_METRICS)} or all")
+    p.add_argument("--prompt", help="--image mode: the prompt, for CLIP-T")
+    p.add_argument("--clip-model", default=DEFAULT_CLIP, help="CLIP for CLIP-T/CLIP-I: hub id or local folder")
+    p.add_argument("--dino-model", default=DEFAULT_DINO, help="DINO/DINOv2 for DINO-I: hub id or local folder")
+    p.add_argument("--aes-clip", default=DEFAULT_AES_CLIP, help="CLIP ViT-L/14 under the aesthetic head")
+    p.add_argument("--aes-head", default=DEFAULT_AES_HEAD, help="aesthetic head: hub repo, folder or .pth file")
+    p.add_argument("--aes-head-file", default=DEFAULT_AES_FILE, help="head file name inside a repo/folder")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--markdown", help="also write the markdown table here")
     args = p.parse_args(argv)
@@ -38,6 +56,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--image needs at least one --ref")
     if args.dataset and args.ref:
         p.error("--ref is for --image mode; --dataset reads references from metadata.jsonl")
+    names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    args.metrics = list(IMAGE_METRICS) if names == ["all"] else names
+    bad = set(args.metrics) - set(IMAGE_METRICS)
+    if bad:
+        p.error(f"unknown metric(s) {', '.join(sorted(bad))}; choose from {', '.join(IMAGE_METRICS)} or all")
+    if args.image and "clip_t" in args.metrics and not args.prompt:
+        p.error("CLIP-T needs --prompt")
     return args
 
 
@@ -62,7 +87,21 @@ def single_table(res: dict[str, Any], refs: list[str]) -> str:
     return "\n".join(lines)
 
 
-def read_samples(dataset: Path, images: Path | None) -> list[tuple[str, Path, list[Path]]]:
+def metrics_table(values: dict[str, Any]) -> str:
+    rows = [f"| {LABELS[k]} | {'missing' if v is None else f'{v:.4f}'} |" for k, v in values.items()]
+    return "\n".join(["| metric | value |", "|---|---|", *rows]) if rows else ""
+
+
+def sample_metrics(models: Any, image, prompt: str, refs: list) -> dict[str, float | None]:
+    if models is None:
+        return {}
+    from ..metrics.table import image_metrics
+
+    vals = image_metrics(models, [image], [prompt], [refs])
+    return {k: (None if v is None else v[0]) for k, v in vals.items()}
+
+
+def read_samples(dataset: Path, images: Path | None) -> list[tuple[str, Path, list[Path], str]]:
     meta = dataset / "metadata.jsonl"
     if not meta.is_file():
         raise UserError(f"no metadata.jsonl in {dataset}")
@@ -82,22 +121,29 @@ def read_samples(dataset: Path, images: Path | None) -> list[tuple[str, Path, li
         image = dataset / name
         if images is not None:
             image = images / name if (images / name).exists() else images / Path(name).name
-        samples.append((name, image, [dataset / r for r in refs]))
+        samples.append((name, image, [dataset / r for r in refs], str(row.get("caption", ""))))
     if not samples:
         raise UserError(f"{meta} lists no samples")
     return samples
 
 
-def run_dataset(args: argparse.Namespace, backend: FaceBackend) -> tuple[dict[str, Any], str]:
+def run_dataset(args: argparse.Namespace, backend: FaceBackend,
+                models: Any) -> tuple[dict[str, Any], str]:
     samples = read_samples(Path(args.dataset), Path(args.images) if args.images else None)
-    rows, table = [], ["| sample | references | faces detected | Face-Sim |", "|---|---|---|---|"]
-    for name, image, refs in samples:
-        res = face_similarity(load_image(image), [load_image(r) for r in refs], backend).to_json()
+    extra = list(models.wanted) if models else []
+    head = "| sample | references | faces detected | Face-Sim |" + "".join(f" {LABELS[k]} |" for k in extra)
+    rows, table = [], [head, "|---" * (4 + len(extra)) + "|"]
+    for name, image_path, ref_paths, caption in samples:
+        image, refs = load_image(image_path), [load_image(r) for r in ref_paths]
+        res = face_similarity(image, refs, backend).to_json()
+        res.update(sample_metrics(models, image, caption, refs))
         rows.append({"file_name": name, **res})
-        table.append(f"| {name} | {len(refs)} | {res['faces_detected']} | {res['face_sim']:.4f} |")
-    mean = sum(r["face_sim"] for r in rows) / len(rows)
-    table.append(f"| **mean** ({len(rows)} samples) | | | **{mean:.4f}** |")
-    out = {"face_sim": mean, "n": len(rows), "faces_detected": sum(r["faces_detected"] for r in rows),
+        cells = "".join(" missing |" if res[k] is None else f" {res[k]:.4f} |" for k in extra)
+        table.append(f"| {name} | {len(refs)} | {res['faces_detected']} | {res['face_sim']:.4f} |" + cells)
+    means = {k: (None if rows[0][k] is None else sum(r[k] for r in rows) / len(rows)) for k in ["face_sim", *extra]}
+    cells = "".join(" missing |" if means[k] is None else f" **{means[k]:.4f}** |" for k in extra)
+    table.append(f"| **mean** ({len(rows)} samples) | | | **{means['face_sim']:.4f}** |" + cells)
+    out = {**means, "n": len(rows), "faces_detected": sum(r["faces_detected"] for r in rows),
            "matches": [{"sample": r["file_name"], **m} for r in rows for m in r["matches"]],
            "backend": backend.name, "scale": backend.scale, "samples": rows}
     return out, "\n".join(table)
@@ -106,16 +152,28 @@ def run_dataset(args: argparse.Namespace, backend: FaceBackend) -> tuple[dict[st
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     backend = make_backend(args)
+    models = None
+    if args.metrics:
+        from ..metrics.table import load_metric_models
+
+        models = load_metric_models(args.metrics, args.clip_model, args.dino_model, args.aes_clip, args.aes_head,
+                                    args.aes_head_file)
     if args.image:
         image = load_image(args.image)
         refs = [load_image(r) for r in args.ref]
         out = {"image": args.image, "references": args.ref, **face_similarity(image, refs, backend).to_json()}
-        table = single_table(out, args.ref)
+        extra = sample_metrics(models, image, args.prompt or "", refs)
+        out.update(extra)
+        table = "\n\n".join(t for t in (single_table(out, args.ref), metrics_table(extra)) if t)
     else:
-        out, table = run_dataset(args, backend)
+        out, table = run_dataset(args, backend, models)
+    if models is not None:
+        out["missing"] = models.missing
     print(table)
     for note in out.get("notes", []):
         print(f"note: {note}")
+    for key, why in (models.missing.items() if models else []):
+        print(f"note: {LABELS[key]} missing: {why}")
     if args.json:
         atomic_write_json(args.json, out)
     if args.markdown:

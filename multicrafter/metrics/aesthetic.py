@@ -17,11 +17,10 @@ from PIL import Image
 from torch import nn
 
 from .clip import ClipScorer
+from .defaults import DEFAULT_AES_CLIP, DEFAULT_AES_FILE, DEFAULT_AES_HEAD
 from .loading import ModelUnavailable, resolve_file
 
-DEFAULT_AES_CLIP = "openai/clip-vit-large-patch14"
-DEFAULT_AES_HEAD = "trl-lib/ddpo-aesthetic-predictor"
-DEFAULT_AES_FILE = "aesthetic-model.pth"
+__all__ = ["DEFAULT_AES_CLIP", "DEFAULT_AES_FILE", "DEFAULT_AES_HEAD", "AestheticHead", "AestheticScorer", "load_head"]
 
 
 class AestheticHead(nn.Module):

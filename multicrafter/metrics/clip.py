@@ -12,10 +12,11 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from .defaults import DEFAULT_CLIP
 from .loading import load_pretrained, read_json_config
 from .preprocess import ImagePreprocess, clip_default, from_hf_config
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+__all__ = ["DEFAULT_CLIP", "ClipScorer", "mean_reference_similarity"]
 
 
 def _features(out: object) -> torch.Tensor:

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from .clip import mean_reference_similarity
+from .defaults import DEFAULT_DINO, DINOV2
 from .loading import load_pretrained, read_json_config
 from .preprocess import ImagePreprocess, dino_default, from_hf_config
 
-DEFAULT_DINO = "facebook/dino-vits16"
-DINOV2 = "facebook/dinov2-base"
+__all__ = ["DEFAULT_DINO", "DINOV2", "DinoScorer"]
 
 
 class DinoScorer:
