@@ -27,7 +27,9 @@ PRESENCE = 0.2             # a colour covering this fraction of a region counts 
 N_BINS = 48                # radial signature bins (7.5 degrees)
 MAX_SHIFT = 3              # rotation search: +-3 bins = +-22.5 degrees
 SHAPE_TAU = 0.005          # shape posterior temperature (signature distance units)
+SHAPE_NULL = 0.09          # distance of the "no known shape" class (clean renders stay below ~0.055)
 PATTERN_TAU = 1.0          # pattern posterior temperature (squared standardised distance)
+PATTERN_NULL = 40.0        # squared distance of the "no known pattern" class (clean renders stay below ~13)
 
 
 @dataclass
@@ -155,7 +157,7 @@ def find_regions(img: np.ndarray, expected: int | None = None, expected_area: fl
     h, w = img.shape[:2]
     tones = estimate_background(img)
     fg = foreground_mask(img, tones)
-    min_area = min_area if min_area is not None else max(12, int(0.002 * h * w))
+    min_area = min_area if min_area is not None else max(12, int(0.004 * h * w))
     lab, n = ndimage.label(fg)
     if n == 0:
         return [], tones, fg
@@ -227,9 +229,10 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def shape_posterior(mask: np.ndarray) -> np.ndarray:
+    """Posterior over SHAPES; the mass of an outline farther than SHAPE_NULL from every prototype goes to no shape."""
     sig = radial_signature(mask)
     d = signature_distances(sig, _shape_prototypes())
-    return _softmax(-d / SHAPE_TAU)
+    return _softmax(-np.append(d, SHAPE_NULL) / SHAPE_TAU)[:-1]
 
 
 def _transitions(lab: np.ndarray) -> tuple[float, float, float]:
@@ -245,12 +248,17 @@ def _transitions(lab: np.ndarray) -> tuple[float, float, float]:
     return th, tv, frac
 
 
-def pattern_features(colour_idx: np.ndarray, mask: np.ndarray, top2: tuple[int, int]) -> np.ndarray:
-    """[anisotropy, transition density, centre/outside contrast, left/right contrast, minority fraction]."""
+def pattern_features(img: np.ndarray, mask: np.ndarray, top2: tuple[int, int]) -> np.ndarray:
+    """[anisotropy, transition density, centre/outside contrast, left/right contrast, minority fraction] of the
+    region's map of its two dominant colours (each pixel labelled by the nearer one, so blur moves boundaries by
+    a fraction of a pixel instead of punching holes in the map)."""
     x0, y0, x1, y1 = _box(mask)
     m = mask[y0:y1, x0:x1]
-    ci = colour_idx[y0:y1, x0:x1]
-    lab = np.where(m & (ci == top2[0]), 1, np.where(m & (ci == top2[1]), 0, -1)).astype(np.int8)
+    crop = img[y0:y1, x0:x1].astype(np.float32)
+    d1 = ((crop - COLOUR_ARRAY[top2[0]]) ** 2).sum(-1)
+    d0 = ((crop - COLOUR_ARRAY[top2[1]]) ** 2).sum(-1)
+    near = np.minimum(d1, d0) <= (2 * CONFIDENT_COLOUR) ** 2
+    lab = np.where(m & near, (d1 < d0).astype(np.int8), -1).astype(np.int8)
     th, tv, _ = _transitions(lab)
     radius = math.sqrt(m.sum() / math.pi)
     ys, xs = np.nonzero(lab >= 0)
@@ -282,18 +290,17 @@ def _pattern_prototypes() -> tuple[np.ndarray, np.ndarray]:
                 labels = np.full((size, size), -1, np.int16)
                 ident = Identity(shape, "red", "blue", pattern)
                 draw_sprite(canvas, labels, 0, ident, (size / 2, size / 2), radius, rot)
-                mask = labels == 0
-                idx = palette_index(canvas)
-                feats[pattern].append(pattern_features(idx, mask, (0, 5)))
+                feats[pattern].append(pattern_features(canvas, labels == 0, (0, 5)))
     mu = np.stack([np.mean(feats[p], 0) for p in PATTERNS])
     sd = np.stack([np.maximum(np.std(feats[p], 0), 0.06) for p in PATTERNS])
     return mu, sd
 
 
 def pattern_posterior(features: np.ndarray) -> np.ndarray:
+    """Posterior over PATTERNS; mass beyond PATTERN_NULL (squared standardised distance) goes to no pattern."""
     mu, sd = _pattern_prototypes()
     d2 = np.sum(((features[None] - mu) / sd) ** 2, axis=1)
-    return _softmax(-d2 / (2 * PATTERN_TAU))
+    return _softmax(-np.append(d2, PATTERN_NULL) / (2 * PATTERN_TAU))[:-1]
 
 
 def palette_index(img: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
@@ -323,7 +330,7 @@ def describe_region(img: np.ndarray, mask: np.ndarray, colour_idx: np.ndarray | 
     ys, xs = np.nonzero(mask)
     return Region(mask=mask, area=area, centroid=(float(xs.mean()) + 0.5, float(ys.mean()) + 0.5), box=_box(mask),
                   colour_hist=hist, shape_post=shape_posterior(mask),
-                  pattern_post=pattern_posterior(pattern_features(colour_idx, mask, top2)))
+                  pattern_post=pattern_posterior(pattern_features(img, mask, top2)))
 
 
 def describe_image(img: np.ndarray, expected: int | None = None,

@@ -6,16 +6,19 @@ that cannot be parsed gives 0 for what cannot be measured plus a note, never an 
 
 Definitions (per image):
 - id_sim: per (reference, found subject) similarity = mean of shape, colour and pattern similarity (posterior
-  intersection for shape and pattern, weighted Jaccard of colour presence); Hungarian assignment, each subject used at
+  intersection for shape and pattern, weighted Jaccard of the palette colour histograms); Hungarian assignment, each subject used at
   most once, unmatched references score 0; score = sum of matched similarities / number of references.
 - leakage: for each subject matched to reference a (similarity >= MATCH_MIN), and each other reference b: the mean
   over attributes where a and b differ of how much of b shows in the subject (colour: mass of b's colours absent
   from a, relative to their mass in b; shape/pattern: the subject's similarity to b); max over b, mean over subjects.
-- layout: fraction of correct statements: each subject nearest its named slot (within 0.25 of the size), the
-  background colour and the background texture. Needs a scene spec or a ToyWorld prompt, else 0 with a note.
+- layout: fraction of correct statements of the prompt: each stated subject (found by its stated attributes,
+  Hungarian) nearest its named slot (within 0.25 of the size), the background colour and the background texture.
+  acc_shape/colour/pattern: fraction of stated subjects found with exactly that attribute. Both need a scene spec or
+  a ToyWorld prompt, else 0 with a note.
 - quality: palette fidelity, the mean over pixels of clip(1 - (d - 20) / 40, 0, 1) with d the RGB distance to the
   nearest clean colour (subject palette or background tones): hard-edged clean renders score 1, blur/noise less.
-- overall = 0.4 id_sim + 0.2 (1 - leakage) + 0.25 layout + 0.15 quality.
+- overall = 0.6 id_sim (1 - leakage) + 0.25 layout + 0.15 quality (leakage discounts identity rather than adding
+  credit of its own, so an image with no recognisable subject cannot score on "no leakage").
 """
 
 from __future__ import annotations
@@ -31,21 +34,21 @@ from ..errors import UserError
 from ..io import load_image
 from ..metrics import hungarian_match
 from .detect import PRESENCE, Region, classify_background, describe_image, describe_reference
-from .prompts import parse_prompt
-from .render import render_reference
+from .prompts import POSITION_PHRASES, parse_prompt
+from .render import BACKGROUNDS, TEXTURES, render_reference
 from .scenes import slot_centres
-from .subjects import COLOUR_ARRAY, Identity
+from .subjects import COLOUR_ARRAY, Identity, by_id
 
 MATCH_MIN = 0.3          # a match below this similarity counts as a missing subject for leakage/layout/accuracy
 SLOT_TOLERANCE = 0.25    # fraction of the image size
-WEIGHTS = {"id_sim": 0.4, "leakage": 0.2, "layout": 0.25, "quality": 0.15}
+WEIGHTS = {"identity": 0.6, "layout": 0.25, "quality": 0.15}
 METRICS = ("id_sim", "leakage", "layout", "quality", "overall", "acc_shape", "acc_colour", "acc_pattern")
 MIN_SIDE = 16
 
 
 def overall_score(id_sim: float, leakage: float, layout: float, quality: float) -> float:
     w = WEIGHTS
-    return w["id_sim"] * id_sim + w["leakage"] * (1 - leakage) + w["layout"] * layout + w["quality"] * quality
+    return w["identity"] * id_sim * (1 - leakage) + w["layout"] * layout + w["quality"] * quality
 
 
 # ----------------------------------------------------------------------------------------------- similarities
@@ -53,11 +56,10 @@ def overall_score(id_sim: float, leakage: float, layout: float, quality: float) 
 
 def attribute_similarity(a: Region, b: Region) -> dict[str, float]:
     """Per-attribute similarity in [0, 1] of two regions."""
-    pa, pb = a.presence, b.presence
-    union = float(np.maximum(pa, pb).sum())
+    union = float(np.maximum(a.colour_hist, b.colour_hist).sum())
     return {
         "shape": float(np.minimum(a.shape_post, b.shape_post).sum()),
-        "colour": float(np.minimum(pa, pb).sum() / union) if union > 0 else 0.0,
+        "colour": float(np.minimum(a.colour_hist, b.colour_hist).sum() / union) if union > 0 else 0.0,
         "pattern": float(np.minimum(a.pattern_post, b.pattern_post).sum()),
     }
 
@@ -103,9 +105,33 @@ def reference_region(ref: Any) -> Region | None:
     return describe_reference(np.asarray(load_image(ref), dtype=np.float32))
 
 
+def _check_truth(truth: dict) -> dict:
+    """Raise ValueError unless `truth` states subjects in the ToyWorld vocabulary."""
+    subjects = truth.get("subjects")
+    if not isinstance(subjects, list):
+        raise ValueError("it has no subject list")
+    for subj in subjects:
+        ident = Identity.from_dict(subj)
+        by_id(f"{ident.shape}-{ident.body}-{ident.accent}-{ident.pattern}")
+        if subj.get("position") not in POSITION_PHRASES:
+            raise ValueError(f"unknown position {subj.get('position')!r}")
+    bg = truth.get("background")
+    if bg is not None and (bg.get("colour") not in BACKGROUNDS or bg.get("texture") not in TEXTURES):
+        raise ValueError(f"unknown background {bg!r}")
+    if "size" in truth:
+        w, h = truth["size"]
+        if int(w) < 1 or int(h) < 1:
+            raise ValueError(f"bad size {truth['size']!r}")
+    return truth
+
+
 def _truth(scene: dict | None, prompt: str | None, notes: list[str]) -> dict | None:
     if scene is not None:
-        return scene
+        try:
+            return _check_truth(scene)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            notes.append(f"scene spec unusable ({exc}): layout not scored")
+            return None
     if prompt:
         try:
             return parse_prompt(prompt)
@@ -181,8 +207,8 @@ def evaluate_image(image: Any, references: Sequence[Any], scene: dict | None = N
     if min(h, w) < MIN_SIDE:
         return _empty_result(n_refs, [f"image too small to score ({w}x{h})"])
     truth = _truth(scene, prompt, notes)
-    if scene and "size" in scene and tuple(scene["size"]) != (w, h):
-        notes.append(f"image is {w}x{h}, scene is {scene['size'][0]}x{scene['size'][1]}: positions compared "
+    if truth and "size" in truth and tuple(truth["size"]) != (w, h):
+        notes.append(f"image is {w}x{h}, scene is {truth['size'][0]}x{truth['size'][1]}: positions compared "
                      "as fractions of the size")
 
     refs: list[Region | None] = []
@@ -197,7 +223,7 @@ def evaluate_image(image: Any, references: Sequence[Any], scene: dict | None = N
         refs.append(region)
 
     expected = len(truth["subjects"]) if truth else n_refs
-    regions, tones, fg = describe_image(img, expected=expected or None, expected_area=_expected_area(scene, h, w))
+    regions, tones, fg = describe_image(img, expected=expected or None, expected_area=_expected_area(truth, h, w))
     if len(regions) < n_refs:
         notes.append(f"found {len(regions)} subject(s) for {n_refs} reference(s): missing ones score 0")
 
@@ -216,16 +242,21 @@ def evaluate_image(image: Any, references: Sequence[Any], scene: dict | None = N
         notes.append("no subject matched any reference: leakage not measurable, reported as 0")
 
     bg = classify_background(img, tones, fg)
-    layout, checks = (_layout(truth, found, (w, h), bg) if truth else (0.0, {}))
+    layout, checks, acc = 0.0, {}, {"shape": [], "colour": [], "pattern": []}
     if truth is None:
         notes.append("no scene or ToyWorld prompt given: layout scored 0")
-
-    acc = {"shape": [], "colour": [], "pattern": []}
-    if truth:
-        if len(truth["subjects"]) != n_refs:
-            notes.append(f"scene has {len(truth['subjects'])} subjects but {n_refs} references were given")
-        for k, subj in enumerate(truth["subjects"][:n_refs]):
-            pred = found[k].predicted() if k in found else None
+    else:
+        # text accuracy is judged against the stated subjects (not the references): find each one by its attributes
+        stated = [_canonical_reference(Identity.from_dict(x)) for x in truth["subjects"]]
+        tsim = np.zeros((len(stated), len(regions)))
+        for i, t in enumerate(stated):
+            for j, reg in enumerate(regions):
+                tsim[i, j] = identity_similarity(t, reg) if t is not None else 0.0
+        tmatch = hungarian_match(tsim)
+        located = {r: regions[c] for r, c, s in tmatch.matches if s >= MATCH_MIN}
+        layout, checks = _layout(truth, located, (w, h), bg)
+        for k, subj in enumerate(truth["subjects"]):
+            pred = located[k].predicted() if k in located else None
             acc["shape"].append(pred is not None and pred["shape"] == subj["shape"])
             acc["colour"].append(pred is not None and pred["colours"] == sorted(subj["colours"]))
             acc["pattern"].append(pred is not None and pred["pattern"] == subj["pattern"])
