@@ -23,6 +23,7 @@ Definitions (per image):
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from functools import lru_cache
@@ -102,7 +103,16 @@ def reference_region(ref: Any) -> Region | None:
         return _canonical_reference(ref)
     if isinstance(ref, dict):
         return _canonical_reference(Identity.from_dict(ref))
-    return describe_reference(np.asarray(load_image(ref), dtype=np.float32))
+    arr = np.ascontiguousarray(np.asarray(load_image(ref), dtype=np.uint8))
+    key = (arr.shape, hashlib.blake2b(arr.tobytes(), digest_size=16).digest())
+    if key not in _REF_CACHE:  # RL groups and eval seeds score many images against the same references
+        if len(_REF_CACHE) >= 512:
+            _REF_CACHE.pop(next(iter(_REF_CACHE)))
+        _REF_CACHE[key] = describe_reference(arr.astype(np.float32))
+    return _REF_CACHE[key]
+
+
+_REF_CACHE: dict[tuple, Region | None] = {}
 
 
 def _check_truth(truth: dict) -> dict:
