@@ -221,3 +221,24 @@ def test_aesthetic_unavailable_and_corrupt_head(tmp_path, clip):
         AestheticScorer.load(clip=clip, head=str(tmp_path / "bad.pth"))
     with pytest.raises(ModelUnavailable, match="no such file"):
         AestheticScorer.load(clip=clip, head=str(tmp_path / "missing.pth"))
+
+
+def test_hub_id_already_in_the_cache_loads_offline(tmp_path, clip_dir, monkeypatch):
+    """A hub id works offline when the Hugging Face cache holds it (snapshot layout written by hand here)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "models--tiny-org--tiny-clip"
+    snap = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(clip_dir, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    scorer = ClipScorer.load("tiny-org/tiny-clip")
+    local = ClipScorer.load(str(clip_dir))
+    imgs = _images(2)
+    assert torch.allclose(scorer.image_embeddings(imgs), local.image_embeddings(imgs))
+    with pytest.raises(ModelUnavailable, match="tiny-org/other.*offline"):
+        ClipScorer.load("tiny-org/other")

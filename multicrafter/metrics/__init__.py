@@ -1,7 +1,8 @@
 """Metrics: Hungarian multi-ID matching (shared by faces, objects and ToyWorld) and the paper's image metrics.
 
 CLIP-T/CLIP-I (`clip`), DINO-I (`dino`), AES (`aesthetic`), Face-Sim (`faces`, backends `face_dlib` and
-`face_insightface`), object ID-Sim (`objects`) and the table row (`table`) are imported lazily so that `hungarian_match` stays light.
+`face_insightface`), object ID-Sim (`objects`) and the table row (`table`) are imported lazily so that
+`hungarian_match` stays light.
 """
 
 from importlib import import_module

@@ -8,9 +8,12 @@ or inventing a number.
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from ..errors import UserError
 
@@ -36,6 +39,37 @@ def unavailable(what: str, source: str | os.PathLike, option: str | None, reason
     return ModelUnavailable(f"{what} model '{source}' is unavailable ({reason}); {_hint(what, option)}")
 
 
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub; without it huggingface_hub retries for about a minute per model offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _in_cache(repo: str, filename: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, filename), str)
+    except Exception:  # noqa: BLE001 - a malformed id is simply not cached
+        return False
+
+
+def _offline_kwargs(repo: str, filename: str, what: str, option: str | None) -> dict[str, Any]:
+    """Hub id without network: use the cache only (fast), or fail now with the one-line message."""
+    if hub_reachable():
+        return {}
+    if _in_cache(repo, filename):
+        return {"local_files_only": True}
+    raise unavailable(what, repo, option, "offline and not in the Hugging Face cache")
+
+
 def load_pretrained(cls: Any, source: str | os.PathLike, what: str, option: str | None = None, **kwargs: Any) -> Any:
     """`cls.from_pretrained(source)` in eval mode; missing/offline weights raise ModelUnavailable (one line)."""
     src = str(source)
@@ -46,6 +80,8 @@ def load_pretrained(cls: Any, source: str | os.PathLike, what: str, option: str 
         if not (path / "config.json").is_file():
             raise unavailable(what, src, option, "folder has no config.json")
         src = str(path)
+    else:
+        kwargs = {**_offline_kwargs(src, "config.json", what, option), **kwargs}
     try:
         model = cls.from_pretrained(src, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -70,7 +106,9 @@ def resolve_file(source: str | os.PathLike, filename: str, what: str, option: st
     try:
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(src, filename))
+        return Path(hf_hub_download(src, filename, **_offline_kwargs(src, filename, what, option)))
+    except ModelUnavailable as exc:
+        raise ModelUnavailable(str(exc).replace(f"'{src}'", f"'{src}/{filename}'")) from None
     except Exception as exc:  # noqa: BLE001 - any hub failure means "not available here"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc).lower()
         reason = "offline and not in the Hugging Face cache" if offline else f"{type(exc).__name__}: {exc}"
