@@ -80,7 +80,7 @@ def main(argv=None) -> None:
             moe.impl = "grouped"
             t = time_fb({"base": base, "lora": lora, "dense": dense, "grouped": moe}, x, args.repeats, sync)
             moe.impl = "auto"
-            auto = "dense" if moe._use_dense() else "grouped"
+            auto = "dense" if moe._use_dense(dev) else "grouped"
             print(f"{fin:>5} {fout:>5} {r:>4} {t['base']:8.2f} {t['lora']:8.2f} {t['dense']:8.2f} "
                   f"{t['grouped']:8.2f} {auto:>6} {t['dense'] / t['lora']:10.3f} {t['grouped'] / t['lora']:9.3f}")
 

@@ -10,7 +10,8 @@ router would get no gradient from the task loss; by default a straight-through t
 Switch Transformers. Routing is deterministic unless `router_noise` > 0 and the module is in training mode.
 
 Parameter layout (saved as is by `moe_state_dict`): `router.weight` (E, in), `expert_A` (E, r, in),
-`expert_B` (E, r, out). The names avoid "lora_" so peft's state-dict helpers never pick them up.
+`expert_B` (E, r, out). The names avoid "lora_" so peft's state-dict helpers never pick them up. Over a fp16/bf16
+base these weights are kept in fp32 (as peft keeps LoRA weights) and cast to the input's dtype for compute.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from .errors import UserError
 SINGLE_FFN = ("proj_mlp", "proj_out")
 DOUBLE_FFN = ("ff.net.0.proj", "ff.net.2")
 IMPLS = ("auto", "dense", "grouped")
-DENSE_MAX_EXTRA_RANK = 128  # "auto": compute all experts densely while (E − k)·r stays at or below this
+# impl "auto": compute all experts densely while (E − k)·r stays at or below this (see MoELoRALinear._use_dense)
+DENSE_MAX_EXTRA_RANK_CPU = 128
+DENSE_MAX_EXTRA_RANK_GPU = 2048
 
 
 @dataclass
@@ -105,6 +108,8 @@ class MoELoRALinear(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         w = base.weight
+        # Trainable weights in fp32 over a half-precision base (as peft does for LoRA); compute in the input's dtype.
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         self.in_features, self.out_features = base.in_features, base.out_features
         self.num_experts, self.top_k, self.rank = num_experts, top_k, rank
         self.scaling = alpha / rank
@@ -112,48 +117,52 @@ class MoELoRALinear(nn.Module):
         self.straight_through_router = straight_through_router
         self.impl = impl
         self.enabled = True
-        self.router = nn.Linear(self.in_features, num_experts, bias=False, device=w.device, dtype=w.dtype)
-        self.expert_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, device=w.device, dtype=w.dtype))
-        self.expert_B = nn.Parameter(torch.zeros(num_experts, rank, self.out_features, device=w.device, dtype=w.dtype))
+        self.router = nn.Linear(self.in_features, num_experts, bias=False, device=w.device, dtype=dtype)
+        self.expert_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, device=w.device, dtype=dtype))
+        self.expert_B = nn.Parameter(torch.zeros(num_experts, rank, self.out_features, device=w.device, dtype=dtype))
         for a in self.expert_A:  # each A like nn.Linear / peft lora_A: kaiming-uniform over its fan-in
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.last_counts: torch.Tensor | None = None  # tokens routed to each expert in the last forward
-        self.last_aux_loss: torch.Tensor | None = None  # Switch load-balance loss of the last forward
+        self._last_idx: torch.Tensor | None = None  # routing of the last forward (counts, load-balance loss)
+        self._last_probs: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}, "
                 f"rank={self.rank}, scaling={self.scaling:g}, enabled={self.enabled}")
 
-    def _use_dense(self) -> bool:
+    def _use_dense(self, device: torch.device) -> bool:
         if self.impl != "auto":
             return self.impl == "dense"
         # Dense does (E − k)·r·(in + out) extra multiply-adds per token; grouped instead moves every token's input and
-        # output through a gather/scatter and syncs for the group sizes. Both extras scale with in + out, so the
-        # break-even is a rank: measured with bench/moe_lora.py (dense wins at (E−k)·r = 48, grouped at 192).
-        return (self.num_experts - self.top_k) * self.rank <= DENSE_MAX_EXTRA_RANK
+        # output through a gather/scatter, launches more small kernels and syncs with the host for the group sizes.
+        # Both extras scale with in + out, so the break-even is a rank (bench/moe_lora.py): on CPU dense wins at
+        # (E − k)·r = 48 and loses at 192; on an H200 (bf16, FLUX shapes) dense wins at every rank up to 512.
+        limit = DENSE_MAX_EXTRA_RANK_CPU if device.type == "cpu" else DENSE_MAX_EXTRA_RANK_GPU
+        return (self.num_experts - self.top_k) * self.rank <= limit
 
-    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router logits → (top-k expert ids (N, k), their gates (N, k), full softmax (N, E))."""
-        logits = self.router(h).float()  # route in fp32: bf16 logits tie and round the gates
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits → (expert ids (N, k), gate matrix (N, E): p_i at routed experts, 0 elsewhere, softmax)."""
+        logits = logits.float()  # route in fp32: bf16 logits tie and round the gates
         if self.training and self.router_noise > 0:
             logits = logits + self.router_noise * torch.randn_like(logits)
-        top_val, top_idx = logits.topk(self.top_k, dim=-1)
-        gates = top_val.softmax(dim=-1)  # softmax over the kept logits == softmax with the others at −inf
         probs = logits.softmax(dim=-1)
-        if self.top_k == 1 and self.straight_through_router:
-            g = probs.gather(1, top_idx)
-            gates = gates + (g - g.detach())
-        return top_idx, gates, probs
+        if self.top_k == 1:  # Softmax over one kept logit is exactly 1
+            idx = logits.argmax(dim=-1, keepdim=True)
+            w = torch.zeros_like(probs).scatter_(1, idx, 1.0)
+            if self.straight_through_router:  # value stays exactly 1 (0 + 1); gradient is Switch's d p_top
+                w = w * ((probs - probs.detach()) + 1.0)
+        else:  # softmax over the kept logits == softmax with the others at −inf
+            top, idx = logits.topk(self.top_k, dim=-1)
+            w = torch.zeros_like(probs).scatter(1, idx, top.softmax(dim=-1))
+        return idx, w, probs
 
-    def _dense(self, h: torch.Tensor, out: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """All experts in two matmuls (rank E·r), unrouted ones masked to 0; the add is fused into addmm."""
+    def _dense(self, h: torch.Tensor, out: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """All experts at once (z = A h for every expert), unrouted ones masked to 0; scaling and add fused in addmm."""
         n, e, r = h.shape[0], self.num_experts, self.rank
-        z = F.linear(h, self.expert_A.reshape(e * r, self.in_features)).view(n, e, r)
-        w = torch.zeros(n, e, device=h.device, dtype=coef.dtype).scatter(1, idx, coef)
-        z = (z * w.unsqueeze(-1)).reshape(n, e * r)
-        return torch.addmm(out, z.to(out.dtype), self.expert_B.reshape(e * r, self.out_features).to(out.dtype))
+        z = (z.view(n, e, r) * w.to(z.dtype).unsqueeze(-1)).view(n, e * r)
+        b = self.expert_B.reshape(e * r, self.out_features).to(z.dtype)
+        return torch.addmm(out, z, b, alpha=self.scaling)
 
-    def _grouped(self, h: torch.Tensor, out: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, h: torch.Tensor, out: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Tokens sorted by expert, one small matmul pair per expert, results added back at their rows."""
         k = self.top_k
         flat = idx.reshape(-1)
@@ -161,28 +170,44 @@ class MoELoRALinear(nn.Module):
         tok = order // k if k > 1 else order
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # host sync: sizes of the groups
         hs = h.index_select(0, tok).split(counts)  # split/unbind, not slicing: their backward does not zero-fill
-        cs = coef.reshape(-1)[order].unsqueeze(-1).split(counts)
-        As, Bs = self.expert_A.unbind(0), self.expert_B.unbind(0)
+        cs = w.gather(1, idx).reshape(-1)[order].to(h.dtype).unsqueeze(-1).split(counts)
+        As, Bs = self.expert_A.to(h.dtype).unbind(0), self.expert_B.to(h.dtype).unbind(0)
         ys = [((hs[e] @ As[e].t()) * cs[e]) @ Bs[e] for e, c in enumerate(counts) if c]
-        return out.index_add_(0, tok, torch.cat(ys).to(out.dtype))
+        return out.index_add_(0, tok, torch.cat(ys), alpha=self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if not self.enabled:
             return out
-        h = x.reshape(-1, self.in_features).to(self.expert_A.dtype)
-        idx, gates, probs = self.route(h)
-        counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
-        self.last_counts = counts.detach()
-        if torch.is_grad_enabled():  # Switch: E · Σ_i f_i P_i, f = share of routed assignments, P = mean router prob
-            frac = counts.to(probs.dtype) / idx.numel()
-            self.last_aux_loss = self.num_experts * (frac * probs.mean(0)).sum()
+        h = x.reshape(-1, self.in_features)
+        e, r = self.num_experts, self.rank
+        dense = self._use_dense(h.device)
+        if dense:  # router and all A's in one matmul: one pass over h, one input-gradient matmul
+            weight = torch.cat([self.router.weight, self.expert_A.reshape(e * r, self.in_features)]).to(h.dtype)
+            logits, z = F.linear(h, weight).split([e, e * r], dim=1)
         else:
-            self.last_aux_loss = None
-        coef = (gates * self.scaling).to(h.dtype)  # p_i · α/r, applied on the rank-r side (cheaper than on out)
+            logits = F.linear(h, self.router.weight.to(h.dtype))
+        idx, w, probs = self.route(logits)
+        self._last_idx = idx.detach()
+        self._last_probs = probs if torch.is_grad_enabled() else None  # kept for the load-balance loss
         out2d = out.reshape(-1, self.out_features)
-        mix = self._dense if self._use_dense() else self._grouped
-        return mix(h, out2d, idx, coef).view(out.shape)
+        mixed = self._dense(h, out2d, z, w) if dense else self._grouped(h, out2d, idx, w)
+        return mixed.view(out.shape)
+
+    @property
+    def last_counts(self) -> torch.Tensor | None:
+        """Tokens routed to each expert in the last forward (top-k: assignments)."""
+        idx = self._last_idx
+        return None if idx is None else torch.bincount(idx.reshape(-1), minlength=self.num_experts)
+
+    @property
+    def last_aux_loss(self) -> torch.Tensor | None:
+        """Switch load-balance loss E · Σ_i f_i P_i of the last forward with grad enabled (f: share of routed
+        assignments, P: mean router probability); 1 when balanced. Computed on demand, so it costs nothing unused."""
+        if self._last_probs is None:
+            return None
+        frac = self.last_counts.to(self._last_probs.dtype) / self._last_idx.numel()
+        return self.num_experts * (frac * self._last_probs.mean(0)).sum()
 
 
 def moe_modules(model: nn.Module) -> dict[str, MoELoRALinear]:

@@ -225,3 +225,35 @@ def test_remove_restores_plain_linears_and_refusals():
     with pytest.raises(UserError, match="top_k"):
         MoELoRAConfig(num_experts=2, top_k=3)
     assert MoELoRAConfig.from_dict(MoELoRAConfig(rank=8).to_dict()) == MoELoRAConfig(rank=8)
+
+
+def test_half_precision_base_keeps_fp32_adapter_weights():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 12).to(torch.bfloat16)
+    x = torch.randn(6, 8, dtype=torch.bfloat16)
+    m = MoELoRALinear(base, rank=4, impl="dense")
+    assert m.expert_A.dtype == m.router.weight.dtype == torch.float32  # optimizer updates are not lost to rounding
+    y = m(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, base(x))
+    with torch.no_grad():
+        m.expert_B.normal_()
+    g = MoELoRALinear(base, rank=4, impl="grouped")
+    g.load_state_dict(m.state_dict())
+    assert torch.allclose(m(x).float(), g(x).float(), atol=0.05)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradient_checkpointing_gives_the_same_gradients(impl):
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_transformer().train()
+        inject_moe_lora(model, MoELoRAConfig(blocks="both", num_blocks=1, impl=impl))
+        randomize_b(model)
+        if ckpt:
+            model.enable_gradient_checkpointing()
+        loss = model(**tiny_inputs())[0].square().mean() + 0.1 * moe_aux_loss(model)
+        loss.backward()
+        grads.append([p.grad.clone() for p in moe_parameters(model)])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads[1])
