@@ -34,7 +34,7 @@ FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, a
             axes_dims_rope=(16, 56, 56))
 
 
-def build(flux_size: bool, device: str, dtype: torch.dtype):
+def build(flux_size: bool, device: str, dtype: torch.dtype, checkpointing: bool = True):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -45,7 +45,7 @@ def build(flux_size: bool, device: str, dtype: torch.dtype):
     for b in model.transformer_blocks:
         b.attn.to_q.weight.requires_grad_(True)
         b.attn.to_k.weight.requires_grad_(True)
-    if flux_size:
+    if flux_size and checkpointing:
         model.enable_gradient_checkpointing()
     return model
 
@@ -98,10 +98,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--no-checkpointing", action="store_true", help="FLUX size: keep all activations")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        # torch 2.11 + cuDNN 9 on H200: the cuDNN SDPA backward fails ("mha_graph.execute ... is_good()") at these
+        # sequence lengths, with or without capture; use the flash / memory-efficient kernels instead.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     dtype = torch.bfloat16 if args.flux_size else torch.float32
-    model = build(args.flux_size, args.device, dtype)
+    model = build(args.flux_size, args.device, dtype, checkpointing=not args.no_checkpointing)
     kw, layout, masks = inputs(args.flux_size, args.device, dtype)
     modes = {"off": None, "ref2img": "ref2img", "img2ref": "img2ref"}
     n_params = sum(p.numel() for p in model.parameters())

@@ -118,7 +118,8 @@ def ref2img_maps(query: torch.Tensor, key: torch.Tensor, layout: CaptureLayout, 
     t0, t1 = layout.n_text, layout.n_text + layout.n_target
     acc = None
     for h0 in range(0, q.shape[1], head_chunk):
-        scores = torch.matmul(q[:, h0:h0 + head_chunk].float(), k[:, h0:h0 + head_chunk].float().transpose(-1, -2))
+        # Matmul in the model's dtype (tensor cores accumulate in fp32), softmax in fp32.
+        scores = torch.matmul(q[:, h0:h0 + head_chunk], k[:, h0:h0 + head_chunk].transpose(-1, -2)).float()
         probs = torch.softmax(scores * scale, dim=-1)[..., t0:t1].sum(1)     # (B, Lr, n_t)
         acc = probs if acc is None else acc + probs
     return _segment_mean(acc / q.shape[1], layout.ref_lengths)

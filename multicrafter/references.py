@@ -30,7 +30,11 @@ class ReferenceOptions:
     long_side_single: int = 512
     long_side_multi: int = 320
     multiple: int = 16            # sizes are rounded down to a multiple of this (VAE x8 and 2x2 packing)
-    style: str = "multicrafter"   # "multicrafter" or "uno" (identical rules; "uno" marks a converted UNO adapter)
+    style: str = "multicrafter"   # "uno": UNO's exact preprocessing (truncating resize, LANCZOS, centre crop)
+
+    def __post_init__(self) -> None:
+        if self.style not in ("multicrafter", "uno"):
+            raise UserError(f"reference style must be 'multicrafter' or 'uno', got {self.style!r}")
 
     def long_side(self, n: int) -> int:
         return self.long_side_single if n <= 1 else self.long_side_multi
@@ -58,6 +62,19 @@ def reference_size(width: int, height: int, long_side: int, multiple: int = 16) 
     return w, h
 
 
+def uno_preprocess(image: Image.Image, long_side: int) -> Image.Image:
+    """UNO's reference preprocessing: long side to `long_side` (sizes truncated), LANCZOS, centre-crop to x16."""
+    w, h = image.size
+    if w >= h:
+        new_w, new_h = long_side, int(long_side / w * h)
+    else:
+        new_w, new_h = int(long_side / h * w), long_side
+    image = image.resize((new_w, new_h), resample=Image.LANCZOS)
+    tw, th = new_w // 16 * 16, new_h // 16 * 16
+    left, top = (new_w - tw) // 2, (new_h - th) // 2
+    return image.crop((left, top, left + tw, top + th))
+
+
 def prepare_reference_images(images: Sequence[Any], options: ReferenceOptions | None = None) -> list[Image.Image]:
     """Load (path, PIL or numpy), convert to RGB and resize each reference by the options' rule."""
     options = options or ReferenceOptions()
@@ -73,6 +90,12 @@ def prepare_reference_images(images: Sequence[Any], options: ReferenceOptions | 
             raise UserError(f"reference {i + 1}: {exc}") from None
         if min(img.size) < 8:
             raise UserError(f"reference {i + 1} is too small ({img.width}x{img.height})")
+        if options.style == "uno":
+            img = uno_preprocess(img, long_side)
+            if min(img.size) < 16:
+                raise UserError(f"reference {i + 1} is too narrow for UNO's preprocessing ({img.width}x{img.height})")
+            out.append(img)
+            continue
         w, h = reference_size(img.width, img.height, long_side, options.multiple)
         out.append(img.resize((w, h), Image.BICUBIC) if (w, h) != img.size else img)
     return out

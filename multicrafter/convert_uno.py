@@ -1,0 +1,151 @@
+"""`python -m multicrafter.convert_uno --in dit_lora.safetensors --out DIR`: UNO's released LoRA as our adapter.
+
+UNO (the paper's ablation baseline) ships a LoRA for FLUX.1-dev with keys
+  double_blocks.{i}.processor.{qkv_lora1,proj_lora1,qkv_lora2,proj_lora2}.{down,up}.weight
+  single_blocks.{i}.processor.{qkv_lora,proj_lora}.{down,up}.weight
+each adding up(down(x)) with scale 1 (no network alpha). `qkv_lora1`/`proj_lora1` act on the image stream's fused
+q|k|v and output projections, `qkv_lora2`/`proj_lora2` on the text stream's; in single blocks `qkv_lora` acts on the
+q|k|v part of the first linear and `proj_lora` on the output linear (input: attention output + MLP activation).
+Diffusers splits the fused projections, so a fused q|k|v LoRA becomes three LoRAs sharing A = down, each with its row
+block of up as B. Rank comes from the file; alpha = rank gives UNO's scale of 1. The result is an adapter folder
+(LoRA readable by stock `FluxPipeline.load_lora_weights`) marked with UNO's reference style and sampling defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import UserError, run_cli
+
+_KEY = re.compile(r"^(?P<kind>double|single)_blocks\.(?P<i>\d+)\.processor\.(?P<lora>\w+)\.(?P<ab>down|up)\.weight$")
+# (block kind, UNO LoRA name) -> diffusers module suffixes; several suffixes = a fused projection split by rows.
+MAPPING = {
+    ("double", "qkv_lora1"): ["attn.to_q", "attn.to_k", "attn.to_v"],
+    ("double", "proj_lora1"): ["attn.to_out.0"],
+    ("double", "qkv_lora2"): ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+    ("double", "proj_lora2"): ["attn.to_add_out"],
+    ("single", "qkv_lora"): ["attn.to_q", "attn.to_k", "attn.to_v"],
+    ("single", "proj_lora"): ["proj_out"],
+}
+BLOCKS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
+# UNO's inference defaults (its README / inference script): 512x512, 25 steps, guidance 4.
+UNO_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 4.0, "height": 512, "width": 512}
+
+
+def linear_shapes(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every linear, looking through LoRA wrappers."""
+    out = {}
+    for name, mod in transformer.named_modules():
+        base = getattr(mod, "base_layer", mod)
+        if isinstance(base, torch.nn.Linear) and not name.endswith(("base_layer", "lora_A.default", "lora_B.default")):
+            out[name.replace(".base_layer", "")] = (base.in_features, base.out_features)
+    return out
+
+
+def convert_state_dict(uno: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> tuple[dict, int]:
+    """UNO keys -> diffusers peft keys `<module>.lora_A.weight` / `.lora_B.weight`; checks every shape."""
+    pairs: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
+    for key, t in uno.items():
+        m = _KEY.match(key)
+        if m is None or (m["kind"], m["lora"]) not in MAPPING:
+            raise UserError(f"not a UNO LoRA key: {key!r}")
+        pairs.setdefault((m["kind"], m["i"], m["lora"]), {})[m["ab"]] = t
+    ranks = set()
+    out: dict[str, torch.Tensor] = {}
+    for (kind, i, lora), ab in sorted(pairs.items()):
+        where = f"{kind}_blocks.{i}.processor.{lora}"
+        if set(ab) != {"down", "up"}:
+            raise UserError(f"{where} lacks its {'up' if 'down' in ab else 'down'} weight")
+        down, up = ab["down"], ab["up"]
+        if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
+            raise UserError(f"{where}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a LoRA pair")
+        ranks.add(down.shape[0])
+        targets = [f"{BLOCKS[kind]}.{i}.{suffix}" for suffix in MAPPING[(kind, lora)]]
+        missing = [t for t in targets if t not in shapes]
+        if missing:
+            raise UserError(f"{where}: the base model has no {missing[0]} (block count does not fit)")
+        fin = {shapes[t][0] for t in targets}
+        outs = [shapes[t][1] for t in targets]
+        if fin != {down.shape[1]} or sum(outs) != up.shape[0]:
+            raise UserError(f"{where}: shapes down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the base "
+                            f"model ({fin.pop()} -> {sum(outs)})")
+        rows = up.split(outs, dim=0)
+        for target, b in zip(targets, rows):
+            out[f"{target}.lora_A.weight"] = down.clone()  # shared A, stored once per module
+            out[f"{target}.lora_B.weight"] = b.contiguous()
+    if len(ranks) != 1:
+        raise UserError(f"UNO LoRA with mixed ranks {sorted(ranks)} is not supported")
+    return out, ranks.pop()
+
+
+def flux_dev_skeleton() -> torch.nn.Module:
+    """FLUX.1-dev's transformer on the meta device: shapes to check against, no memory, no download."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        )
+
+
+def convert(uno_path: str | Path, out_dir: str | Path, base: torch.nn.Module) -> Path:
+    """Convert and write an adapter folder; nothing is written if any key or shape is refused."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    from .adapters import CONFIG_FILE, AdapterConfig
+    from .io import atomic_write_text
+
+    uno_path = Path(uno_path)
+    if not uno_path.is_file():
+        raise UserError(f"UNO checkpoint not found: {uno_path}")
+    try:
+        with safe_open(str(uno_path), framework="pt") as f:
+            uno = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UserError(f"cannot read {uno_path.name} as safetensors ({type(exc).__name__})") from None
+    if not uno:
+        raise UserError(f"{uno_path.name} holds no tensors")
+    sd, rank = convert_state_dict(uno, linear_shapes(base))
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
+    targets = "^(" + "|".join(re.escape(m) for m in modules) + ")$"
+    meta = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules).to_dict()
+    meta = {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
+    cfg = AdapterConfig(lora_rank=rank, lora_alpha=float(rank), lora_targets=targets,
+                        extra={"reference_style": "uno", "source": "UNO", "sampling_defaults": UNO_DEFAULTS})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    FluxLoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=sd, transformer_lora_adapter_metadata=meta)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m multicrafter.convert_uno", description=__doc__.splitlines()[0])
+    ap.add_argument("--in", dest="src", required=True, help="UNO's dit_lora.safetensors")
+    ap.add_argument("--out", required=True, help="adapter folder to write")
+    ap.add_argument("--base", default="flux-dev",
+                    help="model whose shapes the LoRA must fit: flux-dev (default, no download), tiny, or a folder")
+    args = ap.parse_args(argv)
+    if args.base == "flux-dev":
+        base = flux_dev_skeleton()
+    else:
+        from .pipeline import MultiCrafterPipeline
+
+        base = MultiCrafterPipeline.from_pretrained(args.base).transformer
+    out = convert(args.src, args.out, base)
+    print(f"wrote UNO adapter to {out} (load with --adapter {out})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
