@@ -135,4 +135,6 @@ def test_extra_metrics_from_local_folders(files, tmp_path):
 
 def test_clip_t_without_prompt_is_refused(files):
     proc = run_cli("--image", str(files / "gen.png"), "--ref", str(files / "left.png"), "--metrics", "clip_t")
-    assert proc.returncode == 2 and "CLIP-T needs --prompt" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: CLIP-T needs --prompt (see --help)"
+    proc = run_cli("--image", str(files / "gen.png"), "--metrics", "clip_x")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1

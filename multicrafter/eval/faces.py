@@ -30,8 +30,13 @@ from ..metrics.defaults import (
 from ..metrics.faces import FaceBackend, face_similarity, get_backend
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through run_cli instead of usage + message
+        raise UserError(f"{message} (see --help)")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m multicrafter.eval faces", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m multicrafter.eval faces", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="generated image")
     src.add_argument("--dataset", help="folder with metadata.jsonl (benchmark run mode)")
