@@ -1,0 +1,336 @@
+"""Training data: a DESIGN §6 folder (or a ToyWorld set written on the fly) -> batches of latents, text embeddings,
+packed references and subject masks on the packed latent grid.
+
+Why this shape: the text encoders and the VAE are frozen, so their outputs can be computed once (`cache: true`), which
+is most of a CPU step. Targets are resized (cover + centre crop) to the configured size or to an aspect bucket of the
+same area; references follow the pipeline's own rules (`prepare_reference_images` / `ReferenceOptions`), so training
+sees exactly what generation feeds. References of one batch must share a layout (their packed grids give the UnoPE
+ids), so batches are drawn from groups of samples with the same target size and reference sizes. The order is a pure
+function of (seed, epoch), so the data position (epoch, batch) is all a checkpoint needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from multicrafter.errors import UserError
+from multicrafter.losses import masks_to_grid
+from multicrafter.references import (
+    PackedReferences,
+    ReferenceOptions,
+    encode_references,
+    image_to_tensor,
+    pack_latents,
+    prepare_reference_images,
+    reference_size,
+    target_grid,
+)
+
+ASPECTS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
+TOYWORLD_SPEC = "toyworld_spec.json"
+
+
+@dataclass
+class ToyWorldSource:
+    """A ToyWorld set written once (by `multicrafter.toyworld.write_dataset`) and then read like any §6 folder."""
+
+    n: int = 8                        # number of scenes
+    seed: int = 0
+    split: str = "train"              # identity split (test identities never appear in train scenes)
+    size: int = 64                    # scene size in pixels (multiple of 16)
+    ref_size: int = 32                # rendered reference size in pixels
+    subjects: list[int] = field(default_factory=lambda: [1, 2])   # subject counts to draw from (1-4)
+    similar_prob: float = 0.3         # share of scenes with a deliberately similar pair
+    folder: str | None = None         # where to write it; default OUTPUT_DIR/toyworld (reused when the spec matches)
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = None        # a DESIGN §6 folder; exactly one of dataset / toyworld
+    toyworld: ToyWorldSource | None = None
+    resolution: int = 512             # target side in pixels (multiple of 16); with bucketing: sqrt of the area
+    bucketing: bool = False           # aspect-ratio buckets of ~resolution² pixels instead of square crops
+    with_references: bool = True      # append each subject's reference (base mode may train text-to-image only)
+    max_references: int = 4           # samples with more subjects are refused (line-numbered)
+    ref_long_side_single: int | None = None   # reference long side with one subject; None: the model's setting
+    ref_long_side_multi: int | None = None    # ... with several subjects (UNO: 512 / 320 on FLUX)
+    caption_dropout: float = 0.0      # probability of training a sample on the empty caption
+    cache: bool = True                # encode text, targets and references once (frozen encoders) and keep them
+    max_sequence_length: int = 512    # T5 tokens
+    batch_size: int = 1               # per process and per micro-batch
+    num_validation: int = 1           # first samples used for validation images and attention maps
+
+    def __post_init__(self) -> None:
+        if (self.dataset is None) == (self.toyworld is None):
+            raise UserError("data: give exactly one of 'dataset' (a folder) or 'toyworld' (made on the fly)")
+        if self.resolution < 16 or self.resolution % 16:
+            raise UserError(f"data.resolution must be a positive multiple of 16, got {self.resolution}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise UserError(f"data.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.batch_size < 1 or self.max_sequence_length < 1:
+            raise UserError("data.batch_size and data.max_sequence_length must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+
+def ensure_toyworld(src: ToyWorldSource, output_dir: str | Path) -> Path:
+    """Write the ToyWorld set (temp folder + rename) unless a folder with the same spec is already there."""
+    from multicrafter.toyworld import write_dataset
+
+    folder = Path(src.folder) if src.folder else Path(output_dir) / "toyworld"
+    spec = json.dumps(asdict(src) | {"folder": None}, sort_keys=True)
+    if (folder / "metadata.jsonl").is_file() and (folder / TOYWORLD_SPEC).is_file():
+        if (folder / TOYWORLD_SPEC).read_text() == spec:
+            return folder
+    if folder.exists() and any(folder.iterdir()) and not (folder / TOYWORLD_SPEC).is_file():
+        raise UserError(f"toyworld folder {folder} exists and was not written by the trainer; choose another folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        write_dataset(tmp, src.n, seed=src.seed, split=src.split, size=src.size, ref_size=src.ref_size,
+                      overwrite=True, n_subjects=tuple(src.subjects), similar_prob=src.similar_prob)
+        (tmp / TOYWORLD_SPEC).write_text(spec)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_samples(root: str | Path):
+    """The §6 samples, validated up front (line-numbered errors); an empty dataset is refused."""
+    from annotate.dataset import load_dataset_samples
+
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"dataset folder not found: {root}")
+    samples = load_dataset_samples(root)
+    if not samples:
+        raise UserError(f"dataset {root} is empty: metadata.jsonl lists no samples")
+    return samples
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+
+def bucket_size(width: int, height: int, resolution: int, bucketing: bool) -> tuple[int, int]:
+    """(W, H) the target is trained at: the square, or the aspect bucket nearest in log-aspect with ~res² pixels."""
+    if not bucketing:
+        return resolution, resolution
+    best = min(ASPECTS, key=lambda a: abs(math.log(a) - math.log(width / height)))
+    w = max(16, round(resolution * math.sqrt(best) / 16) * 16)
+    h = max(16, round(resolution / math.sqrt(best) / 16) * 16)
+    return w, h
+
+
+def cover_crop(img: Image.Image, size: tuple[int, int], resample: int = Image.BICUBIC) -> Image.Image:
+    """Scale to cover `size` (W, H) keeping aspect, then crop the centre; masks use the same call (bilinear)."""
+    w, h = size
+    scale = max(w / img.width, h / img.height)
+    rw, rh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
+    img = img.resize((rw, rh), resample) if (rw, rh) != img.size else img
+    left, top = (rw - w) // 2, (rh - h) // 2
+    return img.crop((left, top, left + w, top + h))
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+
+
+@dataclass
+class Item:
+    """One sample as the trainer sees it (before encoding)."""
+
+    name: str
+    caption: str
+    size: tuple[int, int]                  # target (W, H)
+    image: Path
+    refs: list[Path]
+    ref_sizes: list[tuple[int, int]]       # prepared reference (W, H)
+    masks: Any                             # list of mask paths
+    subject_names: list[str]
+    line: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.size, tuple(self.ref_sizes))
+
+
+class TrainingSet:
+    """Samples -> encoded tensors (cached or on the fly), grouped into layout-compatible batches."""
+
+    def __init__(self, samples: list, cfg: DataConfig, ref_options: ReferenceOptions, vae_scale_factor: int):
+        self.cfg = cfg
+        self.vae_scale_factor = vae_scale_factor
+        self.ref_options = ReferenceOptions(
+            max_references=cfg.max_references,
+            long_side_single=cfg.ref_long_side_single or ref_options.long_side_single,
+            long_side_multi=cfg.ref_long_side_multi or ref_options.long_side_multi,
+            multiple=ref_options.multiple, style=ref_options.style)
+        self.items: list[Item] = []
+        for s in samples:
+            n = len(s.subjects)
+            if cfg.with_references and n > cfg.max_references:
+                raise UserError(f"metadata.jsonl:{s.line}: {n} subjects, more than data.max_references "
+                                f"({cfg.max_references})")
+            with Image.open(s.image) as im:
+                size = bucket_size(im.width, im.height, cfg.resolution, cfg.bucketing)
+            refs = [sub.reference for sub in s.subjects] if cfg.with_references else []
+            long_side = self.ref_options.long_side(len(refs))
+            ref_sizes = []
+            for r in refs:
+                with Image.open(r) as im:
+                    ref_sizes.append(reference_size(im.width, im.height, long_side, self.ref_options.multiple))
+            self.items.append(Item(name=s.name, caption=s.caption, size=size, image=s.image, refs=refs,
+                                   ref_sizes=ref_sizes, masks=[sub.mask for sub in s.subjects] if refs else [],
+                                   subject_names=[sub.name for sub in s.subjects], line=s.line))
+        self._cache: dict[int, dict[str, Any]] = {}
+        self._empty_text: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def has_subjects(self) -> bool:
+        return any(it.refs for it in self.items)
+
+    def mask_grid(self, i: int) -> torch.Tensor:
+        """(N, h*w) subject masks on the packed latent grid (area fractions), after the target's resize/crop."""
+        it = self.items[i]
+        grid = target_grid(it.size[1], it.size[0], self.vae_scale_factor)
+        if not it.masks:
+            return torch.zeros(0, grid[0] * grid[1])
+        from annotate.crops import as_bool_mask
+
+        ms = []
+        for p in it.masks:
+            with Image.open(p) as m:
+                arr = as_bool_mask(m).astype(np.uint8) * 255
+            small = cover_crop(Image.fromarray(arr), it.size, Image.BILINEAR)
+            ms.append(torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0))
+        return masks_to_grid(torch.stack(ms)[None], grid)[0]
+
+    # -------------------------------------------------------------------------------------------- encoding
+    @torch.no_grad()
+    def encode(self, i: int, pipe, device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
+        """Text embeddings, packed target latents (posterior mode), packed references and mask grid of sample i."""
+        if i in self._cache:
+            return self._cache[i]
+        it = self.items[i]
+        embeds, pooled, _ = pipe.encode_prompt(prompt=[it.caption], prompt_2=None, device=device,
+                                               max_sequence_length=self.cfg.max_sequence_length)
+        img = cover_crop(Image.open(it.image).convert("RGB"), it.size)
+        vae = pipe.vae
+        z = vae.encode(image_to_tensor(img).to(device=device, dtype=vae.dtype)).latent_dist.mode()
+        z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        grid = target_grid(it.size[1], it.size[0], self.vae_scale_factor)
+        refs = None
+        if it.refs:
+            pil = prepare_reference_images(it.refs, self.ref_options)
+            refs = encode_references(vae, pil, grid, 1, device, dtype)
+        out = {"prompt_embeds": embeds.to(dtype), "pooled": pooled.to(dtype), "latents": pack_latents(z.to(dtype)),
+               "refs": refs, "masks": self.mask_grid(i).to(device), "grid": grid}
+        if self.cfg.cache:
+            self._cache[i] = out
+        return out
+
+    @torch.no_grad()
+    def empty_text(self, pipe, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of the empty caption (caption dropout), computed once."""
+        if self._empty_text is None:
+            e, p, _ = pipe.encode_prompt(prompt=[""], prompt_2=None, device=device,
+                                         max_sequence_length=self.cfg.max_sequence_length)
+            self._empty_text = (e.to(dtype), p.to(dtype))
+        return self._empty_text
+
+    def precompute(self, pipe, device, dtype, progress: bool = False) -> None:
+        if not self.cfg.cache:
+            return
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(len(self)), desc="encoding dataset", disable=not progress, leave=False):
+            self.encode(i, pipe, device, dtype)
+        self.empty_text(pipe, device, dtype)
+
+    def collate(self, indices: list[int], pipe, device, dtype, generator: torch.Generator) -> dict[str, Any]:
+        """A batch of samples with the same layout: latents (B, T, C), embeddings, references, masks (B, N, T).
+
+        Caption dropout draws one uniform per sample from `generator` (always, so the stream does not depend on p).
+        """
+        encs = [self.encode(i, pipe, device, dtype) for i in indices]
+        drop = torch.rand(len(indices), generator=generator) < self.cfg.caption_dropout
+        empty = self.empty_text(pipe, device, dtype)
+        embeds = torch.cat([empty[0] if d else e["prompt_embeds"] for e, d in zip(encs, drop)])
+        pooled = torch.cat([empty[1] if d else e["pooled"] for e, d in zip(encs, drop)])
+        refs = None
+        if encs[0]["refs"] is not None:
+            r0: PackedReferences = encs[0]["refs"]
+            refs = PackedReferences(latents=torch.cat([e["refs"].latents for e in encs]), ids=r0.ids,
+                                    lengths=list(r0.lengths), grids=list(r0.grids))
+        gh, gw = encs[0]["grid"]
+        return {"latents": torch.cat([e["latents"] for e in encs]), "prompt_embeds": embeds, "pooled": pooled,
+                "refs": refs, "masks": torch.stack([e["masks"] for e in encs]), "grid": (gh, gw),
+                "captions": [self.items[i].caption for i in indices], "indices": list(indices),
+                "caption_dropped": drop}
+
+
+# ------------------------------------------------------------------------------------------------ order
+
+
+class BatchOrder:
+    """Deterministic batches: shuffle by (seed, epoch), group by layout key, split across processes.
+
+    `position` = (epoch, batch index within the epoch); restoring it resumes the exact stream.
+    """
+
+    def __init__(self, keys: list[tuple], batch_size: int, seed: int, num_processes: int = 1, rank: int = 0):
+        if not keys:
+            raise UserError("no training samples")
+        self.keys, self.batch_size, self.seed = keys, batch_size, seed
+        self.num_processes, self.rank = num_processes, rank
+        self.epoch, self.index = 0, 0
+        self._batches = self.epoch_batches(0)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.keys), generator=g).tolist()
+        open_: dict[tuple, list[int]] = {}
+        batches: list[list[int]] = []
+        for i in order:
+            group = open_.setdefault(self.keys[i], [])
+            group.append(i)
+            if len(group) == self.batch_size:
+                batches.append(list(group))
+                group.clear()
+        batches += [g_ for g_ in open_.values() if g_]
+        mine = batches[self.rank::self.num_processes]
+        if not mine:  # fewer batches than processes: every process still gets one (repeats a batch)
+            mine = [batches[self.rank % len(batches)]]
+        return mine
+
+    def next(self) -> list[int]:
+        if self.index >= len(self._batches):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._batches = self.epoch_batches(self.epoch)
+        batch = self._batches[self.index]
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._batches = self.epoch_batches(self.epoch)

@@ -1,0 +1,527 @@
+"""Pre-training (the paper's fidelity phase): `python -m train.pretrain --config FILE [--max-steps N] [--output-dir DIR]
+[--resume]`.
+
+Two modes. `base`: full-weight text-to-image flow matching of a FLUX-architecture transformer (how the toy base is
+made), optionally with references from the start. `adapter`: a frozen base plus a MultiCrafter adapter (peft LoRA on
+the attention projections and/or MoE-LoRA on the output-side FFNs) trained with L = L_diff + λ·L_attn, where L_attn is
+the Dice loss between each subject's captured attention map and its mask (DESIGN §4). With λ = 0 no capture is
+installed at all, so the run is exactly plain flow matching.
+
+Every model call goes through `multicrafter.references.predict_velocity`. Resuming restores trainable weights,
+optimizer, LR schedule, EMA, every RNG and the data position, so on CPU a resumed run logs the same losses as an
+uninterrupted one. `--max-steps` stops early (with a checkpoint); the LR schedule keeps `train.max_steps` as horizon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from multicrafter.errors import UserError, run_cli
+from multicrafter.losses import TimestepSampling, dice_loss, flow_matching_loss, noisy_latents, sample_sigmas
+
+from .common import (
+    EMA,
+    MetricsLogger,
+    OptimConfig,
+    build_model,
+    build_optimizer,
+    capture_rng_state,
+    checkpoint_step,
+    config_to_dict,
+    grad_norm,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_config,
+    parse_dtype,
+    restore_rng_state,
+    save_checkpoint,
+    seed_everything,
+    setup_accelerator,
+)
+from .data import BatchOrder, DataConfig, TrainingSet, ensure_toyworld, load_samples
+
+MODES = ("base", "adapter")
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"                   # tiny | toy | a diffusers FLUX folder | a hub id
+    dtype: str = "fp32"                  # frozen weights: fp32 | bf16 | fp16 (trainable weights stay fp32)
+    gradient_checkpointing: bool = False
+    guidance: float = 1.0                # guidance embedding fed during training (guidance-distilled models)
+
+
+@dataclass
+class MoESection:
+    num_experts: int = 4
+    top_k: int = 1
+    rank: int = 16
+    alpha: float = 16.0
+    blocks: str = "single"               # single | double | both: whose FFN linears get experts
+    num_blocks: int = 8                  # the last N blocks of that kind (output side)
+    target_regex: str | None = None      # overrides blocks/num_blocks
+    load_balance_weight: float = 0.0     # Switch auxiliary loss weight (added to the loss)
+    router_noise: float = 0.0            # training-mode router noise
+    impl: str = "auto"                   # dense | grouped | auto
+
+
+@dataclass
+class AdapterSection:
+    type: str = "lora"                   # lora | moe_lora (LoRA on attention + MoE-LoRA on FFNs)
+    lora_rank: int = 16                  # 0 with moe_lora: experts only
+    lora_alpha: float = 16.0
+    lora_targets: str | list[str] | None = None   # regex or names; None: multicrafter.adapters.DEFAULT_LORA_TARGETS
+    moe: MoESection = field(default_factory=MoESection)
+    init_adapter: str | None = None      # start from this adapter folder (e.g. a converted UNO LoRA)
+
+    def __post_init__(self) -> None:
+        if self.type not in ("lora", "moe_lora"):
+            raise UserError(f"adapter.type must be lora or moe_lora, got {self.type!r}")
+
+
+@dataclass
+class AttentionLossConfig:
+    weight: float = 0.0                  # λ; 0 = plain flow matching, no capture installed
+    blocks: list[int] | None = None      # double-stream blocks whose maps are averaged; None: all
+    mode: str = "ref2img"                # ref2img (paper) | img2ref
+    recompute: bool = False              # recompute the map slice in backward instead of storing it
+    eps: float = 1.0                     # Dice smoothing
+    normalize: bool = True               # peak-normalise maps before the Dice loss (as the pipeline reports them)
+
+
+@dataclass
+class TrainSection:
+    mode: str = "adapter"                # base | adapter
+    max_steps: int = 1000                # optimizer steps (and the LR schedule's horizon)
+    seed: int = 0
+    mixed_precision: str = "no"          # no | bf16 | fp16 (fp16: GPU only)
+    gradient_accumulation_steps: int = 1
+    timesteps: TimestepSampling = field(default_factory=TimestepSampling)
+    ema_decay: float = 0.0               # > 0: keep an EMA of the trainable weights (used for validation and saving)
+    cpu: bool = False                    # force CPU even with a GPU
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"train.mode must be base or adapter, got {self.mode!r}")
+        if self.max_steps < 1:
+            raise UserError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class OutputSection:
+    output_dir: str = "runs/pretrain"
+    log_every: int = 1
+    checkpoint_every: int = 100          # 0: only at the end
+    keep_last: int = 2
+    validate_every: int = 0              # 0: only at the end; images + attention maps under OUTPUT/samples/
+    validation_steps: int = 4            # denoising steps of the validation images
+    validation_guidance: float = 3.5
+    progress: bool = True                # tqdm bar
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(dataset="data"))
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    attention_loss: AttentionLossConfig = field(default_factory=AttentionLossConfig)
+    output: OutputSection = field(default_factory=OutputSection)
+
+
+def adapter_config(cfg: PretrainConfig, ref_options) -> object:
+    """The AdapterConfig the YAML describes (extra records the reference sizes it was trained with)."""
+    from multicrafter.adapters import DEFAULT_LORA_TARGETS, AdapterConfig, MoELoRAConfig
+
+    a = cfg.adapter
+    moe = None
+    if a.type == "moe_lora":
+        m = a.moe
+        moe = MoELoRAConfig(num_experts=m.num_experts, top_k=m.top_k, rank=m.rank, alpha=m.alpha, blocks=m.blocks,
+                            num_blocks=m.num_blocks, target_regex=m.target_regex,
+                            load_balance_weight=m.load_balance_weight, router_noise=m.router_noise, impl=m.impl)
+    extra = {"reference_sizes": {"long_side_single": ref_options.long_side_single,
+                                 "long_side_multi": ref_options.long_side_multi},
+             "attention_loss_weight": cfg.attention_loss.weight}
+    return AdapterConfig(lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
+                         lora_targets=a.lora_targets if a.lora_targets is not None else DEFAULT_LORA_TARGETS,
+                         moe=moe, extra=extra)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """Builds model, adapter, data and optimizer from a config; `train_step()` does one optimizer step."""
+
+    def __init__(self, cfg: PretrainConfig, output_dir: str | Path | None = None, resume: bool = False):
+        self.cfg = cfg
+        self.output_dir = Path(output_dir or cfg.output.output_dir)
+        self.lam = cfg.attention_loss.weight
+        if self.lam < 0:
+            raise UserError(f"attention_loss.weight must be >= 0, got {self.lam}")
+        self.accelerator = acc = setup_accelerator(cfg.train)
+        self.device = acc.device
+        seed_everything(cfg.train.seed)
+        ckpt = self._find_resume(resume)
+        with acc.main_process_first():  # the dataset is validated before any model is loaded
+            root = ensure_toyworld(cfg.data.toyworld, self.output_dir) if cfg.data.toyworld else cfg.data.dataset
+            samples = load_samples(root)
+        if self.lam > 0 and not (cfg.data.with_references and any(s.subjects for s in samples)):
+            raise UserError("attention_loss.weight > 0 needs samples with subjects and masks "
+                            "(and data.with_references: true)")
+
+        # model
+        self.pipe = build_model(cfg.model.name, parse_dtype(cfg.model.dtype), device=self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.transformer = tr = self.pipe.transformer
+        self.dtype = tr.dtype
+        self.adapter_cfg = None
+        if cfg.train.mode == "adapter":
+            self._add_adapter()
+        else:
+            tr.requires_grad_(True)
+        self.params = [p for p in tr.parameters() if p.requires_grad]
+        for p in self.params:  # trainable weights in fp32 (frozen ones may be bf16/fp16)
+            p.data = p.data.float()
+        if cfg.model.gradient_checkpointing:
+            tr.enable_gradient_checkpointing()
+        tr.train()
+
+        # attention capture (only when λ > 0: λ = 0 is exactly plain flow matching)
+        self.capture = None
+        if self.lam > 0:
+            from multicrafter.attention import AttentionCapture, install_capture
+
+            self.capture = AttentionCapture(mode=cfg.attention_loss.mode, recompute=cfg.attention_loss.recompute)
+            install_capture(tr, self.capture, cfg.attention_loss.blocks)
+
+        # data (after the model: the reference sizes are the model's unless the config sets them)
+        self.data = TrainingSet(samples, cfg.data, self.pipe.reference_options, self.pipe.vae_scale_factor)
+        self.pipe.reference_options = self.data.ref_options
+        self.order = BatchOrder([it.key for it in self.data.items], cfg.data.batch_size, cfg.train.seed,
+                                acc.num_processes, acc.process_index)
+        self.noise_gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + acc.process_index)
+        self.data.precompute(self.pipe, self.device, self.dtype, progress=acc.is_main_process and cfg.output.progress)
+
+        # optimisation
+        self.optimizer, self.scheduler = build_optimizer(self.params, cfg.optim, cfg.train.max_steps)
+        self.model, self.optimizer = acc.prepare(tr, self.optimizer)
+        self.ema = EMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.step = 0
+        if ckpt is not None:
+            self._load(ckpt)
+        self.metrics = MetricsLogger(self.output_dir, resume_step=self.step if ckpt is not None else None,
+                                     enabled=acc.is_main_process)
+
+    # -------------------------------------------------------------------------------------------- setup helpers
+    def _find_resume(self, resume: bool) -> Path | None:
+        if resume:
+            ckpt = latest_checkpoint(self.output_dir)
+            if ckpt is None and self.accelerator.is_main_process:
+                print(f"--resume: no complete checkpoint in {self.output_dir}, starting from step 0")
+            return ckpt
+        if list_checkpoints(self.output_dir):
+            raise UserError(f"{self.output_dir} already holds checkpoints: pass --resume to continue, or choose "
+                            "another --output-dir")
+        return None
+
+    def _add_adapter(self) -> None:
+        from multicrafter.adapters import add_adapter, load_adapter
+        from multicrafter.moe_lora import inject_moe_lora
+
+        cfg, tr = self.cfg, self.transformer
+        wanted = adapter_config(cfg, self.pipe.reference_options)
+        if cfg.adapter.init_adapter:
+            loaded = load_adapter(tr, cfg.adapter.init_adapter)
+            if wanted.moe is not None and loaded.moe is None:  # e.g. a UNO LoRA, then fresh MoE experts on top
+                inject_moe_lora(tr, wanted.moe)
+                loaded.moe = wanted.moe
+            elif (loaded.lora_rank, loaded.moe) != (wanted.lora_rank, wanted.moe):
+                print(f"init_adapter {cfg.adapter.init_adapter}: its own structure (LoRA rank {loaded.lora_rank}, "
+                      f"MoE {'yes' if loaded.moe else 'no'}) replaces the adapter section")
+            loaded.extra = {**loaded.extra, **wanted.extra, "init_adapter": str(cfg.adapter.init_adapter)}
+            self.adapter_cfg = loaded
+        else:
+            add_adapter(tr, wanted)
+            self.adapter_cfg = wanted
+        from multicrafter.adapters import adapter_parameters
+
+        for p in adapter_parameters(tr):
+            p.requires_grad_(True)
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.transformer
+
+    # -------------------------------------------------------------------------------------------- the step
+    def compute_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """L = L_diff + λ·L_attn (+ MoE load-balance term) for one micro-batch."""
+        from multicrafter.moe_lora import moe_aux_loss, moe_modules
+        from multicrafter.references import predict_velocity
+
+        x0 = batch["latents"]
+        b = x0.shape[0]
+        mu = None
+        if self.cfg.train.timesteps.scheme == "flux_shift":
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            sc = self.pipe.scheduler.config
+            mu = calculate_shift(x0.shape[1], sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
+                                 sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
+        sigmas = sample_sigmas(b, self.cfg.train.timesteps, self.noise_gen, mu=mu, device=self.device)
+        noise = torch.randn(x0.shape, generator=self.noise_gen, dtype=torch.float32).to(self.device, x0.dtype)
+        x_t, target = noisy_latents(x0, noise, sigmas)
+        gh, gw = batch["grid"]
+        from diffusers import FluxPipeline
+
+        latent_ids = FluxPipeline._prepare_latent_image_ids(b, gh, gw, self.device, x0.dtype)
+        text_ids = torch.zeros(batch["prompt_embeds"].shape[1], 3, device=self.device, dtype=x0.dtype)
+        guidance = None
+        if getattr(self.unwrapped.config, "guidance_embeds", False):
+            guidance = torch.full((b,), self.cfg.model.guidance, device=self.device, dtype=torch.float32)
+        use_capture = self.capture is not None and batch["refs"] is not None
+        if self.capture is not None:
+            self.capture.maps.clear()
+            self.capture.enabled = use_capture
+        with self.accelerator.autocast():
+            pred = predict_velocity(self.model, x_t, latent_ids, sigmas, batch["prompt_embeds"], batch["pooled"],
+                                    text_ids, refs=batch["refs"], guidance=guidance,
+                                    capture=self.capture if use_capture else None)
+        loss_diff = flow_matching_loss(pred, target)
+        loss = loss_diff
+        loss_attn = torch.zeros((), device=self.device)
+        if use_capture:
+            from multicrafter.attention import normalize_maps
+
+            maps = self.capture.aggregate(self.cfg.attention_loss.blocks)
+            if self.cfg.attention_loss.normalize:
+                maps = normalize_maps(maps)
+            loss_attn = dice_loss(maps, batch["masks"].to(maps.device), eps=self.cfg.attention_loss.eps)
+            loss = loss + self.lam * loss_attn
+        out = {"loss_diff": loss_diff, "loss_attn": loss_attn}
+        if moe_modules(self.unwrapped):
+            aux = moe_aux_loss(self.unwrapped).to(self.device)
+            weight = self.adapter_cfg.moe.load_balance_weight if self.adapter_cfg and self.adapter_cfg.moe else 0.0
+            if weight > 0:
+                loss = loss + weight * aux
+            out["moe_aux"] = aux
+        out["loss"] = loss
+        return out
+
+    def train_step(self) -> dict:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; returns the step's record."""
+        acc, t0 = self.accelerator, time.perf_counter()
+        sums: dict[str, float] = {}
+        n_micro = self.cfg.train.gradient_accumulation_steps
+        lr = self.optimizer.param_groups[0]["lr"]
+        gnorm = 0.0
+        for _ in range(n_micro):
+            batch = self.data.collate(self.order.next(), self.pipe, self.device, self.dtype, self.noise_gen)
+            with acc.accumulate(self.model):
+                losses = self.compute_losses(batch)
+                acc.backward(losses["loss"])
+                if acc.sync_gradients:
+                    if self.cfg.optim.max_grad_norm > 0:
+                        gnorm = float(acc.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm))
+                    else:
+                        gnorm = grad_norm(self.params)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(acc.reduce(v.detach().float(), "mean")) / n_micro
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update()
+        rec = {"step": self.step, "loss": sums["loss"], "loss_diff": sums["loss_diff"], "loss_attn": sums["loss_attn"],
+               "lr": lr, "grad_norm": gnorm}
+        if "moe_aux" in sums:
+            rec["moe_aux"] = sums["moe_aux"]
+        rec["sec_per_step"] = time.perf_counter() - t0
+        return rec
+
+    # -------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        names = {id(p): n for n, p in self.unwrapped.named_parameters()}
+        return {"step": self.step, "trainable": {names[id(p)]: p.detach().cpu().clone() for p in self.params},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None, "data": self.order.state_dict(),
+                "rng": capture_rng_state({"noise": self.noise_gen}), "config": config_to_dict(self.cfg)}
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        named = dict(self.unwrapped.named_parameters())
+        mine = {n for n, p in named.items() if p.requires_grad}
+        if set(state["trainable"]) != mine:
+            raise UserError(f"checkpoint {path} does not match this config's trainable weights "
+                            f"({len(state['trainable'])} saved, {len(mine)} here): same mode and adapter settings?")
+        with torch.no_grad():
+            for n, t in state["trainable"].items():
+                named[n].copy_(t.to(named[n].device, named[n].dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.order.load_state_dict(state["data"])
+        restore_rng_state(state["rng"], {"noise": self.noise_gen})
+        self.step = checkpoint_step(path)
+
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.output_dir, self.step, state, self.cfg.output.keep_last)
+        self.accelerator.wait_for_everyone()
+
+    # -------------------------------------------------------------------------------------------- outputs
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        if self.ema is not None:
+            self.ema.swap_in()
+        try:
+            yield
+        finally:
+            if self.ema is not None:
+                self.ema.swap_out()
+
+    @torch.no_grad()
+    def validate(self) -> list[Path]:
+        """Images (+ attention figures when there are references) for the first samples, under samples/step-N/."""
+        from multicrafter.io import save_image_atomic
+        from multicrafter.render import save_attention_figure
+
+        if not self.accelerator.is_main_process:
+            return []
+        rng = capture_rng_state({"noise": self.noise_gen})
+        folder = self.output_dir / "samples" / f"step-{self.step:06d}"
+        written = []
+        was_training = self.unwrapped.training
+        self.unwrapped.eval()
+        try:
+            with self._ema_weights():
+                for i in range(min(self.cfg.data.num_validation, len(self.data))):
+                    it = self.data.items[i]
+                    kw = dict(prompt=it.caption, height=it.size[1], width=it.size[0],
+                              num_inference_steps=self.cfg.output.validation_steps,
+                              guidance_scale=self.cfg.output.validation_guidance,
+                              max_sequence_length=self.cfg.data.max_sequence_length,
+                              generator=torch.Generator().manual_seed(self.cfg.train.seed + i))
+                    out = self.pipe(reference_images=list(it.refs), return_attention=bool(it.refs), **kw)
+                    save_image_atomic(out.images[0], folder / f"{it.name}.png")
+                    written.append(folder / f"{it.name}.png")
+                    if out.attention_maps is not None:
+                        save_attention_figure(out.images[0], out.attention_maps, folder / f"{it.name}_attention.png",
+                                              it.subject_names)
+                        written.append(folder / f"{it.name}_attention.png")
+        finally:
+            self.unwrapped.train(was_training)
+            if self.capture is not None:
+                self.capture.clear()
+                self.capture.enabled = True
+            restore_rng_state(rng, {"noise": self.noise_gen})
+        return written
+
+    def save_final(self) -> Path:
+        """Adapter mode: OUTPUT/adapter (adapter-directory format). Base mode: OUTPUT/pipeline (save_pretrained)."""
+        from multicrafter.presets import REFERENCE_CONFIG
+
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return self.output_dir
+        with self._ema_weights():
+            if self.cfg.train.mode == "adapter":
+                from multicrafter.adapters import save_adapter
+
+                return save_adapter(self.unwrapped, self.output_dir / "adapter", self.adapter_cfg)
+            target = self.output_dir / "pipeline"
+            capture = self.capture
+            if capture is not None:  # save the stock processors, not the capture ones
+                from multicrafter.attention import remove_capture
+
+                remove_capture(self.unwrapped)
+            self.pipe.save_pretrained(target)
+            ro = self.data.ref_options
+            (target / REFERENCE_CONFIG).write_text(json.dumps(
+                {"long_side_single": ro.long_side_single, "long_side_multi": ro.long_side_multi}) + "\n")
+            if capture is not None:
+                from multicrafter.attention import install_capture
+
+                install_capture(self.unwrapped, capture, self.cfg.attention_loss.blocks)
+            return target
+
+    # -------------------------------------------------------------------------------------------- loop
+    def run(self, stop_at: int | None = None) -> dict | None:
+        """Train to `stop_at` (default train.max_steps); checkpoints, logs, validates; returns the last record."""
+        from tqdm.auto import tqdm
+
+        out = self.cfg.output
+        end = stop_at or self.cfg.train.max_steps
+        last = None
+        bar = tqdm(total=end, initial=self.step, desc="pretrain", dynamic_ncols=True,
+                   disable=not (out.progress and self.accelerator.is_main_process))
+        try:
+            while self.step < end:
+                rec = self.train_step()
+                last = rec
+                if self.step % max(1, out.log_every) == 0 or self.step == end:
+                    self.metrics.log(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", attn=f"{rec['loss_attn']:.3f}")
+                if out.checkpoint_every and self.step % out.checkpoint_every == 0 and self.step < end:
+                    self.save_checkpoint()
+                if out.validate_every and self.step % out.validate_every == 0 and self.step < end:
+                    self.validate()
+        finally:
+            bar.close()
+        if last is not None or not list_checkpoints(self.output_dir):
+            self.save_checkpoint()
+        self.validate()
+        self.save_final()
+        self.metrics.close()
+        return last
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="YAML config (see train/configs/*.yaml)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this step (a checkpoint is written; the LR schedule keeps train.max_steps)")
+    p.add_argument("--output-dir", default=None, help="overrides output.output_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
+    cfg = load_config(args.config, PretrainConfig)
+    trainer = Trainer(cfg, output_dir=args.output_dir, resume=args.resume)
+    last = trainer.run(stop_at=args.max_steps)
+    if trainer.accelerator.is_main_process:
+        what = "adapter" if cfg.train.mode == "adapter" else "pipeline"
+        loss = f", last loss {last['loss']:.4f}" if last else ""
+        print(f"done: step {trainer.step}{loss}; {what} saved under {trainer.output_dir / what}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
