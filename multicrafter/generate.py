@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-out", default=None, help="also write a PNG figure of the per-subject attention maps")
     p.add_argument("--height", type=int, default=None, help="multiple of 16 (default: the model's native size)")
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20, or 28 for FLUX)")
-    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the adapter's (UNO: 25), else 20 for toy/tiny and 28 for FLUX)")
+    p.add_argument("--guidance", type=float, default=None, help="default: the adapter's (UNO: 4.0), else 3.5")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-sequence-length", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
@@ -65,10 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model, adapter=None if args.no_adapter else args.adapter, dtype=dtype,
         device=None if args.cpu_offload else device, enable_model_cpu_offload=args.cpu_offload,
     )
-    params = dict(
-        prompt=args.prompt, height=args.height, width=args.width, guidance_scale=args.guidance,
-        num_inference_steps=args.steps or (20 if args.model in ("toy", "tiny") else 28),
-    )
+    params = dict(pipe.sampling_defaults, prompt=args.prompt)
+    for key, value in (("height", args.height), ("width", args.width), ("guidance_scale", args.guidance),
+                       ("num_inference_steps", args.steps)):
+        if value is not None:
+            params[key] = value
+    params.setdefault("num_inference_steps", 20 if args.model in ("toy", "tiny") else 28)
+    params.setdefault("guidance_scale", 3.5)
     if args.max_sequence_length or args.model in ("toy", "tiny"):
         params["max_sequence_length"] = args.max_sequence_length or 64
     result = pipe(reference_images=args.ref, generator=torch.Generator().manual_seed(args.seed),

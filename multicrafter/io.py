@@ -17,6 +17,12 @@ from .errors import UserError
 MAX_IMAGE_PIXELS = 64_000_000  # larger files are refused rather than risking memory (decompression bombs)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` via a temp file in the same folder + rename, so readers never see half a file."""
     path = Path(path)
@@ -27,6 +33,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the normal permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -81,6 +81,7 @@ class MultiCrafterPipeline(FluxPipeline):
     reference_options: ReferenceOptions = ReferenceOptions()
     adapter_name: str | None = None
     model_dir: str | None = None
+    sampling_defaults: dict[str, Any] = {}   # e.g. UNO's 25 steps / guidance 4, from a converted UNO adapter
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -139,7 +140,10 @@ class MultiCrafterPipeline(FluxPipeline):
         self.adapter_name = str(name_or_dir)
         extra = getattr(cfg, "extra", None) or {}
         if "reference_style" in extra:
-            self.reference_options = ReferenceOptions(style=extra["reference_style"])
+            opts = self.reference_options
+            self.reference_options = ReferenceOptions(opts.max_references, opts.long_side_single,
+                                                      opts.long_side_multi, opts.multiple, extra["reference_style"])
+        self.sampling_defaults = dict(extra.get("sampling_defaults", {}))
         return cfg
 
     def save_adapter(self, directory: str | Path, config: Any = None) -> None:
@@ -172,7 +176,14 @@ class MultiCrafterPipeline(FluxPipeline):
                  return_attention: bool = False, attention_mode: str = "ref2img",
                  attention_blocks: Iterable[int] | None = None, use_adapter: bool = True,
                  reference_options: ReferenceOptions | None = None, **kwargs: Any):
-        """Generate with reference subjects. Accepts every FluxPipeline.__call__ argument through **kwargs."""
+        """Generate with reference subjects. Accepts every FluxPipeline.__call__ argument through **kwargs.
+
+        Arguments left out fall back to the loaded adapter's sampling defaults (a converted UNO adapter: UNO's
+        25 steps, guidance 4, 512x512), then to FluxPipeline's own defaults.
+        """
+        for key, value in self.sampling_defaults.items():
+            if kwargs.get(key) is None:
+                kwargs[key] = value
         height = kwargs.get("height") or self.default_sample_size * self.vae_scale_factor
         width = kwargs.get("width") or self.default_sample_size * self.vae_scale_factor
         unit = self.vae_scale_factor * 2
