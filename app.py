@@ -1,0 +1,72 @@
+"""MultiCrafter app (desktop and Hugging Face Spaces): `python app.py [--model toy|tiny|HUB_ID|DIR] [--adapter NAME|DIR]
+[--port N] [--no-train]`.
+
+Every flag has an environment variable for Spaces: MULTICRAFTER_MODEL, MULTICRAFTER_ADAPTER, MULTICRAFTER_DISABLE_TRAIN
+(training is off by default on a Space, i.e. when SPACE_ID is set), MULTICRAFTER_DATA_DIR, MULTICRAFTER_RUNS_DIR,
+MULTICRAFTER_OUTPUT_DIR, MULTICRAFTER_SAM2, MULTICRAFTER_FLORENCE; the port also follows GRADIO_SERVER_PORT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from demo.state import AppConfig, env_flag
+from multicrafter.errors import UserError, quiet_libraries, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=env("MULTICRAFTER_MODEL", "toy"),
+                   help="toy (embedded; falls back to tiny when absent), tiny (random), a diffusers folder or hub id")
+    p.add_argument("--adapter", default=env("MULTICRAFTER_ADAPTER"), help="named adapter of the model or a folder")
+    p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
+    p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="0.0.0.0 to serve the network")
+    p.add_argument("--no-train", action="store_true",
+                   default=env_flag("MULTICRAFTER_DISABLE_TRAIN", default=bool(env("SPACE_ID"))),
+                   help="disable the Train tab (shared servers)")
+    p.add_argument("--data-dir", default=env("MULTICRAFTER_DATA_DIR", "datasets"), help="where datasets live")
+    p.add_argument("--runs-dir", default=env("MULTICRAFTER_RUNS_DIR", "runs"), help="where training runs go")
+    p.add_argument("--output-dir", default=env("MULTICRAFTER_OUTPUT_DIR", "outputs"), help="generated images")
+    p.add_argument("--sam2", default=env("MULTICRAFTER_SAM2"), help="SAM 2 hub id or folder (else GrabCut)")
+    p.add_argument("--florence", default=env("MULTICRAFTER_FLORENCE"), help="Florence-2 hub id or folder")
+    p.add_argument("--device", default=env("MULTICRAFTER_DEVICE"), help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--no-warmup", action="store_true", help="load the model on the first request, not at launch")
+    return p
+
+
+def make_app(argv: Sequence[str] | None = None):
+    """(demo, args): the Blocks app built from command-line flags and environment variables."""
+    args = build_parser().parse_args(argv)
+    if args.port <= 0 or args.port > 65535:
+        raise UserError(f"--port must be between 1 and 65535, got {args.port}")
+    from demo import ModelHolder, build_app
+
+    cfg = AppConfig(model=args.model, adapter=args.adapter, data_dir=Path(args.data_dir), runs_dir=Path(args.runs_dir),
+                    output_dir=Path(args.output_dir), train_enabled=not args.no_train, sam2=args.sam2,
+                    florence=args.florence, device=args.device)
+    holder = ModelHolder(cfg.model, cfg.adapter, cfg.device)
+    if holder.note:
+        print(f"note: {holder.note}", file=sys.stderr, flush=True)
+    if not args.no_warmup:
+        holder.warm_up()
+    return build_app(holder, config=cfg), args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from demo import launch_kwargs
+
+    demo, args = make_app(argv)
+    demo.launch(server_name=args.host, server_port=args.port, **launch_kwargs(demo))
+    return 0
+
+
+if __name__ == "__main__":
+    quiet_libraries()
+    if os.environ.get("SPACE_ID"):   # Spaces runs `python app.py` and expects 0.0.0.0
+        os.environ.setdefault("GRADIO_SERVER_NAME", "0.0.0.0")
+    run_cli(main)

@@ -1,0 +1,166 @@
+"""What the app holds between requests: its settings, the one model (loaded lazily, once) and adapter switching.
+
+The model is loaded in a background thread at launch so the page is up at once and the first generation only waits
+for whatever is left of the load. Requests share one pipeline, so adapter switches and generation happen under one
+lock (the queue's concurrency limit is 1 for model events anyway; the lock makes direct calls safe too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from multicrafter.errors import UserError, one_line
+
+NO_ADAPTER = "none"
+FOLDER_ADAPTER = "folder..."
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    v = os.environ.get(name)
+    return default if v is None else v.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class AppConfig:
+    """Everything `python app.py` can set (flags, or MULTICRAFTER_* environment variables on Spaces)."""
+
+    model: str = "toy"
+    adapter: str | None = None
+    data_dir: Path = Path("datasets")     # Annotate/Train datasets live here, addressed by name
+    runs_dir: Path = Path("runs")         # training runs started from the Train tab
+    output_dir: Path = Path("outputs")    # generated PNGs
+    train_enabled: bool = True
+    sam2: str | None = None               # SAM 2 hub id or folder (default: facebook/sam2.1-hiera-tiny, offline cache)
+    florence: str | None = None           # Florence-2 hub id or folder for auto-annotation
+    device: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def toy_available() -> bool:
+    from multicrafter import presets
+
+    return (presets.TOY_DIR / "model_index.json").is_file()
+
+
+def resolve_model(requested: str | None) -> tuple[str, str]:
+    """(model to load, note for the user). `toy` falls back to `tiny` (random weights) when it is not installed."""
+    name = (requested or "toy").strip() or "toy"
+    if name == "toy" and not toy_available():
+        from multicrafter import presets
+
+        return "tiny", (f"The embedded toy model is not installed ({presets.TOY_DIR} is missing); fell back to "
+                        "'tiny' (random weights): images will be noise.")
+    return name, ""
+
+
+class ModelHolder:
+    """One MultiCrafterPipeline, loaded on first use (or by `warm_up`), with per-request adapter selection."""
+
+    def __init__(self, name: str = "toy", adapter: str | None = None, device: str | None = None):
+        self.name, self.note = resolve_model(name)
+        self.initial_adapter = adapter
+        self.device = device
+        self._pipe = None
+        self._error: str | None = None
+        self._load_lock = threading.Lock()
+        self.run_lock = threading.Lock()
+        self._warm: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- loading
+    @property
+    def loaded(self) -> bool:
+        return self._pipe is not None
+
+    def warm_up(self) -> threading.Thread:
+        """Start loading in the background (errors are kept and shown on the first request)."""
+        if self._warm is None:
+            self._warm = threading.Thread(target=self._try_load, daemon=True, name="model-warmup")
+            self._warm.start()
+        return self._warm
+
+    def _try_load(self) -> None:
+        try:
+            self.pipe()
+        except UserError as exc:
+            print(f"error: {exc}", flush=True)
+
+    def pipe(self):
+        with self._load_lock:
+            if self._pipe is not None:
+                return self._pipe
+            if self._error is not None:
+                raise UserError(self._error)
+            import torch
+
+            from multicrafter import MultiCrafterPipeline
+
+            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            dtype = torch.bfloat16 if device.startswith("cuda") and self.name not in ("tiny", "toy") else None
+            try:
+                self._pipe = MultiCrafterPipeline.from_pretrained(self.name, adapter=self.initial_adapter,
+                                                                  dtype=dtype, device=device)
+            except Exception as exc:  # noqa: BLE001 - shown once as one line, then on every request
+                self._error = f"model '{self.name}' could not be loaded: {one_line(exc)}"
+                raise UserError(self._error) from None
+            return self._pipe
+
+    # ---------------------------------------------------------------- UI defaults (no loading needed)
+    @property
+    def is_small(self) -> bool:
+        return self.name in ("tiny", "toy")
+
+    def defaults(self) -> dict[str, Any]:
+        """Sizes and steps that suit the model: tiny/toy are 128 px models, FLUX wants 1024 px and 28 steps."""
+        if self.name == "tiny":
+            return dict(size=128, steps=8, guidance=3.5, max_sequence_length=64)
+        if self.name == "toy":
+            return dict(size=128, steps=20, guidance=3.5, max_sequence_length=64)
+        return dict(size=1024, steps=28, guidance=3.5, max_sequence_length=None)
+
+    def adapter_choices(self) -> list[str]:
+        names: list[str] = []
+        if self.loaded:
+            names = self._pipe.available_adapters()
+        elif self.name == "toy":
+            from multicrafter import presets
+
+            folder = presets.TOY_DIR / "adapters"
+            names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        elif Path(self.name).is_dir() and (Path(self.name) / "adapters").is_dir():
+            names = sorted(p.name for p in (Path(self.name) / "adapters").iterdir() if p.is_dir())
+        return [NO_ADAPTER, *names, FOLDER_ADAPTER]
+
+    def default_adapter(self) -> str:
+        if self.initial_adapter and not Path(self.initial_adapter).is_dir():
+            return self.initial_adapter
+        if self.initial_adapter:
+            return FOLDER_ADAPTER
+        choices = self.adapter_choices()
+        return "ippo" if "ippo" in choices else NO_ADAPTER
+
+    # ---------------------------------------------------------------- per-request adapter selection
+    @contextlib.contextmanager
+    def session(self, adapter: str | None, folder: str | None = None) -> Iterator[tuple[Any, bool, str | None]]:
+        """Lock the model, load the chosen adapter if it is not the loaded one; yields (pipe, use_adapter, label)."""
+        pipe = self.pipe()
+        choice = (adapter or NO_ADAPTER).strip()
+        with self.run_lock:
+            if choice == NO_ADAPTER:
+                yield pipe, False, None
+                return
+            target = choice
+            if choice == FOLDER_ADAPTER:
+                target = (folder or "").strip()
+                if not target:
+                    raise UserError("choose an adapter folder (or pick 'none' or a named adapter)")
+                if not Path(target).expanduser().is_dir():
+                    raise UserError(f"adapter folder not found: {target}")
+            if pipe.adapter_name != target:
+                pipe.load_adapter(target)
+            yield pipe, True, target
