@@ -18,7 +18,7 @@ WORDS = """
 a an the and with of on in at to from by is are one two three four five six left right top bottom upper lower middle
 centre center near far behind front next beside between above below small large big tiny huge medium
 background scene image photo picture plain striped stripes dotted dots checkered checker checkerboard ringed rings
-ring solid gradient noise noisy textured wavy grid spotted spots zigzag cross crosses marks mark
+ring split solid gradient noise noisy textured wavy grid spotted spots zigzag cross crosses marks mark
 circle square triangle diamond star hexagon pentagon heart cross plus ring oval ellipse rectangle moon arrow
 red green blue yellow orange purple pink white black grey gray brown cyan magenta teal navy lime olive maroon
 gold silver beige violet indigo turquoise coral salmon crimson lavender mint sky dark light pale bright
