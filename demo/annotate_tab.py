@@ -210,7 +210,11 @@ def save_sample(data_dir: Path, dataset: str, sample_name: str | None, image: An
         raise UserError("add at least one subject (a name and a mask) before saving")
     writer = DatasetWriter(root)
     specs = [SubjectSpec(name=s["name"], kind=s["kind"], mask=s["mask"]) for s in subjects]
-    sample = writer.add_sample(img, caption or "", specs, name=(sample_name or "").strip() or None)
+    name = (sample_name or "").strip() or None
+    if name is not None and name in writer.names():   # an opened sample under review: replace its annotation
+        sample = writer.update_sample(name, caption=caption or "", subjects=specs)
+        return f"updated sample **{sample.name}** ({len(specs)} subject(s)) in `{root}`", sample.name
+    sample = writer.add_sample(img, caption or "", specs, name=name)
     return f"saved sample **{sample.name}** with {len(specs)} subject(s) to `{root}`", sample.name
 
 
@@ -383,9 +387,11 @@ def build(data_dir: Path, backends: Backends) -> None:
     @ui_errors
     def _open(dataset, name):
         path, cap, pend = open_sample(data_dir, dataset, name)
-        return path, cap, pend, pending_table(pend), EMPTY_PROMPTS, None, None, f"opened **{name}** for review"
+        return (path, cap, name, pend, pending_table(pend), EMPTY_PROMPTS, None, None,
+                f"opened **{name}** for review: saving under this name updates it")
 
-    open_btn.click(_open, [dataset, sample_pick], [image, caption, pending, subjects, prompts, editor, mask, status],
+    open_btn.click(_open, [dataset, sample_pick],
+                   [image, caption, sample_name, pending, subjects, prompts, editor, mask, status],
                    api_visibility="private")
 
     @ui_errors

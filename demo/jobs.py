@@ -128,7 +128,7 @@ class JobRunner:
         with open(job.run_dir / LOG_NAME, "a", encoding="utf-8") as log:
             for line in job.proc.stdout:
                 line = line.rstrip("\n")
-                if job.lines and _same_progress_bar(job.lines[-1], line):
+                if job.lines and (_same_progress_bar(job.lines[-1], line) or (job.lines[-1] == "" and "%|" in line)):
                     job.lines[-1] = line        # tqdm redraws (\r, read as new lines): keep the latest state
                 else:
                     job.lines.append(line)
