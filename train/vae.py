@@ -120,7 +120,6 @@ def vae_loss(vae, x: torch.Tensor, cfg: VAETrainConfig) -> tuple[torch.Tensor, d
     kl = posterior.kl().mean()
     loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.kl_weight * kl
     psnr = 10 * torch.log10(4.0 / mse.detach().clamp_min(1e-10))   # images in [-1, 1]: peak-to-peak 2
-    kl = kl.detach() if kl.requires_grad and cfg.kl_weight == 0 else kl
     return loss, {k: float(v.detach()) for k, v in (("l1", l1), ("mse", mse), ("kl", kl), ("psnr", psnr))}
 
 
