@@ -1,9 +1,11 @@
 """MoE-LoRA layer cost vs a plain LoRA of the same rank: forward+backward median time per implementation.
 
-    python bench/moe_lora.py [--tokens 1024] [--repeats 15] [--threads 1] [--device cpu]
+    python bench/moe_lora.py [--tokens 1024] [--repeats 15] [--threads 1] [--device cpu] [--step]
 
 Prints one row per (in, out, rank): base only, LoRA, MoE dense, MoE grouped, and the ratios to LoRA. The numbers
-chose `MoELoRALinear._use_dense` (the "auto" rule). Timings are medians of `--repeats` runs after warm-up.
+chose `MoELoRALinear._use_dense` (the "auto" rule). Timings are medians of `--repeats` runs after warm-up, the
+variants run round-robin. `--step` adds a whole-model forward+backward on a ~5.5 M-parameter FLUX-architecture
+transformer: attention LoRA + LoRA on the last two single blocks' FFN linears vs attention LoRA + MoE-LoRA there.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--shapes", default="192x768,768x3072,3072x768", help="comma-separated INxOUT")
     ap.add_argument("--ranks", default="16,64")
+    ap.add_argument("--step", action="store_true", help="also time a whole-model step (LoRA vs MoE-LoRA)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -83,6 +86,58 @@ def main(argv=None) -> None:
             auto = "dense" if moe._use_dense(dev) else "grouped"
             print(f"{fin:>5} {fout:>5} {r:>4} {t['base']:8.2f} {t['lora']:8.2f} {t['dense']:8.2f} "
                   f"{t['grouped']:8.2f} {auto:>6} {t['dense'] / t['lora']:10.3f} {t['grouped'] / t['lora']:9.3f}")
+    if args.step:
+        for r in (int(v) for v in args.ranks.split(",")):
+            step_ratio(r, args.repeats, dev, dtype, sync)
+
+
+def step_ratio(rank: int, repeats: int, dev, dtype, sync) -> None:
+    """Same model, same rank: FFN linears of the output-side single blocks carry LoRA or MoE-LoRA (4 experts, top-1)."""
+    from diffusers import FluxTransformer2DModel
+
+    from multicrafter.adapters import DEFAULT_LORA_TARGETS, AdapterConfig, adapter_parameters, add_adapter
+    from multicrafter.moe_lora import MoELoRAConfig
+
+    def model():
+        torch.manual_seed(0)
+        return FluxTransformer2DModel(in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32,
+                                      num_attention_heads=6, joint_attention_dim=64, pooled_projection_dim=64,
+                                      guidance_embeds=True, axes_dims_rope=(8, 12, 12)).to(dev).train()
+
+    ffn = r"single_transformer_blocks\.(2|3)\.(proj_mlp|proj_out)"
+    variants = {"lora": model(), "moe": model()}
+    if dtype != torch.float32:
+        variants = {k: m.to(dtype) for k, m in variants.items()}
+    add_adapter(variants["lora"], AdapterConfig(lora_rank=rank, lora_targets=DEFAULT_LORA_TARGETS[:-2] + "|" + ffn + ")$"))
+    add_adapter(variants["moe"], AdapterConfig(lora_rank=rank, moe=MoELoRAConfig(rank=rank, num_blocks=2)))
+    for m in variants.values():
+        with torch.no_grad():
+            for p in adapter_parameters(m):
+                p.normal_(0, 0.02)
+    g = torch.Generator().manual_seed(0)
+    n_img, n_txt = 2 * 256 + 2 * 100, 64  # 512² target + two 320² references at /16, like the paper's setting
+    inputs = dict(hidden_states=torch.randn(2, n_img, 64, generator=g), encoder_hidden_states=torch.randn(2, n_txt, 64,
+                  generator=g), pooled_projections=torch.randn(2, 64, generator=g), timestep=torch.tensor([0.5, 0.7]),
+                  guidance=torch.tensor([3.5, 3.5]), img_ids=torch.zeros(n_img, 3), txt_ids=torch.zeros(n_txt, 3))
+    inputs = {k: v.to(dev, dtype if v.is_floating_point() and k not in ("img_ids", "txt_ids") else None)
+              for k, v in inputs.items()}
+
+    def step(m):
+        m.zero_grad(set_to_none=True)
+        m(**inputs, return_dict=False)[0].float().square().mean().backward()
+        sync()
+
+    for m in variants.values():
+        step(m)
+    ts = {k: [] for k in variants}
+    for _ in range(max(3, repeats // 2)):
+        for k, m in variants.items():
+            t0 = time.perf_counter()
+            step(m)
+            ts[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in ts.items()}
+    print(f"model step, rank {rank}: LoRA {med['lora']:.1f} ms, MoE-LoRA {med['moe']:.1f} ms, "
+          f"ratio {med['moe'] / med['lora']:.3f}")
 
 
 if __name__ == "__main__":

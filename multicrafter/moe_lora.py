@@ -117,6 +117,7 @@ class MoELoRALinear(nn.Module):
         self.straight_through_router = straight_through_router
         self.impl = impl
         self.enabled = True
+        self.fuse_router: bool | None = None  # dense: one matmul for router + A's (None: on CPU only)
         self.router = nn.Linear(self.in_features, num_experts, bias=False, device=w.device, dtype=dtype)
         self.expert_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, device=w.device, dtype=dtype))
         self.expert_B = nn.Parameter(torch.zeros(num_experts, rank, self.out_features, device=w.device, dtype=dtype))
@@ -182,11 +183,16 @@ class MoELoRALinear(nn.Module):
         h = x.reshape(-1, self.in_features)
         e, r = self.num_experts, self.rank
         dense = self._use_dense(h.device)
-        if dense:  # router and all A's in one matmul: one pass over h, one input-gradient matmul
+        z = None
+        fuse = self.fuse_router if self.fuse_router is not None else h.device.type == "cpu"
+        if dense and fuse:  # router and all A's in one matmul: saves an input-gradient pass on CPU; on GPU the
+            # E extra rows misalign the GEMM (measured slower at large ranks), so there it stays separate
             weight = torch.cat([self.router.weight, self.expert_A.reshape(e * r, self.in_features)]).to(h.dtype)
             logits, z = F.linear(h, weight).split([e, e * r], dim=1)
         else:
             logits = F.linear(h, self.router.weight.to(h.dtype))
+            if dense:
+                z = F.linear(h, self.expert_A.reshape(e * r, self.in_features).to(h.dtype))
         idx, w, probs = self.route(logits)
         self._last_idx = idx.detach()
         self._last_probs = probs if torch.is_grad_enabled() else None  # kept for the load-balance loss
