@@ -125,3 +125,16 @@ def test_unknown_models_fail_with_one_line():
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="unknown model"):
         MultiCrafterPipeline.from_pretrained("not a model")
+
+
+def test_local_diffusers_folder_round_trip(pipe, tmp_path):
+    """A FLUX-layout folder (as save_pretrained writes it) loads through the real loading path, same outputs."""
+    pipe.save_pretrained(tmp_path / "model")
+    loaded = MultiCrafterPipeline.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)
+    kw = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=16, output_type="np")
+    a = pipe("a dog", generator=_gen(2), **kw).images
+    b = loaded("a dog", generator=_gen(2), **kw).images
+    assert np.abs(a - b).max() <= 1e-6
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="model_index.json"):
+        MultiCrafterPipeline.from_pretrained(str(tmp_path / "empty"))
