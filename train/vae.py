@@ -65,6 +65,8 @@ class VAETrainConfig:
     log_every: int = 10
     threads: int = 2
     stats_samples: int = 256   # scenes used to estimate shift/scale at the end
+    num_workers: int = 0       # processes rendering batches (batches are a pure function of the step: still exact)
+    device: str = "auto"       # auto (cuda when available) | cpu | cuda
 
 
 @dataclass
@@ -113,6 +115,19 @@ def batch_at(step: int, cfg: VAEConfig) -> torch.Tensor:
     return x
 
 
+class _StepBatches(torch.utils.data.Dataset):
+    """Batches by step index, so DataLoader workers can render them in parallel without changing the result."""
+
+    def __init__(self, cfg: VAEConfig, start: int, end: int):
+        self.cfg, self.start, self.end = cfg, start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return batch_at(self.start + i, self.cfg)
+
+
 def vae_loss(vae, x: torch.Tensor, cfg: VAETrainConfig) -> tuple[torch.Tensor, dict]:
     posterior = vae.encode(x).latent_dist
     recon = vae.decode(posterior.sample()).sample
@@ -132,7 +147,7 @@ def latent_statistics(vae, cfg: VAEConfig) -> tuple[float, float]:
     for i in range(cfg.train.stats_samples):
         s = build_sample(cfg.data.seed + 1, i, split="train", size=cfg.data.scene_size, ref_size=cfg.data.ref_size)
         x = torch.from_numpy(s.image).permute(2, 0, 1)[None].float() / 127.5 - 1
-        zs.append(vae.encode(x).latent_dist.mode().flatten())
+        zs.append(vae.encode(x.to(vae.device)).latent_dist.mode().flatten().cpu())
     z = torch.cat(zs)
     return float(z.mean()), float(1.0 / z.std())
 
@@ -148,7 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.output_dir or cfg.train.output_dir)
     torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.data.seed)
-    vae = build_vae(cfg.model).train()
+    device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = build_vae(cfg.model).to(device).train()
     opt, sched = build_optimizer(list(vae.parameters()), cfg.optim, cfg.train.steps)
     start = 0
     ckpt = latest_checkpoint(out) if args.resume else None
@@ -156,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no checkpoint in {out}; starting from step 0")
     if ckpt is not None:
         state = load_checkpoint(ckpt)
-        vae.load_state_dict(state["vae"])
+        vae.load_state_dict({k: v.to(device) for k, v in state["vae"].items()})
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         restore_rng_state(state["rng"])
@@ -166,10 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{out} already holds checkpoints: pass --resume, or choose another --output-dir")
     logger = MetricsLogger(out, resume_step=start if ckpt is not None else None)
     end = min(cfg.train.steps, args.max_steps or cfg.train.steps)
-    bar = tqdm(range(start, end), initial=start, total=end, desc="vae", dynamic_ncols=True)
+    loader = torch.utils.data.DataLoader(_StepBatches(cfg, start, end), batch_size=None, shuffle=False,
+                                         num_workers=cfg.train.num_workers)
+    bar = tqdm(zip(range(start, end), loader), initial=start, total=end, desc="vae", dynamic_ncols=True)
     t0 = time.perf_counter()
-    for step in bar:
-        x = batch_at(step, cfg)
+    for step, x in bar:
+        x = x.to(device)
         loss, parts = vae_loss(vae, x, cfg.train)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -188,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         vae.eval()
         shift, scale = latent_statistics(vae, cfg)
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-        vae.save_pretrained(out / "vae")
+        vae.to("cpu").save_pretrained(out / "vae")
         print(f"saved {out / 'vae'} (shift_factor {shift:.4f}, scaling_factor {scale:.4f})")
     return 0
 
