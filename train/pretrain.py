@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,6 +62,11 @@ class ModelConfig:
     dtype: str = "fp32"                  # frozen weights: fp32 | bf16 | fp16 (trainable weights stay fp32)
     gradient_checkpointing: bool = False
     guidance: float = 1.0                # guidance embedding fed during training (guidance-distilled models)
+    # Replace the loaded transformer by a fresh random FluxTransformer2DModel with these config keys (seeded by
+    # train.seed): how a new base is started from a folder that holds only a trained VAE and text side. in_channels,
+    # joint_attention_dim, pooled_projection_dim and guidance_embeds default to the loaded model's.
+    init_transformer: dict[str, Any] | None = None
+    vae: str | None = None               # replace the VAE by this diffusers AutoencoderKL folder (e.g. the toy VAE)
 
 
 @dataclass
@@ -189,6 +195,10 @@ class Trainer:
         # model
         self.pipe = build_model(cfg.model.name, parse_dtype(cfg.model.dtype), device=self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        if cfg.model.vae is not None:
+            self._replace_vae(cfg.model.vae)
+        if cfg.model.init_transformer is not None:
+            self._init_transformer(cfg.model.init_transformer)
         self.transformer = tr = self.pipe.transformer
         self.dtype = tr.dtype
         self.adapter_cfg = None
@@ -240,6 +250,39 @@ class Trainer:
             raise UserError(f"{self.output_dir} already holds checkpoints: pass --resume to continue, or choose "
                             "another --output-dir")
         return None
+
+    def _init_transformer(self, spec: dict[str, Any]) -> None:
+        from diffusers import FluxTransformer2DModel
+
+        old = self.pipe.transformer.config
+        kwargs = {k: old[k] for k in ("in_channels", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds")}
+        kwargs.update(spec)
+        if "axes_dims_rope" in kwargs:
+            kwargs["axes_dims_rope"] = tuple(kwargs["axes_dims_rope"])
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.cfg.train.seed)
+                fresh = FluxTransformer2DModel(**kwargs)
+        except (TypeError, ValueError, AssertionError) as exc:
+            raise UserError(f"model.init_transformer: cannot build FluxTransformer2DModel({kwargs}): {exc}") from None
+        dtype = self.pipe.transformer.dtype
+        fresh = (fresh if dtype == torch.float32 else fresh.to(dtype)).to(self.device)
+        self.pipe.register_modules(transformer=fresh.eval().requires_grad_(False))
+
+    def _replace_vae(self, folder: str) -> None:
+        from diffusers import AutoencoderKL
+        from diffusers.image_processor import VaeImageProcessor
+
+        if not (Path(folder) / "config.json").is_file():
+            raise UserError(f"model.vae: {folder} is not a diffusers AutoencoderKL folder (no config.json)")
+        try:
+            vae = AutoencoderKL.from_pretrained(folder)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"model.vae: cannot load {folder}: {exc}") from None
+        vae = vae.to(self.device, self.pipe.vae.dtype).eval().requires_grad_(False)
+        self.pipe.register_modules(vae=vae)
+        self.pipe.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.pipe.image_processor = VaeImageProcessor(vae_scale_factor=self.pipe.vae_scale_factor * 2)
 
     def _add_adapter(self) -> None:
         from multicrafter.adapters import add_adapter, load_adapter
@@ -421,7 +464,8 @@ class Trainer:
                               guidance_scale=self.cfg.output.validation_guidance,
                               max_sequence_length=self.cfg.data.max_sequence_length,
                               generator=torch.Generator().manual_seed(self.cfg.train.seed + i))
-                    out = self.pipe(reference_images=list(it.refs), return_attention=bool(it.refs), **kw)
+                    with self.accelerator.autocast():  # prepare() makes the transformer return fp32 under AMP
+                        out = self.pipe(reference_images=list(it.refs), return_attention=bool(it.refs), **kw)
                     save_image_atomic(out.images[0], folder / f"{it.name}.png")
                     written.append(folder / f"{it.name}.png")
                     if out.attention_maps is not None:
