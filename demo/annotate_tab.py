@@ -112,9 +112,19 @@ def _as_mask(mask: Any, size: tuple[int, int] | None = None) -> np.ndarray | Non
     return m
 
 
+ADD_COLOUR, REMOVE_COLOUR = "rgb(255, 0, 255)", "rgb(0, 255, 255)"
+
+
 def editor_value(img: Image.Image, mask: np.ndarray | None, prompts: dict[str, Any] | None = None) -> dict:
-    """The brush editor's value: the image with the clicks drawn as background, the mask as a red layer."""
-    bg = img.copy()
+    """The brush editor's value: the image with the mask tinted magenta and the clicks drawn, no layers.
+
+    Gradio 6's editor does not display layers sent from the server, so the mask lives in the background and the
+    user's strokes (returned as layers) are applied on top of it: magenta adds, cyan removes.
+    """
+    arr = np.asarray(img.convert("RGB")).astype(np.float32)
+    if mask is not None:
+        arr[mask] = 0.5 * arr[mask] + 0.5 * np.array([255, 0, 255], np.float32)
+    bg = Image.fromarray(arr.astype(np.uint8))
     draw = ImageDraw.Draw(bg)
     r = max(2, min(img.size) // 80)
     for x, y, lab in (prompts or {}).get("points", []):
@@ -122,28 +132,39 @@ def editor_value(img: Image.Image, mask: np.ndarray | None, prompts: dict[str, A
     box = (prompts or {}).get("box")
     if box:
         draw.rectangle(box, outline=(40, 120, 255), width=max(1, r // 2))
-    layer = np.zeros((img.height, img.width, 4), np.uint8)
-    if mask is not None:
-        layer[mask] = (255, 0, 0, 150)
-    return {"background": bg, "layers": [Image.fromarray(layer, "RGBA")], "composite": None}
+    return {"background": bg, "layers": [], "composite": None}
 
 
-def mask_from_editor(value: Any, size: tuple[int, int] | None = None) -> np.ndarray | None:
-    """Union of the editor's painted layers (alpha > 0) as a bool mask at the image size; None with no layers."""
+def strokes_from_editor(value: Any, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(added, removed) bool masks at the image size from the editor's stroke layers; None when nothing is painted."""
     if not value or not value.get("layers"):
         return None
-    masks = []
+    add = np.zeros((size[1], size[0]), bool)
+    remove = np.zeros_like(add)
     for layer in value["layers"]:
         if layer is None:
             continue
         arr = np.asarray(layer if not isinstance(layer, (str, Path)) else Image.open(layer).convert("RGBA"))
-        masks.append(arr[..., 3] > 0 if arr.ndim == 3 and arr.shape[-1] == 4 else arr.reshape(arr.shape[:2]) > 0)
-    if not masks:
+        if arr.ndim != 3 or arr.shape[-1] != 4:
+            continue
+        if arr.shape[:2] != add.shape:
+            arr = np.asarray(Image.fromarray(arr, "RGBA").resize(size, Image.Resampling.NEAREST))
+        painted = arr[..., 3] > 0
+        cyan = arr[..., 1].astype(int) > arr[..., 0].astype(int)    # cyan (G > R) removes, magenta adds
+        add |= painted & ~cyan
+        remove |= painted & cyan
+    return add, remove
+
+
+def apply_strokes(base: Any, value: Any, size: tuple[int, int]) -> np.ndarray | None:
+    """The corrected mask: (segmented mask | magenta strokes) minus cyan strokes."""
+    strokes = strokes_from_editor(value, size)
+    if strokes is None:
         return None
-    m = np.logical_or.reduce(masks)
-    if size is not None and m.shape != (size[1], size[0]):
-        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 127
-    return m
+    m = _as_mask(base, size)
+    m = np.zeros((size[1], size[0]), bool) if m is None else m
+    add, remove = strokes
+    return (m | add) & ~remove
 
 
 def reference_preview(img: Image.Image, mask: np.ndarray | None, kind: str) -> Image.Image | None:
@@ -281,6 +302,7 @@ def auto_annotate(backends: Backends, image: Any, caption: str, names: str, pend
 # ---------------------------------------------------------------- UI
 def build(data_dir: Path, backends: Backends) -> None:
     pending = gr.State([])
+    base_mask = gr.State(None)    # the segmenter's mask; brush strokes are applied on top of it
     with gr.Row():
         dataset = gr.Dropdown(list_datasets(data_dir), value=None, allow_custom_value=True, label="Dataset",
                               info=f"a name: letters, digits, - and _ (stored in {data_dir})", elem_id="ann-dataset")
@@ -299,10 +321,11 @@ def build(data_dir: Path, backends: Backends) -> None:
             backend = gr.Markdown("Segmentation backend: chosen on first use (SAM 2 if its weights are present, "
                                   "otherwise the offline GrabCut fallback)", elem_id="ann-backend")
         with gr.Column():
-            editor = gr.ImageEditor(label="Mask (red) - correct it with the brush or eraser", type="numpy",
-                                    image_mode="RGBA", format="png", sources=[], layers=False, elem_id="ann-editor",
-                                    brush=gr.Brush(colors=["rgb(255, 0, 0)"], color_mode="fixed", default_size=8),
-                                    transforms=())
+            editor = gr.ImageEditor(label="Mask (magenta). Brush: magenta adds, cyan removes; the eraser undoes "
+                                    "strokes", type="numpy", image_mode="RGBA", format="png", sources=[],
+                                    layers=False, elem_id="ann-editor", transforms=(),
+                                    brush=gr.Brush(colors=[ADD_COLOUR, REMOVE_COLOUR], default_color=ADD_COLOUR,
+                                                   color_mode="fixed", default_size=6))
             mask = gr.Image(label="Current mask", type="numpy", image_mode="L", format="png", interactive=False,
                             elem_id="ann-mask", height=160)
             crop = gr.Image(label="Reference crop preview", type="pil", interactive=False, height=160)
@@ -335,37 +358,39 @@ def build(data_dir: Path, backends: Backends) -> None:
     def _segment(image, clicks, kind):
         p = parse_prompts(clicks)
         if not p["points"] and not p["box"]:
-            return gr.skip(), gr.skip(), gr.skip(), backends.backend_line() + "\n\nclick on the subject"
-        return segment(backends, image, clicks, kind)
+            return gr.skip(), gr.skip(), gr.skip(), backends.backend_line() + "\n\nclick on the subject", gr.skip()
+        value, m, preview, text = segment(backends, image, clicks, kind)
+        return value, m, preview, text, m
 
-    seg_outputs = [editor, mask, crop, backend]
+    seg_outputs = [editor, mask, crop, backend, base_mask]
     image.select(_click, [prompts, mode], prompts, api_visibility="private", queue=False).then(
         _segment, [image, prompts, subject_kind], seg_outputs, api_visibility="private")
     seg_btn.click(_segment, [image, prompts, subject_kind], seg_outputs, api_name="segment")
-    clear.click(lambda: (EMPTY_PROMPTS, None, None, None), None, [prompts, editor, mask, crop],
+    clear.click(lambda: (EMPTY_PROMPTS, None, None, None, None), None, [prompts, editor, mask, crop, base_mask],
                 api_visibility="private", queue=False)
-    image.upload(lambda: (EMPTY_PROMPTS, None, None, None, []), None, [prompts, editor, mask, crop, pending],
+    image.upload(lambda: (EMPTY_PROMPTS, None, None, None, [], None), None,
+                 [prompts, editor, mask, crop, pending, base_mask],
                  api_visibility="private", queue=False).then(pending_table, pending, subjects, queue=False,
                                                              api_visibility="private")
 
     @ui_errors
-    def _brush(value, image, kind):
+    def _brush(value, image, kind, base):
         img = _image(image)
-        m = mask_from_editor(value, img.size)
+        m = apply_strokes(base, value, img.size)
         if m is None:
             return gr.skip(), gr.skip()
         return m.astype(np.uint8) * 255, reference_preview(img, m, kind)
 
-    editor.input(_brush, [editor, image, subject_kind], [mask, crop], api_visibility="private",
+    editor.input(_brush, [editor, image, subject_kind, base_mask], [mask, crop], api_visibility="private",
                  trigger_mode="always_last")
 
     @ui_errors
     def _add(image, name, kind, mask_value, pend):
         new = add_subject(image, name, kind, mask_value, pend)
-        return new, pending_table(new), EMPTY_PROMPTS, None, None, f"added subject **{name}**; mark the next one"
+        return new, pending_table(new), EMPTY_PROMPTS, None, None, None, f"added subject **{name}**; mark the next"
 
     add.click(_add, [image, subject_name, subject_kind, mask, pending],
-              [pending, subjects, prompts, editor, mask, status], api_visibility="private")
+              [pending, subjects, prompts, editor, mask, base_mask, status], api_visibility="private")
 
     @ui_errors
     def _save(dataset, sample_name, image, caption, subject_name, subject_kind, mask, pend):
@@ -387,11 +412,11 @@ def build(data_dir: Path, backends: Backends) -> None:
     @ui_errors
     def _open(dataset, name):
         path, cap, pend = open_sample(data_dir, dataset, name)
-        return (path, cap, name, pend, pending_table(pend), EMPTY_PROMPTS, None, None,
+        return (path, cap, name, pend, pending_table(pend), EMPTY_PROMPTS, None, None, None,
                 f"opened **{name}** for review: saving under this name updates it")
 
     open_btn.click(_open, [dataset, sample_pick],
-                   [image, caption, sample_name, pending, subjects, prompts, editor, mask, status],
+                   [image, caption, sample_name, pending, subjects, prompts, editor, mask, base_mask, status],
                    api_visibility="private")
 
     @ui_errors

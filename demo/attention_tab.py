@@ -161,6 +161,7 @@ def build(holder: ModelHolder, output_dir: Path, examples: list[Example], gpu: A
             fig_off = gr.Image(label="Same seed, adapter off", type="pil", format="png", interactive=False)
             table = gr.Dataframe(headers=TABLE_HEADERS, label="Bleeding: attention mass outside each subject's own "
                                  "region (lower is better); overlap: histogram intersection with another subject")
+            notes = gr.Markdown(elem_id="attn-notes")
             summary = gr.JSON(label="Summary")
 
     adapter.change(lambda a: gr.update(visible=a == FOLDER_ADAPTER), adapter, folder, api_visibility="private",
@@ -178,11 +179,13 @@ def build(holder: ModelHolder, output_dir: Path, examples: list[Example], gpu: A
         st = run_attention(holder, output_dir, references, [name_1, name_2, name_3, name_4],
                            [kind_1, kind_2, kind_3, kind_4], prompt, seed, steps, guidance, height, width, adapter,
                            adapter_folder, masks, compare, progress)
-        return (st, *render_view(st), *view_controls(st))
+        text = "\n\n".join(([holder.note] if holder.note else []) + st["notes"])
+        return (st, *render_view(st), *view_controls(st), text)
 
     run.click(_attention, [gallery, *names, *kinds, prompt, seed, steps, guidance, height, width, adapter, folder,
                            masks, compare],
-              [state, fig_on, fig_off, table, summary, block, step], api_name="attention", concurrency_id="model")
+              [state, fig_on, fig_off, table, summary, block, step, notes], api_name="attention",
+              concurrency_id="model")
 
     @ui_errors
     def _view(st, block, step):

@@ -84,6 +84,8 @@ def apply_fields(cfg: dict, dataset: Path | None = None, lr: float | None = None
     if attention_weight is not None:
         if "attention_loss" not in cfg:
             raise UserError("this config has no attention_loss section (the Dice weight applies to pre-training)")
+        if attention_weight < 0:
+            raise UserError(f"the Dice weight must be >= 0, got {attention_weight}")
         cfg["attention_loss"]["weight"] = float(attention_weight)
     return cfg
 
@@ -99,6 +101,15 @@ def run_folder(settings: TrainSettings, mode: str, config: str, run_name: str | 
     return path
 
 
+def _optional_float(value: Any, what: str) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number (or blank for the config's), got {value!r}") from None
+
+
 def prepare_run(settings: TrainSettings, mode: str, config: str, config_text: str, max_steps: Any = None,
                 dataset: str | None = None, run_name: str | None = None, lr: Any = None,
                 attention_weight: Any = None) -> tuple[list[str], Path, dict]:
@@ -109,8 +120,7 @@ def prepare_run(settings: TrainSettings, mode: str, config: str, config_text: st
         raise UserError(f"mode must be one of {', '.join(settings.modules)}")
     cfg = _parse_yaml(config_text or read_config(settings, config))
     ds = resolve_dataset(settings.data_dir, dataset) if (dataset or "").strip() else None
-    cfg = apply_fields(cfg, ds, float(lr) if lr not in (None, "", 0) else None,
-                       float(attention_weight) if attention_weight not in (None, "") else None)
+    cfg = apply_fields(cfg, ds, _optional_float(lr, "learning rate"), _optional_float(attention_weight, "Dice weight"))
     steps = int(max_steps) if max_steps not in (None, "") else 0
     if steps < 0:
         raise UserError(f"max steps must be >= 0 (0 = the config's), got {steps}")
@@ -246,11 +256,12 @@ def build(settings: TrainSettings, runner: JobRunner) -> None:
             default = "tiny_pretrain.yaml" if "tiny_pretrain.yaml" in configs else (configs[0] if configs else None)
             config = gr.Dropdown(configs, value=default, label="Config (train/configs)", elem_id="train-config")
             config_text = gr.Code(read_config(settings, default) if default else "", language="yaml",
-                                  label="Config (edit freely; a copy is saved in the run folder)", lines=14)
+                                  label="Config (edit freely; a copy is saved in the run folder)", lines=12,
+                                  max_lines=18)
             with gr.Row():
                 max_steps = gr.Number(value=0, precision=0, label="Max steps (0 = config)", minimum=0)
-                lr = gr.Number(value=None, label="Learning rate (blank = config)")
-                attn_w = gr.Number(value=None, label="Dice weight λ (blank = config)")
+                lr = gr.Textbox(value="", label="Learning rate (blank = config)", max_lines=1)
+                attn_w = gr.Textbox(value="", label="Dice weight λ (blank = config)", max_lines=1)
             with gr.Row():
                 dataset = gr.Dropdown(list_datasets(settings.data_dir), value=None, allow_custom_value=True,
                                       label="Dataset (blank = the config's)", elem_id="train-dataset")

@@ -69,7 +69,7 @@ def test_generate_with_two_references(app):
 
 def test_attention_maps_and_adapter_off(app):
     args = _gen_args(app["refs"], adapter="folder...", adapter_folder=app["adapter"])
-    on, off, table, summary, block, step = app["client"].predict(
+    on, off, table, summary, block, step, notes = app["client"].predict(
         **args, masks=[handle_file(m) for m in app["masks"]], compare=True, api_name="/attention")
     assert Image.open(on).size[0] > 64 and off is not None
     assert np.asarray(summary["with_adapter"]["maps"]).shape == (2, 4, 4)
@@ -83,7 +83,7 @@ def test_segment_click_and_save_sample_round_trip(app, tmp_path):
     editor, mask, crop, status = app["client"].predict(
         image=handle_file(img), clicks='{"points": [[48, 48, 1]], "box": null}', kind="object", api_name="/segment")
     m = np.asarray(Image.open(mask).convert("L")) > 127
-    assert 0.15 < m.mean() < 0.4 and "GrabCut" in status and crop is not None and editor["layers"]
+    assert 0.15 < m.mean() < 0.4 and "GrabCut" in status and crop is not None and editor["background"]
     out = app["client"].predict(dataset="mine", sample_name="s1", image=handle_file(img), caption="a red box",
                                 subject_name="box", subject_kind="object", mask=handle_file(mask),
                                 api_name="/save_sample")

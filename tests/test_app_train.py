@@ -73,11 +73,11 @@ def test_prepare_run_writes_the_config_copy_and_the_cli_contract(settings):
     assert "tiny_pretrain.yaml" in tt.list_configs(settings, "pretrain")
     assert all("ippo" in c for c in tt.list_configs(settings, "ippo"))
     text = tt.read_config(settings, "tiny_pretrain.yaml")
-    argv, run_dir, meta = tt.prepare_run(settings, "pretrain", "tiny_pretrain.yaml", text, 3, None, "r1", 0.01, 0.25)
+    argv, run_dir, meta = tt.prepare_run(settings, "pretrain", "tiny_pretrain.yaml", text, 3, None, "r1", "0.01", "0")
     assert argv[1:3] == ["-m", "train.pretrain"] and argv[argv.index("--max-steps") + 1] == "3"
     assert argv[argv.index("--output-dir") + 1] == str(run_dir) and run_dir.name == "r1"
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert cfg["optim"]["lr"] == 0.01 and cfg["attention_loss"]["weight"] == 0.25 and "toyworld" in cfg["data"]
+    assert cfg["optim"]["lr"] == 0.01 and cfg["attention_loss"]["weight"] == 0.0 and "toyworld" in cfg["data"]
     with pytest.raises(UserError, match="already exists"):
         tt.prepare_run(settings, "pretrain", "tiny_pretrain.yaml", text, 3, None, "r1")
     assert meta["mode"] == "pretrain"
@@ -98,7 +98,8 @@ def test_dataset_field_replaces_the_toyworld_source(settings, tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dataset="nowhere"), "no dataset named"), (dict(dataset="../etc"), "invalid dataset name"),
     (dict(config_text="a: [unclosed"), "not valid YAML"), (dict(max_steps=-1), "max steps"),
-    (dict(run_name="../x"), "invalid run name"), (dict(attention_weight=0.5, mode="ippo"), "attention_loss"),
+    (dict(run_name="../x"), "invalid run name"), (dict(attention_weight="0.5", mode="ippo"), "attention_loss"),
+    (dict(lr="fast"), "learning rate must be a number"), (dict(attention_weight="-1"), "Dice weight"),
 ])
 def test_bad_train_inputs_are_refused_before_anything_runs(settings, kwargs, match):
     args = dict(mode="pretrain", config="tiny_pretrain.yaml", config_text="", max_steps=0, dataset=None,
