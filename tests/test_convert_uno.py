@@ -130,7 +130,7 @@ def test_stock_flux_pipeline_loads_converted_dir(converted):
     with torch.no_grad():
         stock_out = stock.transformer(**kw)[0]
     ours = build_tiny_components()["transformer"]
-    handles = uno_reference_hooks(ours, sd)
+    uno_reference_hooks(ours, sd)
     with torch.no_grad():
         expected = ours(**kw)[0]
     assert (stock_out - expected).abs().max() <= 1e-5

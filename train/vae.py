@@ -158,7 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this step (a checkpoint is written)")
     ap.add_argument("--output-dir", default=None)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--finalize", action="store_true",
+                    help="with --resume: save the VAE (with data-estimated shift/scale) from the latest checkpoint now")
     args = ap.parse_args(argv)
+    if args.finalize and not args.resume:
+        raise UserError("--finalize needs --resume (it finalizes the latest checkpoint)")
     cfg = load_config(args.config, VAEConfig)
     out = Path(args.output_dir or cfg.train.output_dir)
     torch.set_num_threads(cfg.train.threads)
@@ -181,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif out.exists() and any(out.glob("checkpoint-*")):
         raise UserError(f"{out} already holds checkpoints: pass --resume, or choose another --output-dir")
     logger = MetricsLogger(out, resume_step=start if ckpt is not None else None)
-    end = min(cfg.train.steps, args.max_steps or cfg.train.steps)
+    end = start if args.finalize else min(cfg.train.steps, args.max_steps or cfg.train.steps)
     loader = torch.utils.data.DataLoader(_StepBatches(cfg, start, end), batch_size=None, shuffle=False,
                                          num_workers=cfg.train.num_workers)
     bar = tqdm(zip(range(start, end), loader), initial=start, total=end, desc="vae", dynamic_ncols=True)
@@ -202,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_checkpoint(out, step + 1, {"vae": vae.state_dict(), "optimizer": opt.state_dict(),
                                             "scheduler": sched.state_dict(), "rng": capture_rng_state()},
                             keep_last=cfg.train.keep_last)
-    if end >= cfg.train.steps:
+    if end >= cfg.train.steps or args.finalize:
         vae.eval()
         shift, scale = latent_statistics(vae, cfg)
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
