@@ -240,8 +240,9 @@ def window_log_probs(transformer, ro: Rollout, group: int, samples: slice) -> to
     ctx = ro.groups[group]
     out = []
     for j, i in enumerate(ro.window):
-        step = _window_transition(transformer, ctx, ro.x_t[samples, j], ro.latent_ids, ro.schedule, i, ro.guidance,
-                                  ro.noise_level, x_next=ro.x_next[samples, j])
+        # contiguous like the rollout's own tensors: strided inputs can take other (bf16) kernels and change bits
+        step = _window_transition(transformer, ctx, ro.x_t[samples, j].contiguous(), ro.latent_ids, ro.schedule, i,
+                                  ro.guidance, ro.noise_level, x_next=ro.x_next[samples, j].contiguous())
         out.append(step.log_prob)
     return torch.stack(out, 1)
 

@@ -184,3 +184,11 @@ def test_overfit_on_one_prompt_raises_the_reward(tmp_path):
     recs = read_metrics(tmp_path)
     assert len(recs) == 40 and all(r["ratio_first"] == 1.0 for r in recs)
     assert json.loads(Path(res["adapter_dir"], "adapter_config.json").read_text())["extra"]["trained_by"] == "ippo"
+
+
+@pytest.mark.parametrize("name", ["tiny_ippo", "toy_ippo", "flux_dev_ippo"])
+def test_shipped_configs_parse(name):
+    cfg = load_config(CONFIG.parent / f"{name}.yaml", IPPOConfig)
+    assert cfg.window_schedule().steps(0) == list(range(cfg.window.size))
+    if name == "flux_dev_ippo":   # the paper's settings
+        assert (cfg.sampling.num_steps, cfg.window.size, cfg.window.stride) == (16, 2, 1)
