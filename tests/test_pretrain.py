@@ -4,6 +4,8 @@ attention, resume is exact, bad configs stop with one line."""
 from __future__ import annotations
 
 import copy
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -263,3 +265,43 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, world):
         assert a["loss_diff"] == pytest.approx(b["loss_diff"], rel=1e-5)
         assert a["loss_attn"] == pytest.approx(b["loss_attn"], rel=1e-5) and a["loss_attn"] > 0
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_two_process_data_parallel_run_on_cpu(tmp_path, world):
+    """torchrun with 2 CPU processes (gloo): one metrics file, batches split by rank, losses averaged."""
+    out = tmp_path / "ddp"
+    cfg = write_cfg(tmp_path, world, train__max_steps=2, adapter__type="lora")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                          "train.pretrain", "--config", str(cfg), "--output-dir", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    single = tmp_path / "single"
+    main(["--config", str(cfg), "--output-dir", str(single), "--max-steps", "1"])
+    assert read_metrics(out)[0]["loss"] != read_metrics(single)[0]["loss"]   # rank 1's batch entered the mean
+    assert len(load_checkpoint(out / "checkpoint-2")["rng"]) == 2             # one noise stream per rank
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_init_adapter_starts_from_saved_weights_and_adds_experts(tmp_path, world):
+    from multicrafter.moe_lora import moe_modules
+
+    first = tmp_path / "first"
+    main(["--config", str(write_cfg(tmp_path / "a", world, adapter__type="lora")), "--output-dir", str(first)])
+    saved = load_checkpoint(first / "checkpoint-3")["trainable"]
+    t = _trainer(tmp_path / "b", world, adapter__type="moe_lora", adapter__init_adapter=str(first / "adapter"))
+    named = dict(t.transformer.named_parameters())
+    assert all(torch.equal(named[n].float(), v) for n, v in saved.items())   # LoRA continues from the file
+    assert moe_modules(t.transformer) and all(named[n].requires_grad for n in saved)
+    t.train_step()
+    cfg = json.loads((t.save_final() / "adapter_config.json").read_text())
+    assert cfg["moe"]["num_experts"] == 4 and cfg["extra"]["init_adapter"] == str(first / "adapter")
+
+
+def test_encoding_on_the_fly_equals_the_cache(tmp_path, world):
+    losses = []
+    for cache in (True, False):
+        t = _trainer(tmp_path / str(cache), world, data__cache=cache, data__caption_dropout=0.5, adapter__type="lora")
+        losses.append([(r["loss_diff"], r["loss_attn"]) for r in (t.train_step() for _ in range(3))])
+        assert bool(t.data._cache) == cache
+    assert losses[0] == losses[1]

@@ -390,6 +390,8 @@ def setup_accelerator(cfg: Any = None, *, mixed_precision: str | None = None,
     if mp not in ("no", "bf16", "fp16"):
         raise UserError(f"mixed_precision must be no, bf16 or fp16, got {mp!r}")
     force_cpu = bool(cpu if cpu is not None else getattr(cfg, "cpu", False))
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        force_cpu = True  # torchrun on CPUs: accelerate only sets up gloo (MULTI_CPU) with cpu=True
     if mp == "fp16" and (force_cpu or not torch.cuda.is_available()):
         raise UserError("fp16 mixed precision needs a GPU; use bf16 or no on CPU")
     accum = gradient_accumulation_steps or getattr(cfg, "gradient_accumulation_steps", 1) or 1

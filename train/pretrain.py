@@ -405,7 +405,16 @@ class Trainer:
         return {"step": self.step, "trainable": {names[id(p)]: p.detach().cpu().clone() for p in self.params},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "data": self.order.state_dict(),
-                "rng": capture_rng_state({"noise": self.noise_gen}), "config": config_to_dict(self.cfg)}
+                "rng": self._gather_rng(), "config": config_to_dict(self.cfg)}
+
+    def _gather_rng(self) -> list[dict]:
+        """Every process's RNG state (index = process rank), so each rank resumes its own noise stream."""
+        mine = capture_rng_state({"noise": self.noise_gen})
+        if self.accelerator.num_processes == 1:
+            return [mine]
+        from accelerate.utils import gather_object
+
+        return gather_object([mine])
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
@@ -422,7 +431,11 @@ class Trainer:
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
         self.order.load_state_dict(state["data"])
-        restore_rng_state(state["rng"], {"noise": self.noise_gen})
+        rngs = state["rng"]
+        if len(rngs) != self.accelerator.num_processes:
+            raise UserError(f"checkpoint {path} was written by {len(rngs)} process(es); resume it with the same "
+                            f"number (now {self.accelerator.num_processes})")
+        restore_rng_state(rngs[self.accelerator.process_index], {"noise": self.noise_gen})
         self.step = checkpoint_step(path)
 
     def save_checkpoint(self) -> None:
