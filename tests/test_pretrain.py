@@ -305,3 +305,24 @@ def test_encoding_on_the_fly_equals_the_cache(tmp_path, world):
         losses.append([(r["loss_diff"], r["loss_attn"]) for r in (t.train_step() for _ in range(3))])
         assert bool(t.data._cache) == cache
     assert losses[0] == losses[1]
+
+
+def test_buckets_and_batch_order():
+    from PIL import Image
+
+    from train.data import BatchOrder, bucket_size, cover_crop
+
+    assert bucket_size(200, 100, 64, False) == (64, 64)
+    assert bucket_size(200, 100, 64, True) == (80, 48)               # nearest aspect 16:9, ~64² pixels
+    assert bucket_size(100, 100, 64, True) == (64, 64)
+    assert cover_crop(Image.new("RGB", (200, 100)), (80, 48)).size == (80, 48)
+    keys = [("a",), ("b",)] * 5
+    order = BatchOrder(keys, 2, seed=3)
+    epoch0 = order.epoch_batches(0)
+    assert sorted(i for b in epoch0 for i in b) == list(range(10))
+    assert all(len({keys[i] for i in b}) == 1 for b in epoch0)      # one layout per batch
+    assert epoch0 == BatchOrder(keys, 2, seed=3).epoch_batches(0) and epoch0 != order.epoch_batches(1)
+    r0, r1 = BatchOrder(keys, 2, 3, 2, 0).epoch_batches(0), BatchOrder(keys, 2, 3, 2, 1).epoch_batches(0)
+    assert not {i for b in r0 for i in b} & {i for b in r1 for i in b}
+    seen = [order.next() for _ in range(len(epoch0) + 1)]
+    assert seen[:-1] == epoch0 and order.state_dict() == {"epoch": 1, "index": 1}
