@@ -9,6 +9,7 @@ attention capture where everything sits), the post-hook keeps only the target to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from diffusers.utils import BaseOutput
 from . import presets
 from .attention import AttentionCapture, CaptureLayout, find_capture, install_capture, normalize_maps, remove_capture
 from .errors import UserError, one_line
+from .ref_timestep import install_ref_timestep
 from .references import (
     PackedReferences,
     ReferenceOptions,
@@ -140,9 +142,7 @@ class MultiCrafterPipeline(FluxPipeline):
         self.adapter_name = str(name_or_dir)
         extra = getattr(cfg, "extra", None) or {}
         if "reference_style" in extra:
-            opts = self.reference_options
-            self.reference_options = ReferenceOptions(opts.max_references, opts.long_side_single,
-                                                      opts.long_side_multi, opts.multiple, extra["reference_style"])
+            self.reference_options = dataclasses.replace(self.reference_options, style=extra["reference_style"])
         self.sampling_defaults = dict(extra.get("sampling_defaults", {}))
         return cfg
 
@@ -212,6 +212,10 @@ class MultiCrafterPipeline(FluxPipeline):
         if packed.num_tokens or capture is not None:
             handles = [self.transformer.register_forward_pre_hook(hooks.pre, with_kwargs=True),
                        self.transformer.register_forward_hook(hooks.post, with_kwargs=True)]
+        ref_t0 = None
+        if (reference_options or self.reference_options).ref_timestep_zero and packed.num_tokens:
+            ref_t0 = install_ref_timestep(self.transformer)
+            ref_t0.enabled, ref_t0.n_ref = True, packed.num_tokens
         return_dict = kwargs.pop("return_dict", True)
         adapter_ctx = self.adapter_disabled() if not use_adapter else contextlib.nullcontext()
         try:
@@ -220,6 +224,8 @@ class MultiCrafterPipeline(FluxPipeline):
         finally:
             for h in handles:
                 h.remove()
+            if ref_t0 is not None:
+                ref_t0.enabled = False
             if installed:
                 remove_capture(self.transformer)
         out = MultiCrafterPipelineOutput(images=result.images, reference_images=refs_pil)

@@ -31,6 +31,7 @@ class ReferenceOptions:
     long_side_multi: int = 320
     multiple: int = 16            # sizes are rounded down to a multiple of this (VAE x8 and 2x2 packing)
     style: str = "multicrafter"   # "uno": UNO's exact preprocessing (truncating resize, LANCZOS, centre crop)
+    ref_timestep_zero: bool = False  # modulate reference tokens with the t = 0 embedding (MOSAIC); default: shared t
 
     def __post_init__(self) -> None:
         if self.style not in ("multicrafter", "uno"):
@@ -191,6 +192,11 @@ def predict_velocity(
     """
     n_target = latents.shape[1]
     hidden, ids = join_references(latents, latent_ids, refs)
+    from .ref_timestep import find_ref_timestep
+
+    ref_t0 = find_ref_timestep(transformer)
+    if ref_t0 is not None:  # installed by the trainer when the config asks for references at t = 0
+        ref_t0.n_ref = refs.num_tokens if refs is not None else 0
     if capture is not None:
         from .attention import CaptureLayout
 
