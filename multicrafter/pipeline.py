@@ -141,8 +141,10 @@ class MultiCrafterPipeline(FluxPipeline):
         cfg = load_adapter(self.transformer, directory)
         self.adapter_name = str(name_or_dir)
         extra = getattr(cfg, "extra", None) or {}
-        if "reference_style" in extra:
-            self.reference_options = dataclasses.replace(self.reference_options, style=extra["reference_style"])
+        # An adapter remembers how its references were prepared during training.
+        for key, field_name in (("reference_style", "style"), ("ref_timestep_zero", "ref_timestep_zero")):
+            if key in extra:
+                self.reference_options = dataclasses.replace(self.reference_options, **{field_name: extra[key]})
         self.sampling_defaults = dict(extra.get("sampling_defaults", {}))
         return cfg
 
