@@ -11,7 +11,15 @@ import numpy as np
 
 from multicrafter.errors import UserError
 
-from .common import check_prompt, check_size, collect_references, output_path, reference_inputs, ui_errors
+from .common import (
+    check_prompt,
+    check_size,
+    collect_references,
+    output_path,
+    reference_inputs,
+    sampling_controls,
+    ui_errors,
+)
 from .examples import Example
 from .generate_tab import MAX_STEPS, check_steps, run_pipeline
 from .state import FOLDER_ADAPTER, ModelHolder
@@ -131,24 +139,13 @@ def view_controls(state: dict[str, Any]):
 
 def build(holder: ModelHolder, output_dir: Path, examples: list[Example], gpu: Any,
           generate_inputs: dict[str, Any]) -> None:
-    d = holder.defaults()
     state = gr.State(None)
     with gr.Row():
         with gr.Column(scale=3):
             copy = gr.Button("Copy inputs from the Generate tab", size="sm")
             gallery, names, kinds = reference_inputs("attn")
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="attn-prompt")
-            with gr.Row():
-                seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
-                steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps")
-                guidance = gr.Slider(0.0, 10.0, value=d["guidance"], step=0.5, label="Guidance")
-            with gr.Row():
-                height = gr.Slider(64, 1536, value=d["size"], step=16, label="Height")
-                width = gr.Slider(64, 1536, value=d["size"], step=16, label="Width")
-            with gr.Row():
-                adapter = gr.Dropdown(holder.adapter_choices(), value=holder.default_adapter(), label="Adapter")
-                folder = gr.Textbox(label="Adapter folder", visible=holder.default_adapter() == FOLDER_ADAPTER,
-                                    value=holder.initial_adapter or "", max_lines=1)
+            seed, steps, guidance, height, width, adapter, folder = sampling_controls(holder, MAX_STEPS)
             masks = gr.File(label="Optional subject masks (one per subject, in order) for exact bleeding regions",
                             file_count="multiple", file_types=["image"], type="filepath")
             compare = gr.Checkbox(value=True, label="Also run the same seed with the adapter off")

@@ -171,3 +171,25 @@ def resolve_dataset(data_dir: Path, name: str | None, must_exist: bool = True) -
 def list_datasets(data_dir: Path) -> list[str]:
     d = Path(data_dir)
     return sorted(p.name for p in d.iterdir() if (p / "metadata.jsonl").is_file()) if d.is_dir() else []
+
+
+def sampling_controls(holder: Any, max_steps: int, adapter_info: str | None = None) -> tuple:
+    """Seed, steps, guidance, size and adapter controls shared by the Generate and Attention tabs.
+
+    Returns (seed, steps, guidance, height, width, adapter, folder)."""
+    from .state import FOLDER_ADAPTER
+
+    d = holder.defaults()
+    with gr.Row():
+        seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
+        steps = gr.Slider(1, max_steps, value=d["steps"], step=1, label="Steps")
+        guidance = gr.Slider(0.0, 10.0, value=d["guidance"], step=0.5, label="Guidance")
+    with gr.Row():
+        height = gr.Slider(64, 1536, value=d["size"], step=16, label="Height")
+        width = gr.Slider(64, 1536, value=d["size"], step=16, label="Width")
+    with gr.Row():
+        adapter = gr.Dropdown(holder.adapter_choices(), value=holder.default_adapter(), label="Adapter",
+                              info=adapter_info)
+        folder = gr.Textbox(label="Adapter folder", visible=holder.default_adapter() == FOLDER_ADAPTER,
+                            value=holder.initial_adapter or "", max_lines=1)
+    return seed, steps, guidance, height, width, adapter, folder

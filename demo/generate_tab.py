@@ -16,6 +16,7 @@ from .common import (
     output_path,
     progress_callback,
     reference_inputs,
+    sampling_controls,
     ui_errors,
 )
 from .examples import Example
@@ -84,18 +85,8 @@ def build(holder: ModelHolder, output_dir: Path, examples: list[Example], gpu: A
             gallery, names, kinds = reference_inputs("gen")
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="gen-prompt",
                                 placeholder="e.g. a red striped circle on the left and a blue dotted square on the right")
-            with gr.Row():
-                seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
-                steps = gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps")
-                guidance = gr.Slider(0.0, 10.0, value=d["guidance"], step=0.5, label="Guidance")
-            with gr.Row():
-                height = gr.Slider(64, 1536, value=d["size"], step=16, label="Height")
-                width = gr.Slider(64, 1536, value=d["size"], step=16, label="Width")
-            with gr.Row():
-                adapter = gr.Dropdown(holder.adapter_choices(), value=holder.default_adapter(), label="Adapter",
-                                      info="none = base model; folder... = an adapter directory on this machine")
-                folder = gr.Textbox(label="Adapter folder", visible=holder.default_adapter() == FOLDER_ADAPTER,
-                                    value=holder.initial_adapter or "", max_lines=1)
+            seed, steps, guidance, height, width, adapter, folder = sampling_controls(
+                holder, MAX_STEPS, "none = base model; folder... = an adapter directory on this machine")
             run = gr.Button("Generate", variant="primary", elem_id="gen-run")
         with gr.Column(scale=2):
             image = gr.Image(label="Result", type="filepath", format="png", interactive=False, elem_id="gen-result")

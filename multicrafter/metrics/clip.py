@@ -14,7 +14,7 @@ from PIL import Image
 
 from .defaults import DEFAULT_CLIP
 from .loading import load_pretrained, read_json_config
-from .preprocess import ImagePreprocess, clip_default, from_hf_config
+from .preprocess import ImagePreprocess, clip_default, embed_in_batches, from_hf_config
 
 __all__ = ["DEFAULT_CLIP", "ClipScorer", "mean_reference_similarity"]
 
@@ -57,14 +57,8 @@ class ClipScorer:
     @torch.inference_mode()
     def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) float32 unit vectors on the CPU."""
-        out = []
-        dtype = next(self.model.parameters()).dtype
-        for i in range(0, len(images), self.batch_size):
-            px = self.preprocess(images[i:i + self.batch_size]).to(self.device, dtype)
-            out.append(_features(self.model.get_image_features(pixel_values=px)).float().cpu())
-        if not out:
-            return torch.zeros(0, self.dim)
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        return embed_in_batches(images, self.preprocess, lambda px: _features(self.model.get_image_features(pixel_values=px)), self.model,
+                                self.batch_size, self.device, self.dim)
 
     @torch.inference_mode()
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from PIL import Image
 from .clip import mean_reference_similarity
 from .defaults import DEFAULT_DINO, DINOV2
 from .loading import load_pretrained, read_json_config
-from .preprocess import ImagePreprocess, dino_default, from_hf_config
+from .preprocess import ImagePreprocess, dino_default, embed_in_batches, from_hf_config
 
 __all__ = ["DEFAULT_DINO", "DINOV2", "DinoScorer"]
 
@@ -56,14 +56,8 @@ class DinoScorer:
     @torch.inference_mode()
     def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) float32 unit CLS vectors on the CPU."""
-        out = []
-        dtype = next(self.model.parameters()).dtype
-        for i in range(0, len(images), self.batch_size):
-            px = self.preprocess(images[i:i + self.batch_size]).to(self.device, dtype)
-            out.append(self.model(pixel_values=px).last_hidden_state[:, 0].float().cpu())
-        if not out:
-            return torch.zeros(0, self.dim)
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        return embed_in_batches(images, self.preprocess, lambda px: self.model(pixel_values=px).last_hidden_state[:, 0], self.model,
+                                self.batch_size, self.device, self.dim)
 
     def dino_i(self, images: Sequence[Image.Image], references: Sequence[Sequence[Image.Image]]) -> list[float]:
         """Mean over each image's references of cosine(whole image, reference); 0 for an image with no reference."""

@@ -96,3 +96,16 @@ def from_hf_config(cfg: dict[str, Any] | None, default: ImagePreprocess) -> Imag
     std = tuple(cfg.get("image_std", default.std))
     resample = int(cfg.get("resample", default.resample))
     return ImagePreprocess(resize, crop, mean, std, resample)  # type: ignore[arg-type]
+
+
+def embed_in_batches(images: Sequence[Image.Image], preprocess: Any, forward: Any, model: torch.nn.Module,
+                     batch_size: int, device: Any, dim: int) -> torch.Tensor:
+    """Preprocess and embed images batch by batch: (N, dim) float32 unit vectors on the CPU (CLIP and DINO share it)."""
+    out = []
+    dtype = next(model.parameters()).dtype
+    for i in range(0, len(images), batch_size):
+        px = preprocess(images[i:i + batch_size]).to(device, dtype)
+        out.append(forward(px).float().cpu())
+    if not out:
+        return torch.zeros(0, dim)
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
