@@ -124,3 +124,26 @@ def test_window_outside_the_schedule_is_refused(pipe):
         rollout(pipe, [GroupInput("x")], [3, 4], _opts(), decode=False)
     with pytest.raises(UserError, match="multiples of 16"):
         _opts(height=40)
+
+
+def test_first_ratio_is_exact_in_bf16_with_a_wider_model():
+    """An fp32 adapter on a bf16 base (the trainer's setting). bench/ippo_step.py repeats this check on its own model,
+    where feeding the recompute strided (non-contiguous) slices once changed bf16 bits."""
+    from diffusers import FluxTransformer2DModel
+
+    from multicrafter.presets import TINY_TRANSFORMER, build_tiny_components
+
+    comps = build_tiny_components(dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    wide = FluxTransformer2DModel(**dict(TINY_TRANSFORMER, num_attention_heads=4, attention_head_dim=32,
+                                         axes_dims_rope=(8, 12, 12)))
+    comps["transformer"] = wide.to(torch.bfloat16).eval().requires_grad_(False)
+    p = MultiCrafterPipeline(**comps)
+    add_adapter(p.transformer, AdapterConfig(lora_rank=4, lora_alpha=4.0))
+    with torch.no_grad():
+        for prm in adapter_parameters(p.transformer):
+            prm.data = prm.data.float().normal_(0, 0.02)   # fp32 adapter on a bf16 base, as the trainer keeps it
+    ro = rollout(p, [GroupInput("a cat", [_ref(6)])], [0, 1], _opts(), generator=torch.Generator().manual_seed(5))
+    assert ro.x_t.dtype == torch.bfloat16 and ro.log_probs.dtype == torch.float32
+    for g, sl in iter_chunks(ro):
+        assert torch.equal(window_log_probs(p.transformer, ro, g, sl).detach(), ro.log_probs[sl])

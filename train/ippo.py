@@ -326,7 +326,7 @@ def train(cfg: IPPOConfig, output_dir: str | Path | None = None, max_steps: int 
                               accelerator.process_index, accelerator.num_processes)
             for i in ids:
                 if i not in contexts:
-                    if len(contexts) >= 512:
+                    if len(contexts) >= 64:  # FLUX T5 embeddings are ~4 MB per prompt on the GPU
                         contexts.clear()
                     contexts[i] = encode_group(pipe, prompts[i], cfg.sampling)
             gen = torch.Generator().manual_seed(_seed_for(cfg.train.seed, step, accelerator.process_index))
