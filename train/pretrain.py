@@ -200,7 +200,6 @@ class Trainer:
         if cfg.model.init_transformer is not None:
             self._init_transformer(cfg.model.init_transformer)
         self.transformer = tr = self.pipe.transformer
-        self.dtype = tr.dtype
         self.adapter_cfg = None
         if cfg.train.mode == "adapter":
             self._add_adapter()
@@ -209,6 +208,7 @@ class Trainer:
         self.params = [p for p in tr.parameters() if p.requires_grad]
         for p in self.params:  # trainable weights in fp32 (frozen ones may be bf16/fp16)
             p.data = p.data.float()
+        self.dtype = tr.dtype  # dtype of the model inputs: the frozen weights' (all fp32 in base mode)
         if cfg.model.gradient_checkpointing:
             tr.enable_gradient_checkpointing()
         tr.train()
