@@ -194,14 +194,15 @@ def predict_velocity(
     hidden, ids = join_references(latents, latent_ids, refs)
     from .ref_timestep import find_ref_timestep
 
-    ref_t0 = find_ref_timestep(transformer)
+    base = getattr(transformer, "module", transformer)  # DDP / accelerate wrappers keep the model in .module
+    ref_t0 = find_ref_timestep(base)
     if ref_t0 is not None:  # installed by the trainer when the config asks for references at t = 0
         ref_t0.n_ref = refs.num_tokens if refs is not None else 0
     if capture is not None:
         from .attention import CaptureLayout
 
         capture.layout = CaptureLayout(prompt_embeds.shape[1], n_target, list(refs.lengths) if refs else [])
-    if guidance is None and getattr(transformer.config, "guidance_embeds", False):
+    if guidance is None and getattr(getattr(base, "config", None), "guidance_embeds", False):
         guidance = torch.full((latents.shape[0],), 1.0, device=latents.device, dtype=torch.float32)
     out = transformer(
         hidden_states=hidden, timestep=sigma.expand(latents.shape[0]).to(latents.dtype), guidance=guidance,

@@ -326,3 +326,18 @@ def test_buckets_and_batch_order():
     assert not {i for b in r0 for i in b} & {i for b in r1 for i in b}
     seen = [order.next() for _ in range(len(epoch0) + 1)]
     assert seen[:-1] == epoch0 and order.state_dict() == {"epoch": 1, "index": 1}
+
+
+def test_references_at_timestep_zero_train_and_carry_to_inference(tmp_path, world):
+    """model.ref_timestep_zero trains with the per-token t = 0 modulation and the adapter remembers it."""
+    out = tmp_path / "run"
+    cfg = write_cfg(tmp_path, world, model__ref_timestep_zero=True, adapter__type="lora")
+    assert main(["--config", str(cfg), "--output-dir", str(out)]) == 0
+    plain_out = tmp_path / "plain"
+    assert main(["--config", str(write_cfg(tmp_path / "p", world, adapter__type="lora")), "--output-dir",
+                 str(plain_out)]) == 0
+    zero, plain = read_metrics(out), read_metrics(plain_out)
+    assert zero[0]["loss_diff"] != plain[0]["loss_diff"]  # the forward differs from the shared-timestep one
+    pipe = MultiCrafterPipeline.from_pretrained("tiny")
+    pipe.load_adapter(out / "adapter")
+    assert pipe.reference_options.ref_timestep_zero

@@ -66,6 +66,9 @@ class ModelConfig:
     # train.seed): how a new base is started from a folder that holds only a trained VAE and text side. in_channels,
     # joint_attention_dim, pooled_projection_dim and guidance_embeds default to the loaded model's.
     init_transformer: dict[str, Any] | None = None
+    # Modulate reference tokens with the t = 0 embedding (MOSAIC option; multicrafter/ref_timestep.py). Recorded in
+    # the adapter so inference does the same. Default: references share the target's timestep (UNO).
+    ref_timestep_zero: bool = False
     vae: str | None = None               # replace the VAE by this diffusers AutoencoderKL folder (e.g. the toy VAE)
 
 
@@ -163,7 +166,7 @@ def adapter_config(cfg: PretrainConfig, ref_options) -> object:
                             load_balance_weight=m.load_balance_weight, router_noise=m.router_noise, impl=m.impl)
     extra = {"reference_sizes": {"long_side_single": ref_options.long_side_single,
                                  "long_side_multi": ref_options.long_side_multi},
-             "attention_loss_weight": cfg.attention_loss.weight}
+             "attention_loss_weight": cfg.attention_loss.weight, "ref_timestep_zero": cfg.model.ref_timestep_zero}
     return AdapterConfig(lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
                          lora_targets=a.lora_targets if a.lora_targets is not None else DEFAULT_LORA_TARGETS,
                          moe=moe, extra=extra)
@@ -200,6 +203,10 @@ class Trainer:
         if cfg.model.init_transformer is not None:
             self._init_transformer(cfg.model.init_transformer)
         self.transformer = tr = self.pipe.transformer
+        if cfg.model.ref_timestep_zero:
+            from multicrafter.ref_timestep import install_ref_timestep
+
+            install_ref_timestep(tr).enabled = True
         self.adapter_cfg = None
         if cfg.train.mode == "adapter":
             self._add_adapter()
