@@ -21,6 +21,7 @@ import tempfile
 import types
 import typing
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -174,6 +175,22 @@ def load_config(path: str | os.PathLike | None, cls: type[T], overrides: dict | 
         return _build(cls, data)
     except UserError as exc:
         raise UserError(f"{path}: {exc}" if path is not None else str(exc)) from None
+
+
+def parse_set_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items (values parsed as YAML) -> overrides for `load_config`."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects KEY=VALUE (e.g. optim.lr=1e-4), got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {key.strip()}: cannot parse value {value!r}") from None
+    return out
 
 
 def config_to_dict(cfg: Any) -> dict:

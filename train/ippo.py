@@ -51,6 +51,7 @@ from train.common import (
     latest_checkpoint,
     load_checkpoint,
     load_config,
+    parse_set_overrides,
     restore_rng_state,
     save_checkpoint,
     seed_everything,
@@ -385,18 +386,6 @@ def _fmt(v: float | None) -> str:
 # ----------------------------------------------------------------------------------------------- CLI
 
 
-def _parse_set(items: Sequence[str]) -> dict[str, Any]:
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set expects KEY=VALUE (e.g. optim.lr=1e-4), got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.ippo", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML config (train/configs/*_ippo.yaml)")
@@ -410,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, IPPOConfig, _parse_set(args.set))
+    cfg = load_config(args.config, IPPOConfig, parse_set_overrides(args.set))
     result = train(cfg, args.output_dir, args.max_steps, args.resume)
     print(f"adapter: {result['adapter_dir']}")
     return 0

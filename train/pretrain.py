@@ -43,6 +43,7 @@ from .common import (
     load_checkpoint,
     load_config,
     parse_dtype,
+    parse_set_overrides,
     restore_rng_state,
     save_checkpoint,
     seed_everything,
@@ -570,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this step (a checkpoint is written; the LR schedule keeps train.max_steps)")
     p.add_argument("--output-dir", default=None, help="overrides output.output_dir")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
     return p
 
 
@@ -577,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
-    cfg = load_config(args.config, PretrainConfig)
+    cfg = load_config(args.config, PretrainConfig, parse_set_overrides(args.set))
     trainer = Trainer(cfg, output_dir=args.output_dir, resume=args.resume)
     last = trainer.run(stop_at=args.max_steps)
     if trainer.accelerator.is_main_process:

@@ -1,0 +1,98 @@
+"""Assemble the embedded toy model: `python -m train.assemble_toy --base DIR --adapter NAME=DIR ... --out assets/toy`.
+
+The toy model ships as one diffusers pipeline folder (what `MultiCrafterPipeline.from_pretrained("toy")` loads) with
+its named adapters under `adapters/` (baseline, attn, attn_moe, ippo: the paper's ablation rows). Only safetensors
+and JSON are copied; the folder is built beside the target and swapped in, so a failed assembly changes nothing.
+`--update` keeps an existing assembly and adds or replaces adapters (how the IPPO row is added last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from multicrafter.errors import UserError, run_cli
+
+MAX_BYTES = 40 * 2**20
+KEEP_SUFFIXES = (".safetensors", ".json", ".txt", ".md")
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    for p in sorted(src.rglob("*")):
+        if p.is_file() and p.suffix in KEEP_SUFFIXES and not any(part.startswith(".") for part in p.parts):
+            target = dst / p.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, target)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def assemble(out: Path, base: Path | None, adapters: dict[str, Path], update: bool, notes: str | None) -> Path:
+    if base is None and not update:
+        raise UserError("--base is required unless --update")
+    if base is not None and not (base / "model_index.json").is_file():
+        raise UserError(f"{base} is not a pipeline folder (no model_index.json)")
+    if update and not (out / "model_index.json").is_file():
+        raise UserError(f"--update: {out} holds no assembled model yet")
+    for name, d in adapters.items():
+        if not (d / "adapter_config.json").is_file():
+            raise UserError(f"adapter {name}: {d} is not an adapter folder (no adapter_config.json)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _copy_tree(out if update else base, tmp)
+        if update and base is not None:
+            _copy_tree(base, tmp)
+        for name, d in adapters.items():
+            shutil.rmtree(tmp / "adapters" / name, ignore_errors=True)
+            _copy_tree(d, tmp / "adapters" / name)
+        manifest = {"adapters": sorted(p.name for p in (tmp / "adapters").iterdir()) if (tmp / "adapters").is_dir()
+                    else [], "bytes": folder_bytes(tmp)}
+        if notes:
+            (tmp / "TRAINING.md").write_text(Path(notes).read_text())
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        size = folder_bytes(tmp)
+        if size > MAX_BYTES:
+            raise UserError(f"the assembled toy model is {size / 2**20:.1f} MB, over the {MAX_BYTES // 2**20} MB budget")
+        if out.exists():
+            old = out.parent / f".{out.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.assemble_toy", description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default=None, help="the base pipeline folder (train.pretrain base mode: OUTPUT/pipeline)")
+    ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a named adapter (repeat)")
+    ap.add_argument("--out", default="assets/toy")
+    ap.add_argument("--update", action="store_true", help="add/replace adapters of an existing assembly")
+    ap.add_argument("--notes", default=None, help="a markdown file with the exact training commands, copied in")
+    args = ap.parse_args(argv)
+    adapters = {}
+    for item in args.adapter:
+        name, sep, d = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise UserError(f"--adapter wants NAME=DIR, got {item!r}")
+        adapters[name] = Path(d)
+    out = assemble(Path(args.out), Path(args.base) if args.base else None, adapters, args.update, args.notes)
+    print(f"assembled {out} ({folder_bytes(out) / 2**20:.1f} MB; adapters: {', '.join(sorted(adapters)) or 'kept'})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

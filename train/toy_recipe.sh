@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The embedded toy model, end to end, with the real training scripts (DESIGN §5, issue 10). Every stage resumes:
+# re-running the script continues where it stopped.
+#   bash train/toy_recipe.sh                       # the real recipe (config step counts; hours on a CPU)
+#   SMOKE=1 bash train/toy_recipe.sh               # a few steps of every stage into runs/toy_smoke (checks the chain)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -n "${SMOKE:-}" ]; then
+  RUNS=${RUNS:-runs/toy_smoke}; OUT=${OUT:-$RUNS/assembled}; EVAL_N=${EVAL_N:-4}
+  BASE_STEPS=${BASE_STEPS:-3}; ADAPTER_STEPS=${ADAPTER_STEPS:-2}; IPPO_STEPS=${IPPO_STEPS:-1}
+  SMALL=(--set data.toyworld.n=16 --set "data.toyworld.folder=$RUNS/toyworld_train" --set data.batch_size=4
+         --set data.num_validation=1 --set output.validation_steps=2)
+  SMALL_IPPO=(--set prompts.toyworld.n=4 --set "prompts.toyworld.folder=$RUNS/toyworld_ippo" --set sampling.num_steps=4
+              --set window.size=1)
+else
+  RUNS=${RUNS:-runs}; OUT=${OUT:-assets/toy}; EVAL_N=${EVAL_N:-200}
+  SMALL=(); SMALL_IPPO=()
+fi
+steps() { if [ -n "${1:-}" ]; then echo "--max-steps $1"; fi; }
+
+# 0. The VAE is committed (assets/toy_vae); remake it with: python -m train.vae --config train/configs/toy_vae.yaml
+# 1. Base: full-weight flow matching with references from the start (an ICL-pretrained base, as UNO's FLUX).
+python -m train.pretrain --config train/configs/toy_base.yaml --output-dir "$RUNS/toy_base" --resume \
+  $(steps "${BASE_STEPS:-}") "${SMALL[@]}"
+# 2. The ablation rows, all from the same base with the same budget.
+for row in baseline attn attn_moe; do
+  python -m train.pretrain --config "train/configs/toy_adapter_${row}.yaml" --output-dir "$RUNS/toy_adapter_${row}" \
+    --resume $(steps "${ADAPTER_STEPS:-}") --set "model.name=$RUNS/toy_base/pipeline" "${SMALL[@]}"
+done
+python -m train.assemble_toy --base "$RUNS/toy_base/pipeline" --out "$OUT" \
+  --adapter baseline="$RUNS/toy_adapter_baseline/adapter" --adapter attn="$RUNS/toy_adapter_attn/adapter" \
+  --adapter attn_moe="$RUNS/toy_adapter_attn_moe/adapter"
+# 3. IPPO on attn_moe (the default adapter once shipped).
+MULTICRAFTER_TOY_DIR="$OUT" python -m train.ippo --config train/configs/toy_ippo.yaml --output-dir "$RUNS/toy_ippo" \
+  --resume $(steps "${IPPO_STEPS:-}") "${SMALL_IPPO[@]}"
+python -m train.assemble_toy --out "$OUT" --update --adapter ippo="$RUNS/toy_ippo/adapter"
+# 4. The ablation table on held-out identities (mean and std over three seeds).
+for row in baseline attn attn_moe ippo; do
+  MULTICRAFTER_TOY_DIR="$OUT" python -m multicrafter.eval toy --model toy --adapter "$row" --n "$EVAL_N" \
+    --seeds 0,1,2 --json "$RUNS/eval_${row}.json"
+done
