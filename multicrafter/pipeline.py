@@ -98,7 +98,7 @@ class MultiCrafterPipeline(FluxPipeline):
         else:
             path = presets.resolve_model_path(name)
             if dtype is not None:
-                kwargs["torch_dtype"] = dtype
+                kwargs["dtype"] = dtype
             try:
                 pipe = super().from_pretrained(path, **kwargs)
             except (OSError, ValueError) as exc:

@@ -1,0 +1,53 @@
+"""Assembling the embedded toy model: pipeline + named adapters, loadable as `toy`, within the size budget."""
+
+import pytest
+import torch
+
+import multicrafter.presets as presets
+from multicrafter import MultiCrafterPipeline
+from multicrafter.adapters import AdapterConfig, add_adapter, save_adapter
+from multicrafter.errors import UserError
+from train.assemble_toy import assemble, main
+
+
+@pytest.fixture()
+def parts(tmp_path):
+    pipe = MultiCrafterPipeline.from_pretrained("tiny")
+    pipe.save_pretrained(tmp_path / "base")
+    adapters = {}
+    for i, name in enumerate(("attn_moe", "ippo")):
+        t = MultiCrafterPipeline.from_pretrained("tiny").transformer
+        add_adapter(t, AdapterConfig(lora_rank=2, lora_alpha=2.0))
+        with torch.no_grad():
+            for n, p in t.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01 * (i + 1))
+        adapters[name] = save_adapter(t, tmp_path / name)
+    return tmp_path / "base", adapters
+
+
+def test_assemble_then_load_as_toy(parts, tmp_path, monkeypatch):
+    base, adapters = parts
+    out = tmp_path / "toy"
+    assemble(out, base, {"attn_moe": adapters["attn_moe"]}, update=False, notes=None)
+    assert main(["--out", str(out), "--update", "--adapter", f"ippo={adapters['ippo']}"]) == 0
+    assert sorted(p.name for p in (out / "adapters").iterdir()) == ["attn_moe", "ippo"]
+    assert not list(out.rglob("*.bin")) and (out / "manifest.json").is_file()
+    monkeypatch.setattr(presets, "TOY_DIR", out)
+    pipe = MultiCrafterPipeline.from_pretrained("toy")
+    assert pipe.adapter_name == "ippo"                   # the shipped default
+    assert pipe.available_adapters() == ["attn_moe", "ippo"]
+    pipe.load_adapter("attn_moe")
+    assert pipe.adapter_name == "attn_moe"
+
+
+def test_refusals_leave_nothing_half_done(parts, tmp_path, monkeypatch):
+    base, adapters = parts
+    with pytest.raises(UserError, match="no model_index.json"):
+        assemble(tmp_path / "x", tmp_path, {}, update=False, notes=None)
+    with pytest.raises(UserError, match="not an adapter folder"):
+        assemble(tmp_path / "x", base, {"bad": tmp_path}, update=False, notes=None)
+    monkeypatch.setattr("train.assemble_toy.MAX_BYTES", 1000)
+    with pytest.raises(UserError, match="budget"):
+        assemble(tmp_path / "x", base, {}, update=False, notes=None)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
