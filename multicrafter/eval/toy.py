@@ -67,6 +67,7 @@ def _model_runner(model: str, adapter: str | None, steps: int, guidance: float) 
     except Exception as exc:  # noqa: BLE001 - any loading failure is the user's model/adapter choice
         raise UserError(f"cannot load model {model!r}" + (f" with adapter {adapter!r}" if adapter else "")
                         + f": {one_line(exc)}") from None
+    pipe.set_progress_bar_config(disable=True)  # one bar over all images instead (see main)
 
     def generate(sample: Any, seed: int) -> Image.Image:
         h, w = sample.image.shape[:2]
@@ -79,7 +80,8 @@ def _model_runner(model: str, adapter: str | None, steps: int, guidance: float) 
 
 
 def evaluate_seed(seed: int, n: int, generate: Callable[[Any, int], Any] | None, size: int = 128,
-                  ref_size: int = 64, similar_prob: float = 0.3, save_dir: Path | None = None) -> dict:
+                  ref_size: int = 64, similar_prob: float = 0.3, save_dir: Path | None = None,
+                  progress: Any = None) -> dict:
     """Score n held-out scenes of one seed; `generate=None` scores the ground-truth renders."""
     from ..toyworld import build_sample, evaluate_image
 
@@ -93,6 +95,8 @@ def evaluate_seed(seed: int, n: int, generate: Callable[[Any, int], Any] | None,
         result = evaluate_image(image, [Image.fromarray(r) for r in sample.references], scene=sample.scene)
         result["similar"] = sample.scene["similar"]
         per.append(result)
+        if progress is not None:
+            progress.update(1)
     out = {m: float(np.mean([r[m] for r in per])) if per else 0.0 for m in METRICS}
     sim = [r for r in per if r["similar"]]
     out["similar_pairs"] = {"n": len(sim), "id_sim": float(np.mean([r["id_sim"] for r in sim])) if sim else None,
@@ -146,8 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--adapter makes no sense with --model ground-truth")
     generate = None if ground_truth else _model_runner(args.model, args.adapter, args.steps, args.guidance)
     save_dir = Path(args.save_images) if args.save_images else None
-    per_seed = {s: evaluate_seed(s, args.n, generate, args.size, args.ref_size, args.similar_prob, save_dir)
-                for s in seeds}
+    from tqdm.auto import tqdm
+
+    with tqdm(total=args.n * len(seeds), desc="eval toy", unit="img", disable=ground_truth) as bar:
+        per_seed = {s: evaluate_seed(s, args.n, generate, args.size, args.ref_size, args.similar_prob, save_dir, bar)
+                    for s in seeds}
     res = summarise(per_seed, args.n)
     res.update({"model": args.model, "adapter": args.adapter, "split": "test", "size": args.size,
                 "steps": None if ground_truth else args.steps, "guidance": None if ground_truth else args.guidance})
