@@ -51,3 +51,20 @@ def test_refusals_leave_nothing_half_done(parts, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="budget"):
         assemble(tmp_path / "x", base, {}, update=False, notes=None)
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
+
+
+def test_adapters_are_stored_in_half_precision_and_load_back(parts, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    base, adapters = parts
+    out = assemble(tmp_path / "toy", base, {"ippo": adapters["ippo"]}, update=False, notes=None)
+    with safe_open(str(out / "adapters" / "ippo" / "pytorch_lora_weights.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    monkeypatch.setattr(presets, "TOY_DIR", out)
+    shipped = MultiCrafterPipeline.from_pretrained("toy")
+    direct = MultiCrafterPipeline.from_pretrained("tiny")
+    direct.load_adapter(adapters["ippo"])
+    kw = dict(height=32, width=32, num_inference_steps=2, max_sequence_length=8, output_type="np")
+    a = shipped("a", generator=torch.Generator().manual_seed(0), **kw).images
+    b = direct("a", generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(a - b).max() < 1e-3   # fp16 rounding of the adapter only

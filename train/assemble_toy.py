@@ -4,6 +4,8 @@ The toy model ships as one diffusers pipeline folder (what `MultiCrafterPipeline
 its named adapters under `adapters/` (baseline, attn, attn_moe, ippo: the paper's ablation rows). Only safetensors
 and JSON are copied; the folder is built beside the target and swapped in, so a failed assembly changes nothing.
 `--update` keeps an existing assembly and adds or replaces adapters (how the IPPO row is added last).
+Adapter weights are stored in float16 (they are small corrections; this keeps the whole model under 40 MB) and are
+cast back to the model's dtype when loaded; the base stays in float32.
 """
 
 from __future__ import annotations
@@ -30,6 +32,20 @@ def _copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(p, target)
 
 
+def to_half(folder: Path) -> None:
+    """Rewrite every safetensors file under `folder` with float32 tensors stored as float16 (metadata kept)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for f in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            meta = fh.metadata()
+            sd = {k: fh.get_tensor(k) for k in fh.keys()}
+        sd = {k: v.half() if v.dtype == torch.float32 else v for k, v in sd.items()}
+        save_file(sd, str(f), metadata=meta)
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -53,6 +69,7 @@ def assemble(out: Path, base: Path | None, adapters: dict[str, Path], update: bo
         for name, d in adapters.items():
             shutil.rmtree(tmp / "adapters" / name, ignore_errors=True)
             _copy_tree(d, tmp / "adapters" / name)
+            to_half(tmp / "adapters" / name)
         manifest = {"adapters": sorted(p.name for p in (tmp / "adapters").iterdir()) if (tmp / "adapters").is_dir()
                     else [], "bytes": folder_bytes(tmp)}
         if notes:
