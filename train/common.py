@@ -414,6 +414,11 @@ def setup_accelerator(cfg: Any = None, *, mixed_precision: str | None = None,
     accum = gradient_accumulation_steps or getattr(cfg, "gradient_accumulation_steps", 1) or 1
     if accum < 1:
         raise UserError(f"gradient_accumulation_steps must be >= 1, got {accum}")
+    if torch.cuda.is_available() and not force_cpu and os.environ.get("MULTICRAFTER_CUDNN_SDPA") != "1":
+        # Measured on torch 2.11 + cuDNN 9 (H200): the cuDNN SDPA backward fails at FLUX sequence lengths
+        # ("mha_graph.execute ... is_good()"); the flash / memory-efficient kernels work. MULTICRAFTER_CUDNN_SDPA=1
+        # re-enables cuDNN on stacks where it is fixed.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     return Accelerator(mixed_precision=mp, gradient_accumulation_steps=accum, cpu=force_cpu)
 
 
