@@ -8,7 +8,6 @@ pre-annotated (grounded boxes -> masks) for review in the Annotate tab.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from multicrafter.errors import UserError, run_cli
+from multicrafter.errors import ArgumentParser, UserError, run_cli
 from multicrafter.io import load_image
 
 from .dataset import MAX_SIDE, DatasetWriter, sanitize_name
@@ -85,7 +84,7 @@ def import_folder(src: str | Path, dataset: str | Path, max_side: int = 2048) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m annotate.import_folder", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m annotate.import_folder", description=__doc__.splitlines()[0])
     parser.add_argument("src", help="folder of images (+ <stem>.txt captions or captions.jsonl)")
     parser.add_argument("--out", required=True, help="dataset folder to create or extend")
     parser.add_argument("--max-side", type=int, default=2048, help="downscale larger images to this side")

@@ -6,7 +6,6 @@ left by an interrupted save, blank lines) never block. Run as `python -m annotat
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from multicrafter.errors import UserError, run_cli
+from multicrafter.errors import ArgumentParser, UserError, run_cli
 from multicrafter.io import load_image
 
 METADATA = "metadata.jsonl"
@@ -228,7 +227,7 @@ def errors_of(problems: list[Problem]) -> list[Problem]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m annotate.validate", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m annotate.validate", description=__doc__.splitlines()[0])
     parser.add_argument("dataset", help="dataset folder holding metadata.jsonl, images/, masks/, refs/")
     args = parser.parse_args(argv)
     problems = validate_dataset(args.dataset)

@@ -13,7 +13,6 @@ block of up as B. Rank comes from the file; alpha = rank gives UNO's scale of 1.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 
 _KEY = re.compile(r"^(?P<kind>double|single)_blocks\.(?P<i>\d+)\.processor\.(?P<lora>\w+)\.(?P<ab>down|up)\.weight$")
 # (block kind, UNO LoRA name) -> diffusers module suffixes; several suffixes = a fused projection split by rows.
@@ -130,7 +129,7 @@ def convert(uno_path: str | Path, out_dir: str | Path, base: torch.nn.Module) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m multicrafter.convert_uno", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m multicrafter.convert_uno", description=__doc__.splitlines()[0])
     ap.add_argument("--in", dest="src", required=True, help="UNO's dit_lora.safetensors")
     ap.add_argument("--out", required=True, help="adapter folder to write")
     ap.add_argument("--base", default="flux-dev",

@@ -6,6 +6,7 @@ stderr and a non-zero exit code, never a traceback.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -13,6 +14,13 @@ from collections.abc import Callable, Sequence
 
 class UserError(Exception):
     """A problem the user can fix (bad file, bad option, missing weights). Its message is shown as one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one UserError line (via run_cli) instead of usage + message."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message} (see --help)")
 
 
 def one_line(exc: BaseException) -> str:

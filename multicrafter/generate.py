@@ -11,11 +11,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m multicrafter.generate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m multicrafter.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="toy", help="toy (embedded), tiny (random, tests), a diffusers folder or hub id")
     p.add_argument("--adapter", default=None, help="named adapter of the model (e.g. ippo, attn) or an adapter folder")
     p.add_argument("--no-adapter", action="store_true", help="run the base model without any adapter")

@@ -10,7 +10,6 @@ cast back to the model's dtype when loaded; the base stays in float32.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from multicrafter.errors import UserError, run_cli
+from multicrafter.errors import ArgumentParser, UserError, run_cli
 
 MAX_BYTES = 40 * 2**20
 KEEP_SUFFIXES = (".safetensors", ".json", ".txt", ".md")
@@ -93,7 +92,7 @@ def assemble(out: Path, base: Path | None, adapters: dict[str, Path], update: bo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.assemble_toy", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m train.assemble_toy", description=__doc__.splitlines()[0])
     ap.add_argument("--base", default=None, help="the base pipeline folder (train.pretrain base mode: OUTPUT/pipeline)")
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a named adapter (repeat)")
     ap.add_argument("--out", default="assets/toy")

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,10 @@ class ToyWorldSource:
     subjects: list[int] = field(default_factory=lambda: [1, 2])   # subject counts to draw from (1-4)
     similar_prob: float = 0.3         # share of scenes with a deliberately similar pair
     folder: str | None = None         # where to write it; default OUTPUT_DIR/toyworld (reused when the spec matches)
+
+    def __post_init__(self) -> None:
+        if self.split != "train":  # the held-out identities are the evaluation's; training on them is a leak
+            raise UserError(f"toyworld.split must be 'train' for training data, got {self.split!r}")
 
 
 @dataclass
@@ -95,18 +97,9 @@ def ensure_toyworld(src: ToyWorldSource, output_dir: str | Path) -> Path:
             return folder
     if folder.exists() and any(folder.iterdir()) and not (folder / TOYWORLD_SPEC).is_file():
         raise UserError(f"toyworld folder {folder} exists and was not written by the trainer; choose another folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        write_dataset(tmp, src.n, seed=src.seed, split=src.split, size=src.size, ref_size=src.ref_size,
-                      overwrite=True, n_subjects=tuple(src.subjects), similar_prob=src.similar_prob)
-        (tmp / TOYWORLD_SPEC).write_text(spec)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_dataset(folder, src.n, seed=src.seed, split=src.split, size=src.size, ref_size=src.ref_size,
+                  overwrite=True, extra_files={TOYWORLD_SPEC: spec}, n_subjects=tuple(src.subjects),
+                  similar_prob=src.similar_prob)
     return folder
 
 

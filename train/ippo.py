@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from multicrafter.errors import UserError, run_cli
+from multicrafter.errors import ArgumentParser, UserError, run_cli
 from multicrafter.gspo import compute_advantages, gspo_loss
 from multicrafter.io import save_image_atomic
 from multicrafter.moe_lora import MoELoRAConfig, set_router_noise
@@ -387,7 +387,7 @@ def _fmt(v: float | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.ippo", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m train.ippo", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML config (train/configs/*_ippo.yaml)")
     p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
     p.add_argument("--output-dir", default=None, help="override train.output_dir")

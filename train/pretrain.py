@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from multicrafter.errors import UserError, run_cli
+from multicrafter.errors import ArgumentParser, UserError, run_cli
 from multicrafter.losses import TimestepSampling, dice_loss, flow_matching_loss, noisy_latents, sample_sigmas
 
 from .common import (
@@ -565,7 +565,7 @@ class Trainer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML config (see train/configs/*.yaml)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this step (a checkpoint is written; the LR schedule keeps train.max_steps)")

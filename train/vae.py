@@ -9,7 +9,6 @@ saved with `save_pretrained`. Checkpoints are atomic and `--resume` continues bi
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from multicrafter.errors import UserError, run_cli
+from multicrafter.errors import ArgumentParser, UserError, run_cli
 from train.common import (
     MetricsLogger,
     OptimConfig,
@@ -153,7 +152,7 @@ def latent_statistics(vae, cfg: VAEConfig) -> tuple[float, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.vae", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m train.vae", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this step (a checkpoint is written)")
     ap.add_argument("--output-dir", default=None)

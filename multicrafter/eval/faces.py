@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError, run_cli
+from ..errors import ArgumentParser, UserError, run_cli
 from ..io import atomic_write_json, atomic_write_text, load_image
 from ..metrics.defaults import (
     DEFAULT_AES_CLIP,
@@ -30,13 +30,8 @@ from ..metrics.defaults import (
 from ..metrics.faces import FaceBackend, face_similarity, get_backend
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line through run_cli instead of usage + message
-        raise UserError(f"{message} (see --help)")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m multicrafter.eval faces", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m multicrafter.eval faces", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="generated image")
     src.add_argument("--dataset", help="folder with metadata.jsonl (benchmark run mode)")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError, one_line, run_cli
+from ..errors import ArgumentParser, UserError, one_line, run_cli
 from ..io import atomic_write_json, save_image_atomic
 
 METRICS = ("id_sim", "leakage", "layout", "quality", "overall", "acc_shape", "acc_colour", "acc_pattern")
@@ -34,7 +34,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m multicrafter.eval toy",
+    p = ArgumentParser(prog="python -m multicrafter.eval toy",
                                 description="Score a model on held-out ToyWorld scenes (ID-Sim, leakage, layout, "
                                             "quality, overall). --model ground-truth scores the renders themselves.")
     p.add_argument("--model", required=True, help="toy | ground-truth | tiny | a model folder or hub id")

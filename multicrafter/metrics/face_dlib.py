@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
 from .faces import Face, prepare_rgb, too_small
+from .loading import ModelUnavailable
 
 SAME_PERSON_DISTANCE = 0.6
 CHIP_SIZE, CHIP_PADDING = 150, 0.25   # what dlib_face_recognition_resnet_model_v1 was trained on
@@ -29,7 +29,7 @@ def model_dir() -> Path:
     the files without importing it)."""
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the dlib face backend needs the face-recognition-models package (pip install it)")
+        raise ModelUnavailable("the dlib face backend needs the face-recognition-models package (pip install it)")
     return Path(list(spec.submodule_search_locations)[0]) / "models"
 
 
@@ -47,13 +47,13 @@ class DlibBackend:
         try:
             import dlib
         except ImportError:
-            raise UserError("the dlib face backend needs the dlib-bin package (pip install dlib-bin)") from None
+            raise ModelUnavailable("the dlib face backend needs the dlib-bin package (pip install dlib-bin)") from None
         folder = Path(models) if models else model_dir()
         paths = {k: folder / f for k, f in (("sp", "shape_predictor_5_face_landmarks.dat"),
                                             ("rec", "dlib_face_recognition_resnet_model_v1.dat"))}
         for p in paths.values():
             if not p.is_file():
-                raise UserError(f"dlib model file missing: {p}")
+                raise ModelUnavailable(f"dlib model file missing: {p}")
         self._dlib = dlib
         self.detector = dlib.get_frontal_face_detector()
         self.predictor = dlib.shape_predictor(str(paths["sp"]))

@@ -75,7 +75,8 @@ def subject_similarity(image: Any, references: Sequence[Any], embed: Embed,
     if masks is None:
         per_ref = sim[:, 0].tolist()
         matches = [{"reference": i, "crop": 0, "similarity": s, "box": list(boxes[0])} for i, s in enumerate(per_ref)]
-        notes.append("no masks: every reference is compared with the whole image")
+        notes.append("no masks of the subjects in this image: each reference is compared with the whole image "
+                     "(no one-to-one matching)")
         return SubjectSimResult(float(np.mean(per_ref)), matches, per_ref, 1, notes)
     res = hungarian_match(sim, min_similarity=1e-9)
     matches = [{"reference": i, "crop": j, "similarity": s, "box": list(boxes[j])} for i, j, s in res.matches]

@@ -87,6 +87,14 @@ class RealReward:
         return self._ref_cache[key]
 
     def _id(self, i: int, image: Image.Image, refs: Sequence[Image.Image], meta: dict[str, Any]) -> tuple[float, list]:
+        """R_id of one image; any failure of a detector or embedder scores 0 with a note (never the whole group)."""
+        try:
+            return self._id_unguarded(i, image, refs, meta)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not zero its whole group
+            return 0.0, [f"sample {i}: R_id failed ({type(exc).__name__}: {str(exc)[:120]}), scored 0"]
+
+    def _id_unguarded(self, i: int, image: Image.Image, refs: Sequence[Image.Image],
+                      meta: dict[str, Any]) -> tuple[float, list]:
         if not refs:
             return 0.0, [f"sample {i}: no references, R_id = 0"]
         if self.face is not None:
@@ -94,8 +102,11 @@ class RealReward:
             notes = [f"reference {k} has no detectable face" for k, f in enumerate(ref_faces) if f is None]
             res = match_faces(self.face.faces(image), ref_faces, self.face, notes)
             return res.face_sim, [f"sample {i}: {n}" for n in res.notes]
+        # `masks`: the subjects' masks in the *generated* image (e.g. from annotate's Florence-2 + SAM 2 grounding).
+        # Without them the score is each reference against the whole image: no one-to-one matching, and the note
+        # says so.
         res = subject_similarity(image, refs, self.subject, masks=meta.get("masks"))  # type: ignore[arg-type]
-        return res.score, [f"sample {i}: {n}" for n in res.notes if not n.startswith("no masks")]
+        return res.score, [f"sample {i}: {n}" for n in res.notes]
 
     def __call__(self, batch: RewardBatch) -> RewardOutput:
         n = len(batch.images)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..errors import UserError, run_cli
+from ..errors import ArgumentParser, UserError, run_cli
 from ..io import save_image_atomic
 
 
@@ -20,7 +20,7 @@ def _counts(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m multicrafter.toyworld",
+    p = ArgumentParser(prog="python -m multicrafter.toyworld",
                                 description="Write a ToyWorld dataset (DESIGN §6 format: images, masks, refs, "
                                             "metadata.jsonl with each scene spec under 'toyworld').")
     p.add_argument("--out", required=True, help="output folder")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,9 +62,15 @@ def metadata_line(sample: Sample, stem: str) -> dict:
 
 
 def write_dataset(out: str | os.PathLike, n: int, seed: int = 0, split: str = "train", size: int = 128,
-                  ref_size: int = 64, overwrite: bool = False, **scene_kwargs) -> Path:
-    """Write `n` samples to `out` in the §6 format; returns the metadata path. Refuses to replace an existing
-    dataset unless `overwrite` (then stale files of a larger earlier run are removed)."""
+                  ref_size: int = 64, overwrite: bool = False, extra_files: dict[str, str] | None = None,
+                  **scene_kwargs) -> Path:
+    """Write `n` samples to `out` in the §6 format; returns the metadata path.
+
+    The dataset is rendered into a temporary sibling folder and swapped in at the end, so an interrupted or failed
+    write leaves the previous dataset (or nothing) in place, never a half-written one. An existing dataset is only
+    replaced with `overwrite`; a non-empty folder that is not a dataset is never touched. `extra_files` (name ->
+    text) are written into the folder in the same swap.
+    """
     if n < 0:
         raise UserError(f"--n must be >= 0, got {n}")
     if size < 32 or size % 16:
@@ -70,28 +78,40 @@ def write_dataset(out: str | os.PathLike, n: int, seed: int = 0, split: str = "t
     if ref_size < 16:
         raise UserError(f"--ref-size must be >= 16, got {ref_size}")
     root = Path(out)
-    meta_path = root / "metadata.jsonl"
     if root.exists() and not root.is_dir():
         raise UserError(f"output path exists and is not a folder: {root}")
-    if meta_path.exists() and not overwrite:
-        raise UserError(f"{meta_path} already exists (pass --overwrite to replace the dataset)")
-    if meta_path.exists():
-        meta_path.unlink()
-        for sub in ("images", "masks", "refs"):
-            for f in (root / sub).glob("*.png"):
-                f.unlink()
-    width = max(5, len(str(max(n - 1, 0))))
-    lines = []
-    for i in range(n):
-        sample = build_sample(seed, i, split=split, size=size, ref_size=ref_size, **scene_kwargs)
-        stem = f"{i:0{width}d}"
-        save_image_atomic(Image.fromarray(sample.image), root / "images" / f"{stem}.png")
-        for k, (mask, ref) in enumerate(zip(sample.masks, sample.references)):
-            save_image_atomic(Image.fromarray(mask.astype(np.uint8) * 255), root / "masks" / f"{stem}_{k}.png")
-            save_image_atomic(Image.fromarray(ref), root / "refs" / f"{stem}_{k}.png")
-        lines.append(json.dumps(metadata_line(sample, stem), sort_keys=True))
-    atomic_write_text(meta_path, "".join(line + "\n" for line in lines))
-    return meta_path
+    exists = root.is_dir() and any(root.iterdir())
+    if exists and not (root / "metadata.jsonl").exists():
+        raise UserError(f"{root} is not empty and holds no dataset (no metadata.jsonl); choose another folder")
+    if exists and not overwrite:
+        raise UserError(f"{root / 'metadata.jsonl'} already exists (pass --overwrite to replace the dataset)")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        width = max(5, len(str(max(n - 1, 0))))
+        lines = []
+        for i in range(n):
+            sample = build_sample(seed, i, split=split, size=size, ref_size=ref_size, **scene_kwargs)
+            stem = f"{i:0{width}d}"
+            save_image_atomic(Image.fromarray(sample.image), tmp / "images" / f"{stem}.png")
+            for k, (mask, ref) in enumerate(zip(sample.masks, sample.references)):
+                save_image_atomic(Image.fromarray(mask.astype(np.uint8) * 255), tmp / "masks" / f"{stem}_{k}.png")
+                save_image_atomic(Image.fromarray(ref), tmp / "refs" / f"{stem}_{k}.png")
+            lines.append(json.dumps(metadata_line(sample, stem), sort_keys=True))
+        atomic_write_text(tmp / "metadata.jsonl", "".join(line + "\n" for line in lines))
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(tmp / name, text)
+        if root.exists():
+            old = root.parent / f".{root.name}.old-{os.getpid()}"
+            os.replace(root, old)
+            os.replace(tmp, root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root / "metadata.jsonl"
 
 
 MASK_TINTS = ((255, 60, 60), (60, 120, 255), (40, 200, 80), (255, 200, 0))
