@@ -60,3 +60,11 @@ def test_model_path_runs_on_tiny_pipeline(tmp_path):
     assert res["model"] == "tiny" and res["n"] == 1 and 0.0 <= res["overall"] <= 1.0
     assert res["id_sim"] < 0.9  # a random model does not reproduce the subjects
     assert len(list((tmp_path / "imgs").glob("*.png"))) == 1
+
+
+def test_eval_toy_reports_the_evaluators_metrics():
+    """One list of metrics: a metric added to the evaluator shows up in `eval toy` without a second edit."""
+    from multicrafter.eval import toy
+    from multicrafter.toyworld import evaluate
+
+    assert toy.METRICS is evaluate.METRICS

@@ -19,8 +19,7 @@ from PIL import Image
 
 from ..errors import ArgumentParser, UserError, one_line, run_cli
 from ..io import atomic_write_json, save_image_atomic
-
-METRICS = ("id_sim", "leakage", "layout", "quality", "overall", "acc_shape", "acc_colour", "acc_pattern")
+from ..toyworld.evaluate import METRICS  # one definition: the evaluator decides which metrics exist
 
 
 def _seeds(text: str) -> list[int]:
