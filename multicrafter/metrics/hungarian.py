@@ -24,7 +24,7 @@ def hungarian_match(similarity: np.ndarray, min_similarity: float | None = None)
     """Match references (rows) to detections (columns) maximising the total similarity.
 
     `similarity` is (n_references, n_detected). Unmatched references score 0. With `min_similarity`, matches below it
-    are dropped (they count as missing). An empty detection set gives score 0.
+    are dropped (they count as missing). An empty detection set gives score 0. Non-finite entries are never matched.
     """
     sim = np.asarray(similarity, dtype=np.float64)
     if sim.ndim != 2:
@@ -35,10 +35,15 @@ def hungarian_match(similarity: np.ndarray, min_similarity: float | None = None)
         return HungarianResult(score=0.0, matches=[], per_reference=[])
     if n_det == 0:
         return HungarianResult(score=0.0, matches=[], per_reference=per_ref)
-    clean = np.nan_to_num(sim, nan=-1.0)
+    # NaN/inf (a failed embedding) must neither be stored as a score nor overflow the solver: such a pair gets a
+    # cost no finite pair can lose to, and if the solver still picks it the reference counts as missing (0).
+    ok = np.isfinite(sim)
+    clean = np.where(ok, sim, -1e6)
     rows, cols = linear_sum_assignment(clean, maximize=True)
     matches = []
     for r, c in zip(rows.tolist(), cols.tolist()):
+        if not ok[r, c]:
+            continue
         s = float(clean[r, c])
         if min_similarity is not None and s < min_similarity:
             continue
