@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from diffusers.utils import BaseOutput
 from . import presets
 from .attention import AttentionCapture, CaptureLayout, find_capture, install_capture, normalize_maps, remove_capture
 from .errors import UserError, one_line
-from .ref_timestep import install_ref_timestep
+from .ref_timestep import find_ref_timestep, install_ref_timestep
 from .references import (
     PackedReferences,
     ReferenceOptions,
@@ -84,6 +85,17 @@ class MultiCrafterPipeline(FluxPipeline):
     adapter_name: str | None = None
     model_dir: str | None = None
     sampling_defaults: dict[str, Any] = {}   # e.g. UNO's 25 steps / guidance 4, from a converted UNO adapter
+    base_reference_options: ReferenceOptions | None = None   # the model's own; adapters adjust from here
+    _adapter_enabled: bool = True
+
+    @property
+    def _lock(self) -> threading.RLock:
+        """Serialises calls that change the shared transformer (hooks, processors, adapters) across threads."""
+        lock = self.__dict__.get("_mc_lock")
+        if lock is None:
+            lock = threading.RLock()
+            object.__setattr__(self, "_mc_lock", lock)
+        return lock
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -95,6 +107,7 @@ class MultiCrafterPipeline(FluxPipeline):
         if name == "tiny":
             pipe = cls(**presets.build_tiny_components(dtype=dtype or torch.float32))
             pipe.reference_options = ReferenceOptions(**presets.TINY_REFERENCE_SIZES)
+            pipe.base_reference_options = pipe.reference_options
         else:
             path = presets.resolve_model_path(name)
             if dtype is not None:
@@ -106,7 +119,8 @@ class MultiCrafterPipeline(FluxPipeline):
                     raise UserError(f"cannot load model folder {path}: {one_line(exc)}") from None
                 raise presets.load_error(name, exc) from None
             pipe.model_dir = path
-            pipe.reference_options = presets.reference_options_for(path)
+            pipe.reference_options = pipe.base_reference_options = presets.reference_options_for(path)
+            # adapter=None on `toy` means its shipped default; adapter=False means none at all.
             if name == "toy" and adapter is None and presets.toy_adapter_dir("ippo") is not None:
                 adapter = "ippo"
         if device is not None:
@@ -132,21 +146,52 @@ class MultiCrafterPipeline(FluxPipeline):
         return sorted(p.name for p in (Path(self.model_dir) / "adapters").iterdir() if p.is_dir())
 
     def load_adapter(self, name_or_dir: str | Path):
-        """Load a MultiCrafter adapter folder (LoRA + optional MoE-LoRA), replacing any loaded one."""
-        from .adapters import load_adapter, remove_adapter
+        """Load a MultiCrafter adapter folder (LoRA + optional MoE-LoRA), replacing any loaded one.
+
+        Every check runs before the current adapter is touched, so a refused folder leaves it in place. The reference
+        options are rebuilt from the model's own plus what the adapter recorded (style, sizes, t = 0 option).
+        """
+        from .adapters import has_adapter, load_adapter
 
         directory = self._adapter_dir(name_or_dir)
-        if self.adapter_name is not None:
-            remove_adapter(self.transformer)
-        cfg = load_adapter(self.transformer, directory)
-        self.adapter_name = str(name_or_dir)
-        extra = getattr(cfg, "extra", None) or {}
-        # An adapter remembers how its references were prepared during training.
-        for key, field_name in (("reference_style", "style"), ("ref_timestep_zero", "ref_timestep_zero")):
-            if key in extra:
-                self.reference_options = dataclasses.replace(self.reference_options, **{field_name: extra[key]})
-        self.sampling_defaults = dict(extra.get("sampling_defaults", {}))
+        with self._lock:
+            try:
+                cfg = load_adapter(self.transformer, directory)
+            except BaseException:
+                if not has_adapter(self.transformer):
+                    self._reset_adapter_state()
+                raise
+            self.adapter_name = str(name_or_dir)
+            self._adapter_enabled = True
+            extra = getattr(cfg, "extra", None) or {}
+            opts = self.base_reference_options or self.reference_options
+            changes: dict[str, Any] = {}
+            if "reference_style" in extra:
+                changes["style"] = extra["reference_style"]
+            if "ref_timestep_zero" in extra:
+                changes["ref_timestep_zero"] = bool(extra["ref_timestep_zero"])
+            for key in ("long_side_single", "long_side_multi"):
+                value = (extra.get("reference_sizes") or {}).get(key)
+                if value:
+                    changes[key] = int(value)
+            self.reference_options = dataclasses.replace(opts, **changes)
+            self.sampling_defaults = dict(extra.get("sampling_defaults", {}))
         return cfg
+
+    def unload_adapter(self) -> None:
+        """Back to the base model: no adapter, the model's own reference options and sampling defaults."""
+        from .adapters import remove_adapter
+
+        with self._lock:
+            remove_adapter(self.transformer)
+            self._reset_adapter_state()
+
+    def _reset_adapter_state(self) -> None:
+        self.adapter_name = None
+        self._adapter_enabled = True
+        self.sampling_defaults = {}
+        if self.base_reference_options is not None:
+            self.reference_options = self.base_reference_options
 
     def save_adapter(self, directory: str | Path, config: Any = None) -> None:
         from .adapters import save_adapter
@@ -158,23 +203,30 @@ class MultiCrafterPipeline(FluxPipeline):
 
         if self.adapter_name is not None:
             set_adapter_enabled(self.transformer, enabled)
+            self._adapter_enabled = enabled
 
     @contextlib.contextmanager
     def adapter_disabled(self):
-        """Run the base model without the adapter (for with/without comparisons), then switch it back on."""
+        """Run the base model without the adapter (for with/without comparisons), then restore its previous state."""
+        previous = self._adapter_enabled
         self.set_adapter_enabled(False)
         try:
             yield self
         finally:
-            self.set_adapter_enabled(True)
+            self.set_adapter_enabled(previous)
 
     # ---------------------------------------------------------------- generation
     def prepare_references(self, reference_images: Sequence[Any] | None,
                            options: ReferenceOptions | None = None) -> list[PIL.Image.Image]:
         return prepare_reference_images(reference_images or [], options or self.reference_options)
 
+    def __call__(self, *args: Any, **kwargs: Any):
+        """Generate with reference subjects (see `generate`); one call at a time per pipeline."""
+        with self._lock:
+            return self.generate(*args, **kwargs)
+
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str] | None = None, reference_images: Sequence[Any] | None = None, *,
+    def generate(self, prompt: str | list[str] | None = None, reference_images: Sequence[Any] | None = None, *,
                  return_attention: bool = False, attention_mode: str = "ref2img",
                  attention_blocks: Iterable[int] | None = None, use_adapter: bool = True,
                  reference_options: ReferenceOptions | None = None, **kwargs: Any):
@@ -200,36 +252,46 @@ class MultiCrafterPipeline(FluxPipeline):
         device = self._execution_device
         packed = encode_references(self.vae, refs_pil, grid, 1, device, self.transformer.dtype)
 
-        capture, installed = None, False
-        if return_attention:
-            capture = find_capture(self.transformer)
-            if capture is None:
-                capture, installed = AttentionCapture(mode=attention_mode), True
-                install_capture(self.transformer, capture, attention_blocks)
+        # Shared transformer state this call may change, restored afterwards: an attention capture installed by
+        # someone else (the trainer's, whose blocks are then used) and the per-token t = 0 modulation.
+        capture, installed = find_capture(self.transformer), False
+        saved_capture = (capture.enabled, capture.layout, capture.mode) if capture is not None else None
+        if return_attention and capture is None:
+            capture, installed = AttentionCapture(mode=attention_mode), True
+            install_capture(self.transformer, capture, attention_blocks)
+        if capture is not None:
             capture.clear()
-        has_neg = kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
-        calls_per_step = 2 if (kwargs.get("true_cfg_scale", 1.0) > 1 and has_neg) else 1
-        hooks = _ReferenceHooks(packed, capture, calls_per_step)
-        handles = []
-        if packed.num_tokens or capture is not None:
-            handles = [self.transformer.register_forward_pre_hook(hooks.pre, with_kwargs=True),
-                       self.transformer.register_forward_hook(hooks.post, with_kwargs=True)]
-        ref_t0 = None
+            capture.mode, capture.enabled = attention_mode, return_attention
+        ref_t0 = find_ref_timestep(self.transformer)
+        saved_t0 = (ref_t0.enabled, ref_t0.n_ref) if ref_t0 is not None else None
         if (reference_options or self.reference_options).ref_timestep_zero and packed.num_tokens:
-            ref_t0 = install_ref_timestep(self.transformer)
+            ref_t0 = ref_t0 or install_ref_timestep(self.transformer)
             ref_t0.enabled, ref_t0.n_ref = True, packed.num_tokens
+        elif ref_t0 is not None:
+            ref_t0.enabled = False
+        # Exactly diffusers' rule for true CFG: then each step calls the transformer twice (cond, then uncond).
+        has_neg = kwargs.get("negative_prompt") is not None or (
+            kwargs.get("negative_prompt_embeds") is not None and kwargs.get("negative_pooled_prompt_embeds") is not None)
+        calls_per_step = 2 if ((kwargs.get("true_cfg_scale") or 1.0) > 1 and has_neg) else 1
+        hooks = _ReferenceHooks(packed, capture if return_attention else None, calls_per_step)
+        handles = []
         return_dict = kwargs.pop("return_dict", True)
         adapter_ctx = self.adapter_disabled() if not use_adapter else contextlib.nullcontext()
         try:
+            if packed.num_tokens or return_attention:
+                handles = [self.transformer.register_forward_pre_hook(hooks.pre, with_kwargs=True),
+                           self.transformer.register_forward_hook(hooks.post, with_kwargs=True)]
             with adapter_ctx:
-                result = super().__call__(prompt=prompt, return_dict=True, **kwargs)
+                result = FluxPipeline.__call__(self, prompt=prompt, return_dict=True, **kwargs)
         finally:
             for h in handles:
                 h.remove()
             if ref_t0 is not None:
-                ref_t0.enabled = False
+                ref_t0.enabled, ref_t0.n_ref = saved_t0 if saved_t0 is not None else (False, 0)
             if installed:
                 remove_capture(self.transformer)
+            elif saved_capture is not None:
+                capture.enabled, capture.layout, capture.mode = saved_capture
         out = MultiCrafterPipelineOutput(images=result.images, reference_images=refs_pil)
         if capture is not None and capture.per_step:
             out.attention_per_step, out.attention_maps, out.attention_per_block = _summarise(capture, grid)
