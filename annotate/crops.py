@@ -14,37 +14,18 @@ from scipy import ndimage
 
 from multicrafter.errors import UserError
 from multicrafter.io import load_image
+from multicrafter.masks import as_bool_mask, mask_box
+
+__all__ = ["BACKGROUNDS", "as_bool_mask", "detect_faces", "face_crop", "mask_box", "mask_to_image", "reference_crop",
+           "refine_mask", "square_box"]
 
 BACKGROUNDS = ("white", "black", "gray", "keep")
 _FILL = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (127, 127, 127)}
 
 
-def as_bool_mask(mask: Any) -> np.ndarray:
-    """Accept a bool/0-1/0-255 array or an 'L'/'1' PIL image; return HxW bool."""
-    if isinstance(mask, Image.Image):
-        mask = np.asarray(mask.convert("L"))
-    arr = np.asarray(mask)
-    if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
-        arr = arr[..., 0]
-    if arr.ndim != 2:
-        raise UserError(f"mask must be a 2-D array, got shape {tuple(arr.shape)}")
-    if arr.dtype == bool:
-        return arr.copy()
-    return arr >= (128 if arr.max(initial=0) > 1 else 1)
-
-
 def mask_to_image(mask: Any) -> Image.Image:
     """The on-disk form: 8-bit, 0 or 255."""
     return Image.fromarray(as_bool_mask(mask).astype(np.uint8) * 255, mode="L")
-
-
-def mask_box(mask: Any) -> list[int] | None:
-    """[x0, y0, x1, y1] with exclusive x1/y1, or None for an empty mask."""
-    m = as_bool_mask(mask)
-    ys, xs = np.nonzero(m)
-    if len(xs) == 0:
-        return None
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
 def refine_mask(mask: Any, min_area: int | float = 0.002, fill_holes: bool = True) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UserError
+from .masks import as_bool_mask
 
 
 @dataclass
@@ -53,11 +54,8 @@ def _as_maps(maps: Any) -> np.ndarray:
 
 
 def downsample_mask(mask: Any, grid: tuple[int, int]) -> np.ndarray:
-    """A full-size mask (bool, 0/1 or 0-255; HxW) -> bool on the (h, w) token grid: a cell is in when ≥ half covered."""
-    m = np.asarray(mask)
-    if m.ndim == 3:
-        m = m[..., 0]
-    m = (m >= (128 if m.max(initial=0) > 1 else 1)).astype(np.float64)
+    """A full-size mask (bool, 0/1 or 0-255; HxW; read by `as_bool_mask`) -> bool on the (h, w) token grid: a cell is in when ≥ half covered."""
+    m = as_bool_mask(mask).astype(np.float64)
     h, w = grid
     if m.shape == (h, w):
         return m > 0.5

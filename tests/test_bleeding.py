@@ -72,3 +72,17 @@ def test_bad_inputs_are_user_errors():
         bleeding_report(np.zeros((2, 4, 4)), masks=[np.ones((4, 4))])
     with pytest.raises(UserError):
         overlap_matrix(np.full((1, 2, 2), np.nan))
+
+
+def test_downsample_mask_reads_masks_like_the_dataset(tmp_path):
+    """Same binarisation as annotate/metrics (multicrafter.masks): 0/1, 0-255 and a mask file agree."""
+    from PIL import Image
+
+    m = np.zeros((32, 32), np.uint8)
+    m[:, :16] = 1
+    path = tmp_path / "mask.png"
+    Image.fromarray(m * 255).save(path)
+    want = downsample_mask(m.astype(bool), (2, 4))
+    for form in (m, m * 255, Image.fromarray(m * 255), path):
+        assert (downsample_mask(form, (2, 4)) == want).all()
+    assert want[:, :2].all() and not want[:, 2:].any()

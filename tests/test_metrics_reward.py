@@ -125,3 +125,17 @@ def test_object_reward_with_clip_embedder_and_masks(tiny):
     emb = ClipScorer.load(str(tiny / "clip"), load_tokenizer=False).image_embeddings
     direct = subject_similarity(img, refs, emb, masks=masks).score
     assert out.components["id"][0] == pytest.approx(direct, abs=1e-6)
+
+
+def test_object_mask_box_reads_01_masks_like_the_dataset():
+    """A 0/1 mask (as SAM or a numpy pipeline hands it over) is a subject, not an empty mask."""
+    from annotate.crops import as_bool_mask as annotate_as_bool_mask
+    from multicrafter.masks import as_bool_mask
+
+    assert annotate_as_bool_mask is as_bool_mask   # one definition, re-exported for annotate's callers
+    img, masks = scene(RED, BLUE)
+    ones = (np.asarray(masks[0]) > 0).astype(np.uint8)   # values 0/1
+    assert mask_box(ones, img.size) == (5, 20, 35, 50)
+    assert mask_box(Image.fromarray(ones), img.size) == (5, 20, 35, 50)
+    res = subject_similarity(img, [swatch(RED)], colour_embed, masks=[ones])
+    assert res.crops == 1 and res.score == pytest.approx(1.0, abs=1e-5)

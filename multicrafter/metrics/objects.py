@@ -19,6 +19,8 @@ from PIL import Image
 
 from ..errors import UserError
 from ..io import load_image
+from ..masks import as_bool_mask
+from ..masks import mask_box as bool_mask_box
 from .hungarian import hungarian_match
 
 Embed = Callable[[Sequence[Image.Image]], torch.Tensor]   # e.g. DinoScorer.image_embeddings, ClipScorer's
@@ -38,14 +40,13 @@ class SubjectSimResult:
 
 
 def mask_box(mask: Any, size: tuple[int, int]) -> tuple[int, int, int, int] | None:
-    """Bounding box (x0, y0, x1, y1) of a mask's foreground (> half intensity) at image size; None if empty."""
-    m = load_image(mask, mode="L")
-    if m.size != size:
-        m = m.resize(size, Image.NEAREST)
-    ys, xs = np.nonzero(np.asarray(m) > 127)
-    if len(xs) == 0:
-        return None
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    """Bounding box (x0, y0, x1, y1) of a mask's foreground at image size (read as `as_bool_mask` reads it, so a 0/1
+    mask is not empty); None if empty."""
+    m = as_bool_mask(mask)
+    if (m.shape[1], m.shape[0]) != size:
+        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255, mode="L").resize(size, Image.NEAREST)) > 127
+    box = bool_mask_box(m)
+    return None if box is None else (box[0], box[1], box[2], box[3])
 
 
 def subject_similarity(image: Any, references: Sequence[Any], embed: Embed,
