@@ -91,11 +91,42 @@ def test_resume_continues_exactly(two_steps, tmp_path):
     ({"optim.lr": "fast"}, "optim.lr"),
     ({"reward.weights": {"beauty": 1.0}}, "unknown component"),
     ({"reward.kind": "nonsense"}, "reward.kind"),
+    ({"train.gradient_accumulation_steps": 2}, "gradient_accumulation_steps must be 1"),
 ])
 def test_bad_configs_are_one_line_errors(override, match, tmp_path):
     with pytest.raises(UserError, match=match) as err:
         train(_cfg(**override), tmp_path, max_steps=1)
     assert "\n" not in str(err.value)
+
+
+def test_a_second_run_into_a_folder_with_checkpoints_is_refused(two_steps):
+    before = sorted(p.name for p in two_steps.iterdir())
+    with pytest.raises(UserError, match="already holds checkpoints: pass --resume") as err:
+        main(["--config", str(CONFIG), "--output-dir", str(two_steps), "--max-steps", "1"])
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in two_steps.iterdir()) == before and len(read_metrics(two_steps)) == 2
+
+
+def test_lr_schedule_horizon_is_train_max_steps_even_when_stopping_early(tmp_path):
+    # linear decay over train.max_steps (2) * inner_updates (2) = 4 optimizer steps: after step 1 (2 updates) the lr
+    # is half the base lr; with --max-steps 1 as horizon it would already be 0
+    cfg = _cfg(**{"optim.schedule": "linear", "train.sample_every": 0})
+    train(cfg, tmp_path, max_steps=1, log=lambda s: None)
+    assert read_metrics(tmp_path)[0]["lr"] == pytest.approx(0.5e-3)
+
+
+def test_an_adapter_trained_with_references_at_t0_keeps_them_in_rollouts(tmp_path):
+    from multicrafter.adapters import AdapterConfig, add_adapter, save_adapter
+    from multicrafter.ref_timestep import find_ref_timestep
+    from train.ippo import ModelConfig, setup_adapter
+
+    pipe = MultiCrafterPipeline.from_pretrained("tiny")
+    add_adapter(pipe.transformer, AdapterConfig(lora_rank=2, lora_alpha=2.0, extra={"ref_timestep_zero": True}))
+    save_adapter(pipe.transformer, tmp_path / "t0")
+    fresh = MultiCrafterPipeline.from_pretrained("tiny")
+    setup_adapter(fresh, ModelConfig(adapter=str(tmp_path / "t0")))
+    state = find_ref_timestep(fresh.transformer)
+    assert state is not None and state.enabled
 
 
 def test_cli_bad_config_prints_one_line(tmp_path):

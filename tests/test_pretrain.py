@@ -341,3 +341,49 @@ def test_references_at_timestep_zero_train_and_carry_to_inference(tmp_path, worl
     pipe = MultiCrafterPipeline.from_pretrained("tiny")
     pipe.load_adapter(out / "adapter")
     assert pipe.reference_options.ref_timestep_zero
+
+
+def test_stopping_with_max_steps_logs_what_an_uninterrupted_run_logs(tmp_path, world):
+    """With log_every 2, a run cut at step 3 must not log step 3 (the full run does not), so the resumed file equals
+    the uninterrupted one."""
+    cfg = write_cfg(tmp_path, world, train__max_steps=4, output__log_every=2, output__checkpoint_every=0,
+                    adapter__type="lora", attention_loss__weight=0.0)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    main(["--config", str(cfg), "--output-dir", str(full)])
+    main(["--config", str(cfg), "--output-dir", str(cut), "--max-steps", "3"])
+    assert [r["step"] for r in read_metrics(cut)] == [2]
+    main(["--config", str(cfg), "--output-dir", str(cut), "--resume"])
+    a, b = read_metrics(full), read_metrics(cut)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4]
+    assert [[r[k] for k in LOSS_KEYS] for r in a] == [[r[k] for k in LOSS_KEYS] for r in b]
+
+
+def test_ref_timestep_zero_reaches_validation_and_survives_it(tmp_path, world):
+    from multicrafter.ref_timestep import find_ref_timestep
+
+    t = _trainer(tmp_path, world, model__ref_timestep_zero=True, adapter__type="lora", attention_loss__weight=0.0)
+    assert t.pipe.reference_options.ref_timestep_zero          # validation samples use the trained conditioning
+    t.validate()
+    assert find_ref_timestep(t.unwrapped).enabled               # training after a validation still uses t = 0
+
+
+def test_final_pipeline_save_swaps_a_complete_folder_in(tmp_path, world, monkeypatch):
+    t = _trainer(tmp_path, world, train__mode="base", attention_loss__weight=0.0, data__with_references=False)
+    old = t.output_dir / "pipeline"
+    old.mkdir(parents=True)
+    (old / "marker.txt").write_text("previous save")
+    real = t.pipe.save_pretrained
+
+    def broken(folder, **kw):
+        (Path(folder) / "model_index.json").write_text("{")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(t.pipe, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        t.save_final()
+    assert sorted(p.name for p in old.iterdir()) == ["marker.txt"]           # the previous save is untouched
+    assert not [p for p in t.output_dir.iterdir() if p.name.startswith(".pipeline")]
+    monkeypatch.setattr(t.pipe, "save_pretrained", real)
+    assert t.save_final() == old
+    assert (old / "model_index.json").is_file() and not (old / "marker.txt").exists()
+    assert [p.name for p in t.output_dir.iterdir() if "pipeline" in p.name] == ["pipeline"]

@@ -145,3 +145,18 @@ def test_setup_accelerator_cpu():
     assert acc.gradient_accumulation_steps == 2 and acc.num_processes == 1
     with pytest.raises(UserError):
         setup_accelerator(mixed_precision="fp8", cpu=True)
+
+
+def test_resolve_resume_refuses_existing_checkpoints_without_resume(tmp_path, capsys):
+    from train.common import resolve_resume
+
+    assert resolve_resume(tmp_path / "new", resume=False) is None
+    assert resolve_resume(tmp_path, resume=True) is None
+    assert "starting from step 0" in capsys.readouterr().out
+    assert resolve_resume(tmp_path, resume=True, is_main=False) is None
+    assert capsys.readouterr().out == ""
+    save_checkpoint(tmp_path, 3, {"x": 1})
+    with pytest.raises(UserError, match="already holds checkpoints: pass --resume") as err:
+        resolve_resume(tmp_path, resume=False)
+    assert "\n" not in str(err.value)
+    assert resolve_resume(tmp_path, resume=True) == tmp_path / "checkpoint-3"

@@ -345,6 +345,23 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resolve_resume(output_dir: str | os.PathLike, resume: bool, is_main: bool = True) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh run.
+
+    Why: a second run into a folder that already holds checkpoints would interleave two runs' checkpoints and
+    metrics, so without `resume` that is refused; with `resume` and nothing to resume, the run starts at step 0 (the
+    main process says so)."""
+    if resume:
+        ckpt = latest_checkpoint(output_dir)
+        if ckpt is None and is_main:
+            print(f"--resume: no complete checkpoint in {output_dir}, starting from step 0")
+        return ckpt
+    if list_checkpoints(output_dir):
+        raise UserError(f"{output_dir} already holds checkpoints: pass --resume to continue, or choose another "
+                        "--output-dir")
+    return None
+
+
 def checkpoint_step(path: str | os.PathLike) -> int:
     return int(json.loads((Path(path) / META_FILE).read_text())["step"])
 
@@ -543,6 +560,6 @@ def grad_norm(params: list[torch.nn.Parameter]) -> float:
 __all__ = [
     "EMA", "METRICS_FILE", "MetricsLogger", "OptimConfig", "build_model", "build_optimizer", "capture_rng_state",
     "checkpoint_step", "config_to_dict", "grad_norm", "latest_checkpoint", "list_checkpoints",
-    "load_checkpoint", "load_config", "lr_factor", "parse_dtype", "read_metrics", "restore_rng_state",
+    "load_checkpoint", "load_config", "lr_factor", "parse_dtype", "read_metrics", "resolve_resume", "restore_rng_state",
     "save_checkpoint", "seed_everything", "setup_accelerator",
 ]

@@ -48,10 +48,10 @@ from train.common import (
     capture_rng_state,
     config_to_dict,
     grad_norm,
-    latest_checkpoint,
     load_checkpoint,
     load_config,
     parse_set_overrides,
+    resolve_resume,
     restore_rng_state,
     save_checkpoint,
     seed_everything,
@@ -107,11 +107,15 @@ class TrainConfig:
     keep_last: int = 2
     mixed_precision: str = "no"
     cpu: bool = False
-    gradient_accumulation_steps: int = 1     # read by setup_accelerator; IPPO accumulates over micro-batches itself
+    gradient_accumulation_steps: int = 1     # must be 1: each inner update is one optimizer step over the whole batch
 
     def __post_init__(self) -> None:
         if self.max_steps < 0 or self.groups_per_step < 1 or self.sample_every < 0 or self.save_every < 0:
             raise UserError("train: max_steps, sample_every, save_every must be >= 0 and groups_per_step >= 1")
+        if self.gradient_accumulation_steps != 1:
+            raise UserError("train.gradient_accumulation_steps must be 1: IPPO already sums gradients over the "
+                            "rollout's micro-batches into one optimizer step (raise groups_per_step for larger "
+                            f"batches), got {self.gradient_accumulation_steps}")
 
 
 @dataclass
@@ -155,6 +159,10 @@ def setup_adapter(pipe, cfg: ModelConfig) -> list[torch.nn.Parameter]:
     transformer = pipe.transformer
     if cfg.adapter:
         pipe.load_adapter(cfg.adapter)
+        if pipe.reference_options.ref_timestep_zero:  # trained with references at t = 0: rollouts must match inference
+            from multicrafter.ref_timestep import install_ref_timestep
+
+            install_ref_timestep(transformer).enabled = True
     else:
         add_adapter(transformer, AdapterConfig(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                                lora_targets=cfg.lora_targets or DEFAULT_LORA_TARGETS,
@@ -274,22 +282,24 @@ def train(cfg: IPPOConfig, output_dir: str | Path | None = None, max_steps: int 
     total = cfg.train.max_steps if max_steps is None else max_steps
     if total < 0:
         raise UserError(f"--max-steps must be >= 0, got {total}")
-    accelerator = setup_accelerator(cfg.train)
+    accelerator = setup_accelerator(cfg.train, gradient_accumulation_steps=1)
+    ckpt = resolve_resume(out, resume, accelerator.is_main_process)
     seed_everything(cfg.train.seed)
     reward_fn = reward_fn or build_reward(cfg.reward)        # config and model problems surface before any step
     active = cfg.reward.active
     schedule = cfg.window_schedule()
-    prompts: list[GroupInput] = load_prompts(cfg.prompts, out)
+    with accelerator.main_process_first():  # the main process writes the ToyWorld prompt set, the others read it
+        prompts: list[GroupInput] = load_prompts(cfg.prompts, out)
     pipe = build_model(cfg.model.name, cfg.model.dtype, device=accelerator.device)
     params = setup_adapter(pipe, cfg.model)
-    optimizer, lr_scheduler = build_optimizer(params, cfg.optim, max(1, total * cfg.gspo.inner_updates))
+    # The schedule's horizon is train.max_steps even when --max-steps stops earlier, so a run cut short and resumed
+    # follows the same learning rates as an uninterrupted one.
+    horizon = max(1, cfg.train.max_steps * cfg.gspo.inner_updates)
+    optimizer, lr_scheduler = build_optimizer(params, cfg.optim, horizon)
     model, optimizer = accelerator.prepare(pipe.transformer, optimizer)
     named = {n: p for n, p in pipe.transformer.named_parameters() if p.requires_grad}
 
     start = 0
-    ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
-        log(f"no checkpoint in {out}: starting from step 0")
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         missing = sorted(set(named) - set(state["adapter"]))
@@ -389,7 +399,8 @@ def _fmt(v: float | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m train.ippo", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="YAML config (train/configs/*_ippo.yaml)")
-    p.add_argument("--max-steps", type=int, default=None, help="override train.max_steps")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this step (a checkpoint is written; the LR schedule keeps train.max_steps)")
     p.add_argument("--output-dir", default=None, help="override train.output_dir")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,12 +41,12 @@ from .common import (
     checkpoint_step,
     config_to_dict,
     grad_norm,
-    latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     load_config,
     parse_dtype,
     parse_set_overrides,
+    resolve_resume,
     restore_rng_state,
     save_checkpoint,
     seed_everything,
@@ -188,7 +191,7 @@ class Trainer:
         self.accelerator = acc = setup_accelerator(cfg.train)
         self.device = acc.device
         seed_everything(cfg.train.seed)
-        ckpt = self._find_resume(resume)
+        ckpt = resolve_resume(self.output_dir, resume, acc.is_main_process)
         with acc.main_process_first():  # the dataset is validated before any model is loaded
             root = ensure_toyworld(cfg.data.toyworld, self.output_dir) if cfg.data.toyworld else cfg.data.dataset
             samples = load_samples(root)
@@ -232,6 +235,8 @@ class Trainer:
         # data (after the model: the reference sizes are the model's unless the config sets them)
         self.data = TrainingSet(samples, cfg.data, self.pipe.reference_options, self.pipe.vae_scale_factor)
         self.pipe.reference_options = self.data.ref_options
+        if cfg.model.ref_timestep_zero:  # validation samples get the conditioning the adapter is trained with
+            self.pipe.reference_options = dataclasses.replace(self.data.ref_options, ref_timestep_zero=True)
         self.order = BatchOrder([it.key for it in self.data.items], cfg.data.batch_size, cfg.train.seed,
                                 acc.num_processes, acc.process_index)
         self.noise_gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + acc.process_index)
@@ -248,17 +253,6 @@ class Trainer:
                                      enabled=acc.is_main_process)
 
     # -------------------------------------------------------------------------------------------- setup helpers
-    def _find_resume(self, resume: bool) -> Path | None:
-        if resume:
-            ckpt = latest_checkpoint(self.output_dir)
-            if ckpt is None and self.accelerator.is_main_process:
-                print(f"--resume: no complete checkpoint in {self.output_dir}, starting from step 0")
-            return ckpt
-        if list_checkpoints(self.output_dir):
-            raise UserError(f"{self.output_dir} already holds checkpoints: pass --resume to continue, or choose "
-                            "another --output-dir")
-        return None
-
     def _init_transformer(self, spec: dict[str, Any]) -> None:
         from diffusers import FluxTransformer2DModel
 
@@ -471,7 +465,11 @@ class Trainer:
 
         if not self.accelerator.is_main_process:
             return []
+        from multicrafter.ref_timestep import find_ref_timestep
+
         rng = capture_rng_state({"noise": self.noise_gen})
+        ref_t0 = find_ref_timestep(self.unwrapped)
+        ref_t0_enabled = ref_t0.enabled if ref_t0 is not None else None  # kept whatever the pipeline does with it
         folder = self.output_dir / "samples" / f"step-{self.step:06d}"
         written = []
         was_training = self.unwrapped.training
@@ -499,6 +497,8 @@ class Trainer:
                 self.capture.clear()
                 self.capture.enabled = True
             restore_rng_state(rng, {"noise": self.noise_gen})
+            if ref_t0 is not None:
+                ref_t0.enabled = ref_t0_enabled
         return written
 
     def save_final(self) -> Path:
@@ -513,20 +513,30 @@ class Trainer:
                 from multicrafter.adapters import save_adapter
 
                 return save_adapter(self.unwrapped, self.output_dir / "adapter", self.adapter_cfg)
+            from multicrafter.adapters import _replace_dir
+
             target = self.output_dir / "pipeline"
             capture = self.capture
             if capture is not None:  # save the stock processors, not the capture ones
                 from multicrafter.attention import remove_capture
 
                 remove_capture(self.unwrapped)
-            self.pipe.save_pretrained(target)
-            ro = self.data.ref_options
-            (target / REFERENCE_CONFIG).write_text(json.dumps(
-                {"long_side_single": ro.long_side_single, "long_side_multi": ro.long_side_multi}) + "\n")
-            if capture is not None:
-                from multicrafter.attention import install_capture
+            # written next to the target and swapped in, so `pipeline/` is never a half-written model
+            tmp = Path(tempfile.mkdtemp(prefix=".pipeline.tmp-", dir=self.output_dir))
+            try:
+                self.pipe.save_pretrained(tmp)
+                ro = self.data.ref_options
+                (tmp / REFERENCE_CONFIG).write_text(json.dumps(
+                    {"long_side_single": ro.long_side_single, "long_side_multi": ro.long_side_multi}) + "\n")
+                _replace_dir(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            finally:
+                if capture is not None:
+                    from multicrafter.attention import install_capture
 
-                install_capture(self.unwrapped, capture, self.cfg.attention_loss.blocks)
+                    install_capture(self.unwrapped, capture, self.cfg.attention_loss.blocks)
             return target
 
     # -------------------------------------------------------------------------------------------- loop
@@ -543,7 +553,9 @@ class Trainer:
             while self.step < end:
                 rec = self.train_step()
                 last = rec
-                if self.step % max(1, out.log_every) == 0 or self.step == end:
+                # not `or self.step == end`: a run stopped by --max-steps and resumed must log what an uninterrupted
+                # one logs
+                if self.step % max(1, out.log_every) == 0 or self.step == self.cfg.train.max_steps:
                     self.metrics.log(rec)
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", attn=f"{rec['loss_attn']:.3f}")
