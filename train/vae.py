@@ -9,6 +9,8 @@ saved with `save_pretrained`. Checkpoints are atomic and `--resume` continues bi
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,9 +28,9 @@ from train.common import (
     build_optimizer,
     capture_rng_state,
     checkpoint_step,
-    latest_checkpoint,
     load_checkpoint,
     load_config,
+    resolve_resume,
     restore_rng_state,
     save_checkpoint,
 )
@@ -151,6 +153,21 @@ def latent_statistics(vae, cfg: VAEConfig) -> tuple[float, float]:
     return float(z.mean()), float(1.0 / z.std())
 
 
+def save_vae(vae, target: Path) -> Path:
+    """`save_pretrained` into a temp sibling folder swapped in at the end: `target` is never a half-written VAE."""
+    from multicrafter.adapters import _replace_dir
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        vae.save_pretrained(tmp)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m train.vae", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
@@ -170,9 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     vae = build_vae(cfg.model).to(device).train()
     opt, sched = build_optimizer(list(vae.parameters()), cfg.optim, cfg.train.steps)
     start = 0
-    ckpt = latest_checkpoint(out) if args.resume else None
-    if args.resume and ckpt is None:
-        print(f"no checkpoint in {out}; starting from step 0")
+    ckpt = resolve_resume(out, args.resume)
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         vae.load_state_dict({k: v.to(device) for k, v in state["vae"].items()})
@@ -181,12 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         restore_rng_state(state["rng"])
         start = checkpoint_step(ckpt)
         print(f"resumed from {ckpt} (step {start})")
-    elif out.exists() and any(out.glob("checkpoint-*")):
-        raise UserError(f"{out} already holds checkpoints: pass --resume, or choose another --output-dir")
     logger = MetricsLogger(out, resume_step=start if ckpt is not None else None)
     end = start if args.finalize else min(cfg.train.steps, args.max_steps or cfg.train.steps)
+    # Its own generator: creating the iterator draws a seed, which must not come from the global RNG just restored
+    # (the posterior samples use that one), or a resumed run would differ from an uninterrupted one.
     loader = torch.utils.data.DataLoader(_StepBatches(cfg, start, end), batch_size=None, shuffle=False,
-                                         num_workers=cfg.train.num_workers)
+                                         num_workers=cfg.train.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.data.seed))
     bar = tqdm(zip(range(start, end), loader), initial=start, total=end, desc="vae", dynamic_ncols=True)
     t0 = time.perf_counter()
     for step, x in bar:
@@ -198,9 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         opt.step()
         sched.step()
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == end:
-            logger.log({"step": step + 1, "loss": float(loss), **parts, "grad_norm": float(gn),
+            logger.log({"step": step + 1, "loss": float(loss.detach()), **parts, "grad_norm": float(gn),
                         "lr": sched.get_last_lr()[0], "sec_per_step": (time.perf_counter() - t0) / (step + 1 - start)})
-            bar.set_postfix(loss=f"{float(loss):.4f}", psnr=f"{parts['psnr']:.1f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", psnr=f"{parts['psnr']:.1f}")
         if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
             save_checkpoint(out, step + 1, {"vae": vae.state_dict(), "optimizer": opt.state_dict(),
                                             "scheduler": sched.state_dict(), "rng": capture_rng_state()},
@@ -209,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         vae.eval()
         shift, scale = latent_statistics(vae, cfg)
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-        vae.to("cpu").save_pretrained(out / "vae")
+        save_vae(vae.to("cpu"), out / "vae")
         print(f"saved {out / 'vae'} (shift_factor {shift:.4f}, scaling_factor {scale:.4f})")
     return 0
 
