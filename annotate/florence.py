@@ -21,10 +21,11 @@ from PIL import Image
 
 from multicrafter.errors import UserError
 from multicrafter.io import load_image
+from multicrafter.metrics.loading import allow_downloads
 
 from .crops import mask_box, refine_mask
 from .dataset import DatasetWriter, SubjectSpec
-from .sam2 import IMAGENET_MEAN, IMAGENET_STD, allow_downloads
+from .sam2 import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_FLORENCE = "florence-community/Florence-2-base-ft"
 GROUNDING_PROMPT = "Locate the phrases in the caption: {}"

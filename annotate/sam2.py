@@ -19,19 +19,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from multicrafter.errors import UserError
+from multicrafter.metrics.loading import allow_downloads  # one opt-in rule for every model download
 
 DEFAULT_SAM2 = "facebook/sam2.1-hiera-tiny"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+__all__ = ["DEFAULT_SAM2", "IMAGENET_MEAN", "IMAGENET_STD", "Sam2Predictor", "Sam2Unavailable", "allow_downloads",
+           "image_key", "load_sam2", "preprocess"]
+
+
 class Sam2Unavailable(UserError):
     """No SAM 2 weights could be loaded (offline, not downloaded, or a bad folder)."""
-
-
-def allow_downloads() -> bool:
-    """Weights are fetched from the Hub only when asked (MULTICRAFTER_ALLOW_DOWNLOAD=1); offline is the default."""
-    return os.environ.get("MULTICRAFTER_ALLOW_DOWNLOAD", "") == "1" and not os.environ.get("HF_HUB_OFFLINE")
 
 
 def load_sam2(name_or_path: str | os.PathLike = DEFAULT_SAM2, device: str = "cpu", dtype: torch.dtype = torch.float32):

@@ -136,7 +136,8 @@ def test_hub_id_offline_is_one_clear_line():
         ClipScorer.load("openai/clip-vit-base-patch32")
     msg = str(err.value)
     assert isinstance(err.value, UserError) and "\n" not in msg
-    assert "openai/clip-vit-base-patch32" in msg and "offline" in msg and "--clip-model DIR" in msg
+    assert "openai/clip-vit-base-patch32" in msg and "not in the Hugging Face cache" in msg and "--clip-model DIR" in msg
+    assert "MULTICRAFTER_ALLOW_DOWNLOAD=1" in msg
 
 
 @pytest.mark.parametrize("bad", ["/nonexistent/clip", "./no/such/folder"])
@@ -176,7 +177,7 @@ def test_dino_embeddings_and_dino_i(dino):
 
 
 def test_dino_hub_id_offline():
-    with pytest.raises(ModelUnavailable, match="facebook/dino-vits16.*offline.*--dino-model"):
+    with pytest.raises(ModelUnavailable, match="facebook/dino-vits16.*not in the Hugging Face cache.*--dino-model"):
         DinoScorer.load()
 
 
@@ -214,7 +215,7 @@ def test_linear_head_and_safetensors(tmp_path, clip):
 
 
 def test_aesthetic_unavailable_and_corrupt_head(tmp_path, clip):
-    with pytest.raises(ModelUnavailable, match="trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth.*offline"):
+    with pytest.raises(ModelUnavailable, match="trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth.*not in the Hugging Face cache"):
         AestheticScorer.load(clip=clip)
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelUnavailable, match="bad.pth is unreadable"):
@@ -240,5 +241,33 @@ def test_hub_id_already_in_the_cache_loads_offline(tmp_path, clip_dir, monkeypat
     local = ClipScorer.load(str(clip_dir))
     imgs = _images(2)
     assert torch.allclose(scorer.image_embeddings(imgs), local.image_embeddings(imgs))
-    with pytest.raises(ModelUnavailable, match="tiny-org/other.*offline"):
+    with pytest.raises(ModelUnavailable, match="tiny-org/other.*not in the Hugging Face cache"):
         ClipScorer.load("tiny-org/other")
+
+
+def test_no_download_without_the_opt_in_even_when_the_hub_answers(monkeypatch):
+    """Same rule as SAM 2 / Florence-2: the hub is only asked with MULTICRAFTER_ALLOW_DOWNLOAD=1."""
+    from multicrafter.metrics import loading
+
+    monkeypatch.setattr(loading, "hub_reachable", lambda: True)
+    monkeypatch.setattr(loading, "_in_cache", lambda repo, filename: repo == "org/cached")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("MULTICRAFTER_ALLOW_DOWNLOAD", raising=False)
+    assert not loading.allow_downloads()
+    assert loading._offline_kwargs("org/cached", "config.json", "CLIP", "--clip-model") == {"local_files_only": True}
+    with pytest.raises(ModelUnavailable, match="org/new.*MULTICRAFTER_ALLOW_DOWNLOAD=1"):
+        loading._offline_kwargs("org/new", "config.json", "CLIP", "--clip-model")
+    monkeypatch.setenv("MULTICRAFTER_ALLOW_DOWNLOAD", "1")
+    assert loading.allow_downloads()
+    assert loading._offline_kwargs("org/new", "config.json", "CLIP", "--clip-model") == {}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")   # HF's own offline switch still wins
+    assert not loading.allow_downloads()
+    with pytest.raises(ModelUnavailable):
+        loading._offline_kwargs("org/new", "config.json", "CLIP", "--clip-model")
+
+
+def test_annotate_uses_the_same_download_rule():
+    from annotate import florence, sam2
+    from multicrafter.metrics.loading import allow_downloads
+
+    assert sam2.allow_downloads is allow_downloads and florence.allow_downloads is allow_downloads

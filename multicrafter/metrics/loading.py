@@ -1,7 +1,7 @@
 """The one place metric weights are loaded: a Hugging Face hub id or a local folder/file, never a silent download.
 
-No CLIP, DINO or aesthetic weights ship with any package, and offline a hub id only works if it is already in the
-Hugging Face cache. Every failure to get weights becomes `ModelUnavailable`, a `UserError` whose single line names
+No CLIP, DINO or aesthetic weights ship with any package. A hub id is read from the Hugging Face cache only, unless
+the user opts in with MULTICRAFTER_ALLOW_DOWNLOAD=1 (`allow_downloads`, the same rule SAM 2 and Florence-2 follow). Every failure to get weights becomes `ModelUnavailable`, a `UserError` whose single line names
 the model and how to supply a local copy, so CLIs and the UI can report the metric as missing instead of crashing
 or inventing a number.
 """
@@ -42,7 +42,7 @@ def unavailable(what: str, source: str | os.PathLike, option: str | None, reason
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connect to the hub; without it huggingface_hub retries for about a minute per model offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if _truthy("HF_HUB_OFFLINE"):
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -61,13 +61,27 @@ def _in_cache(repo: str, filename: str) -> bool:
         return False
 
 
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def allow_downloads() -> bool:
+    """Weights are fetched from the Hub only when asked (MULTICRAFTER_ALLOW_DOWNLOAD=1) and HF_HUB_OFFLINE is off."""
+    return os.environ.get("MULTICRAFTER_ALLOW_DOWNLOAD", "").strip() == "1" and not _truthy("HF_HUB_OFFLINE")
+
+
+NOT_CACHED = "not in the Hugging Face cache and downloads are off (MULTICRAFTER_ALLOW_DOWNLOAD=1 allows them)"
+
+
 def _offline_kwargs(repo: str, filename: str, what: str, option: str | None) -> dict[str, Any]:
-    """Hub id without network: use the cache only (fast), or fail now with the one-line message."""
-    if hub_reachable():
+    """Hub id: the cache only (local_files_only), or fail now with the one-line message; with the opt-in and a
+    reachable hub, a normal (downloading) load."""
+    if allow_downloads() and hub_reachable():
         return {}
     if _in_cache(repo, filename):
         return {"local_files_only": True}
-    raise unavailable(what, repo, option, "offline and not in the Hugging Face cache")
+    reason = NOT_CACHED if not allow_downloads() else "offline and not in the Hugging Face cache"
+    raise unavailable(what, repo, option, reason)
 
 
 def load_pretrained(cls: Any, source: str | os.PathLike, what: str, option: str | None = None, **kwargs: Any) -> Any:
