@@ -200,8 +200,12 @@ def _lora_module_names(transformer: nn.Module) -> list[str]:
 
 def _lora_metadata(transformer: nn.Module, adapter_name: str) -> dict[str, Any]:
     """The peft LoraConfig as JSON-able metadata (lets the stock loader rebuild rank and alpha exactly)."""
-    meta = transformer.peft_config[adapter_name].to_dict()
-    return {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
+    return lora_config_metadata(transformer.peft_config[adapter_name])
+
+
+def lora_config_metadata(config: Any) -> dict[str, Any]:
+    """A peft LoraConfig as the JSON-able metadata diffusers stores beside LoRA weights."""
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
 
 
 def _is_adapter_dir(p: Path) -> bool:
@@ -213,9 +217,7 @@ def save_adapter(transformer: nn.Module, directory: str | os.PathLike, cfg: Adap
 
     `cfg` defaults to the config the adapter was added or loaded with; its `extra` must be JSON-serialisable.
     """
-    from diffusers.loaders import FluxLoraLoaderMixin
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     state = adapter_state(transformer)
     if state is None:
@@ -226,11 +228,26 @@ def save_adapter(transformer: nn.Module, directory: str | os.PathLike, cfg: Adap
         raise UserError("the adapter config and the transformer disagree on MoE-LoRA")
     if (cfg.lora_rank > 0) != (adapter_name in getattr(transformer, "peft_config", {})):
         raise UserError("the adapter config and the transformer disagree on LoRA")
+    lora_sd = lora_meta = None
+    if cfg.lora_rank > 0:
+        lora_sd = {k: v.detach().contiguous() for k, v in
+                   get_peft_model_state_dict(transformer, adapter_name=adapter_name).items()}
+        lora_meta = _lora_metadata(transformer, adapter_name)
+    moe_sd = moe_state_dict(transformer) if cfg.moe is not None else None
+    return write_adapter_dir(directory, cfg, lora_sd, lora_meta, moe_sd)
+
+
+def write_adapter_dir(directory: str | os.PathLike, cfg: AdapterConfig, lora_sd: dict[str, torch.Tensor] | None,
+                      lora_meta: dict[str, Any] | None, moe_sd: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write an adapter folder from state dicts (peft keys `<module>.lora_A.weight`), atomically: a temp sibling
+    folder, fsynced, then swapped in. A non-empty folder that is not an adapter is never replaced."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+    from safetensors.torch import save_file
+
     try:
         config_text = json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise UserError(f"adapter config is not JSON-serialisable: {exc}") from None
-
     target = Path(directory).expanduser()
     if target.exists() and not target.is_dir():
         raise UserError(f"cannot save the adapter: {target} is a file")
@@ -239,14 +256,11 @@ def save_adapter(transformer: nn.Module, directory: str | os.PathLike, cfg: Adap
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        if cfg.lora_rank > 0:
-            sd = {k: v.detach().contiguous() for k, v in
-                  get_peft_model_state_dict(transformer, adapter_name=adapter_name).items()}
-            FluxLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=sd,
-                                                  transformer_lora_adapter_metadata=_lora_metadata(transformer,
-                                                                                                   adapter_name))
-        if cfg.moe is not None:
-            save_file(moe_state_dict(transformer), str(tmp / MOE_FILE), metadata={"format": "pt"})
+        if lora_sd:
+            FluxLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=lora_sd,
+                                                  transformer_lora_adapter_metadata=lora_meta)
+        if moe_sd is not None:
+            save_file(moe_sd, str(tmp / MOE_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(config_text + "\n")
         for f in tmp.iterdir():  # the data must be on disk before the folder becomes visible under its name
             with open(f, "rb") as fh:
@@ -272,7 +286,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
 # ------------------------------------------------------------------------------------------------ load
 
 
-def _base_linear(transformer: nn.Module, name: str) -> nn.Linear | None:
+def base_linear(transformer: nn.Module, name: str) -> nn.Linear | None:
     """The plain linear at `name`, looking through a loaded peft LoRA or MoE-LoRA wrapper."""
     try:
         mod = transformer.get_submodule(name)
@@ -304,7 +318,7 @@ def _read_lora(path: Path, transformer: nn.Module) -> tuple[dict[str, torch.Tens
         shapes.setdefault(m["module"], {})[m["ab"]] = tuple(t.shape)
     ranks = []
     for module, ab in shapes.items():
-        lin = _base_linear(transformer, module)
+        lin = base_linear(transformer, module)
         if lin is None:
             raise UserError(f"{path.name}: LoRA for {module}, which is not a linear layer of this model")
         if set(ab) != {"A", "B"} or len(ab["A"]) != 2 or len(ab["B"]) != 2:
@@ -339,7 +353,7 @@ def _check_moe_weights(transformer: nn.Module, moe: MoELoRAConfig, sd: dict[str,
         module, _, leaf = key.rpartition(".")
         if leaf == "weight" and module.endswith(".router"):
             module, leaf = module[: -len(".router")], "router"
-        lin = _base_linear(transformer, module)
+        lin = base_linear(transformer, module)
         if lin is None or leaf not in ("router", "expert_A", "expert_B"):
             raise UserError(f"{path.name}: unexpected MoE-LoRA weight {key}")
         want = {"router": (e, lin.in_features), "expert_A": (e, r, lin.in_features),

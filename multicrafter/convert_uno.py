@@ -13,7 +13,6 @@ block of up as B. Rank comes from the file; alpha = rank gives UNO's scale of 1.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,18 +36,11 @@ BLOCKS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
 UNO_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 4.0, "height": 512, "width": 512}
 
 
-def linear_shapes(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of every linear, looking through LoRA wrappers."""
-    out = {}
-    for name, mod in transformer.named_modules():
-        base = getattr(mod, "base_layer", mod)
-        if isinstance(base, torch.nn.Linear) and not name.endswith(("base_layer", "lora_A.default", "lora_B.default")):
-            out[name.replace(".base_layer", "")] = (base.in_features, base.out_features)
-    return out
+def convert_state_dict(uno: dict[str, torch.Tensor], base: torch.nn.Module) -> tuple[dict, int]:
+    """UNO keys -> diffusers peft keys `<module>.lora_A.weight` / `.lora_B.weight`; checks every shape against the
+    base model's linears (seen through any loaded LoRA or MoE-LoRA wrapper)."""
+    from .adapters import base_linear
 
-
-def convert_state_dict(uno: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> tuple[dict, int]:
-    """UNO keys -> diffusers peft keys `<module>.lora_A.weight` / `.lora_B.weight`; checks every shape."""
     pairs: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
     for key, t in uno.items():
         m = _KEY.match(key)
@@ -66,6 +58,8 @@ def convert_state_dict(uno: dict[str, torch.Tensor], shapes: dict[str, tuple[int
             raise UserError(f"{where}: down {tuple(down.shape)} and up {tuple(up.shape)} are not a LoRA pair")
         ranks.add(down.shape[0])
         targets = [f"{BLOCKS[kind]}.{i}.{suffix}" for suffix in MAPPING[(kind, lora)]]
+        linears = {t: base_linear(base, t) for t in targets}
+        shapes = {t: (lin.in_features, lin.out_features) for t, lin in linears.items() if lin is not None}
         missing = [t for t in targets if t not in shapes]
         if missing:
             raise UserError(f"{where}: the base model has no {missing[0]} (block count does not fit)")
@@ -97,12 +91,10 @@ def flux_dev_skeleton() -> torch.nn.Module:
 
 def convert(uno_path: str | Path, out_dir: str | Path, base: torch.nn.Module) -> Path:
     """Convert and write an adapter folder; nothing is written if any key or shape is refused."""
-    from diffusers.loaders import FluxLoraLoaderMixin
     from peft import LoraConfig
     from safetensors import safe_open
 
-    from .adapters import CONFIG_FILE, AdapterConfig
-    from .io import atomic_write_text
+    from .adapters import AdapterConfig, lora_config_metadata, write_adapter_dir
 
     uno_path = Path(uno_path)
     if not uno_path.is_file():
@@ -114,18 +106,13 @@ def convert(uno_path: str | Path, out_dir: str | Path, base: torch.nn.Module) ->
         raise UserError(f"cannot read {uno_path.name} as safetensors ({type(exc).__name__})") from None
     if not uno:
         raise UserError(f"{uno_path.name} holds no tensors")
-    sd, rank = convert_state_dict(uno, linear_shapes(base))
+    sd, rank = convert_state_dict(uno, base)
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
     targets = "^(" + "|".join(re.escape(m) for m in modules) + ")$"
-    meta = LoraConfig(r=rank, lora_alpha=rank, target_modules=modules).to_dict()
-    meta = {k: sorted(v) if isinstance(v, set) else v for k, v in meta.items()}
+    meta = lora_config_metadata(LoraConfig(r=rank, lora_alpha=rank, target_modules=modules))
     cfg = AdapterConfig(lora_rank=rank, lora_alpha=float(rank), lora_targets=targets,
                         extra={"reference_style": "uno", "source": "UNO", "sampling_defaults": UNO_DEFAULTS})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    FluxLoraLoaderMixin.save_lora_weights(out, transformer_lora_layers=sd, transformer_lora_adapter_metadata=meta)
-    atomic_write_text(out / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
-    return out
+    return write_adapter_dir(out_dir, cfg, sd, meta)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from .pipeline import MultiCrafterPipeline
 
-        base = MultiCrafterPipeline.from_pretrained(args.base).transformer
+        base = MultiCrafterPipeline.from_pretrained(args.base, adapter=False).transformer
     out = convert(args.src, args.out, base)
     print(f"wrote UNO adapter to {out} (load with --adapter {out})")
     return 0

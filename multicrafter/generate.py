@@ -49,11 +49,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.attention_out and not args.ref:
         raise UserError("--attention-out needs at least one --ref")
 
-    from .references import MAX_REFERENCES, prepare_reference_images
+    from .io import load_image
+    from .references import MAX_REFERENCES
 
     if len(args.ref) > MAX_REFERENCES:
         raise UserError(f"too many references: {len(args.ref)} (at most {MAX_REFERENCES})")
-    prepare_reference_images(args.ref)   # validate every file before loading any model
+    for i, ref in enumerate(args.ref):   # every file is checked before any model loads
+        try:
+            load_image(ref)
+        except UserError as exc:
+            raise UserError(f"reference {i + 1}: {exc}") from None
 
     import torch
 
@@ -63,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     pipe = MultiCrafterPipeline.from_pretrained(
-        args.model, adapter=None if args.no_adapter else args.adapter, dtype=dtype,
+        args.model, adapter=False if args.no_adapter else args.adapter, dtype=dtype,   # False: not even toy's default
         device=None if args.cpu_offload else device, enable_model_cpu_offload=args.cpu_offload,
     )
     params = dict(pipe.sampling_defaults, prompt=args.prompt)

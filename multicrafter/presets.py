@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY_DIR = Path(os.environ.get("MULTICRAFTER_TOY_DIR", REPO_ROOT / "assets" / "toy"))
@@ -100,7 +100,7 @@ def load_error(name: str, exc: Exception) -> UserError:
     if "cache" in text or "connect" in text.lower() or os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
         why = "not in the local cache and the Hub cannot be reached"
     else:
-        why = f"{type(exc).__name__}: {text.splitlines()[0][:160]}" if text else type(exc).__name__
+        why = one_line(exc)[:200]
     return UserError(
         f"model '{name}' is unavailable ({why}); download it once with `hf download {name} --local-dir DIR` "
         "and pass the folder instead"

@@ -210,3 +210,15 @@ def test_pipeline_takes_uno_adapter_style_and_defaults(converted):
     pipe("a", reference_images=[Image.new("RGB", (40, 30))], height=32, width=32, max_sequence_length=8,
          callback_on_step_end=lambda p, i, t, kw: seen.append(i) or {})
     assert len(seen) == 25
+
+
+def test_conversion_sees_through_a_loaded_moe_adapter(tmp_path):
+    """A base that carries an adapter (the toy model's default) still exposes its plain linears' shapes."""
+    from multicrafter.adapters import AdapterConfig, add_adapter
+    from multicrafter.moe_lora import MoELoRAConfig
+
+    base = build_tiny_components()["transformer"]
+    add_adapter(base, AdapterConfig(lora_rank=2, lora_alpha=2.0, moe=MoELoRAConfig(rank=2, alpha=2.0, num_blocks=2)))
+    save_file(uno_checkpoint(), tmp_path / "dit_lora.safetensors")
+    out = convert(tmp_path / "dit_lora.safetensors", tmp_path / "converted", base)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

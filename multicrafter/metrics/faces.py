@@ -12,6 +12,7 @@ reward: a wrong face must never score below a missing face, or the policy learns
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -110,17 +111,43 @@ def match_faces(generated: Sequence[Face], references: Sequence[Face | None], ba
                          scale=backend.scale, notes=notes)
 
 
-def reference_faces(references: Sequence[Any], backend: FaceBackend) -> tuple[list[Face | None], list[int], list[str]]:
-    """Largest face of each reference photo; a reference without a face is None (it will score 0) with a note."""
+def image_key(img: Image.Image) -> str:
+    """Content hash of an image (pixels, size and mode), for caching per-image work such as reference faces."""
+    return hashlib.sha1(img.tobytes() + repr((img.size, img.mode)).encode()).hexdigest()
+
+
+RefCache = dict[str, tuple[Face | None, int]]   # image_key -> (largest face, faces found)
+CACHE_LIMIT = 512
+
+
+def reference_faces(references: Sequence[Any], backend: FaceBackend,
+                    cache: RefCache | None = None) -> tuple[list[Face | None], list[int], list[str]]:
+    """Largest face of each reference photo; a reference without a face is None (it will score 0) with a note.
+
+    With `cache` (a dict owned by the caller, e.g. a reward reused over many rollouts with the same references)
+    each distinct reference image is detected and embedded once; it is emptied when it exceeds CACHE_LIMIT entries.
+    Use one cache per backend: entries hold that backend's embeddings.
+    """
     faces, counts, notes = [], [], []
     for i, ref in enumerate(references):
-        found = backend.faces(ref)
-        counts.append(len(found))
-        faces.append(largest_face(found))
-        if not found:
+        if cache is None:
+            found = backend.faces(ref)
+            best, count = largest_face(found), len(found)
+        else:
+            img = load_image(ref, mode="RGB")
+            key = image_key(img)
+            if key not in cache:
+                if len(cache) >= CACHE_LIMIT:
+                    cache.clear()
+                found = backend.faces(img)
+                cache[key] = (largest_face(found), len(found))
+            best, count = cache[key]
+        counts.append(count)
+        faces.append(best)
+        if not count:
             notes.append(f"no face found in reference {i}: it scores 0")
-        elif len(found) > 1:
-            notes.append(f"reference {i} shows {len(found)} faces: the largest is used")
+        elif count > 1:
+            notes.append(f"reference {i} shows {count} faces: the largest is used")
     return faces, counts, notes
 
 

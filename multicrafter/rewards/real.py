@@ -9,7 +9,6 @@ per prompt group, so only the relative weights matter).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,14 +17,10 @@ from PIL import Image
 from ..metrics.aesthetic import DEFAULT_AES_CLIP, DEFAULT_AES_FILE, DEFAULT_AES_HEAD, AestheticScorer
 from ..metrics.clip import DEFAULT_CLIP, ClipScorer
 from ..metrics.dino import DEFAULT_DINO, DinoScorer
-from ..metrics.faces import Face, FaceBackend, get_backend, largest_face, match_faces
+from ..metrics.faces import FaceBackend, RefCache, get_backend, match_faces, reference_faces
 from ..metrics.loading import ModelUnavailable
 from ..metrics.objects import Embed, subject_similarity
 from .base import RewardBatch, RewardOutput
-
-
-def _key(img: Image.Image) -> str:
-    return hashlib.sha1(img.tobytes() + repr((img.size, img.mode)).encode()).hexdigest()
 
 
 class RealReward:
@@ -38,7 +33,7 @@ class RealReward:
             raise ValueError("R_id is either faces or object subjects, not both")
         self.text, self.aes, self.face, self.subject = text, aes, face, subject
         self.missing = dict(missing or {})
-        self._ref_cache: dict[str, Face | None] = {}
+        self._ref_cache: RefCache = {}   # reference faces, detected and embedded once per distinct image
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -78,14 +73,6 @@ class RealReward:
         return cls(parts.get("text"), parts.get("aes"), parts.get("face"), parts.get("subject"),
                    {("id" if k in ("face", "subject") else k): v for k, v in missing.items()})
 
-    def _reference_face(self, img: Image.Image) -> Face | None:
-        key = _key(img)
-        if key not in self._ref_cache:
-            if len(self._ref_cache) > 512:
-                self._ref_cache.clear()
-            self._ref_cache[key] = largest_face(self.face.faces(img))  # type: ignore[union-attr]
-        return self._ref_cache[key]
-
     def _id(self, i: int, image: Image.Image, refs: Sequence[Image.Image], meta: dict[str, Any]) -> tuple[float, list]:
         """R_id of one image; any failure of a detector or embedder scores 0 with a note (never the whole group)."""
         try:
@@ -98,8 +85,7 @@ class RealReward:
         if not refs:
             return 0.0, [f"sample {i}: no references, R_id = 0"]
         if self.face is not None:
-            ref_faces = [self._reference_face(r) for r in refs]
-            notes = [f"reference {k} has no detectable face" for k, f in enumerate(ref_faces) if f is None]
+            ref_faces, _, notes = reference_faces(refs, self.face, cache=self._ref_cache)
             res = match_faces(self.face.faces(image), ref_faces, self.face, notes)
             return res.face_sim, [f"sample {i}: {n}" for n in res.notes]
         # `masks`: the subjects' masks in the *generated* image (e.g. from annotate's Florence-2 + SAM 2 grounding).
