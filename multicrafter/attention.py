@@ -56,7 +56,6 @@ class AttentionCapture:
     # Inference accumulators (detached, bounded: steps x N x n_t + blocks x N x n_t).
     per_step: list[torch.Tensor] = field(default_factory=list)
     per_block_sum: dict[int, torch.Tensor] = field(default_factory=dict)
-    steps_seen: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -70,7 +69,6 @@ class AttentionCapture:
         self.maps.clear()
         self.per_step.clear()
         self.per_block_sum.clear()
-        self.steps_seen = 0
 
     def aggregate(self, blocks: Iterable[int] | None = None) -> torch.Tensor:
         """Mean over captured blocks of the current forward: (B, N, n_target), not yet normalised."""
@@ -87,12 +85,11 @@ class AttentionCapture:
         for k, m in self.maps.items():
             m = m.detach().float().cpu()
             self.per_block_sum[k] = self.per_block_sum[k] + m if k in self.per_block_sum else m
-        self.steps_seen += 1
         self.maps.clear()
 
     def per_block(self) -> dict[int, torch.Tensor]:
         """Mean over steps of each block's map."""
-        return {k: v / max(self.steps_seen, 1) for k, v in sorted(self.per_block_sum.items())}
+        return {k: v / max(len(self.per_step), 1) for k, v in sorted(self.per_block_sum.items())}
 
 
 def normalize_maps(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -189,8 +189,10 @@ class MoELoRALinear(nn.Module):
             # E extra rows misalign the GEMM (measured slower at large ranks), so there it stays separate
             weight = torch.cat([self.router.weight, self.expert_A.reshape(e * r, self.in_features)]).to(h.dtype)
             logits, z = F.linear(h, weight).split([e, e * r], dim=1)
+            if h.dtype != torch.float32:  # route from fp32 logits (bf16 ones tie); only the router rows again
+                logits = F.linear(h.float(), self.router.weight.float())
         else:
-            logits = F.linear(h, self.router.weight.to(h.dtype))
+            logits = F.linear(h.float(), self.router.weight.float())  # route in fp32 (bf16 logits tie)
             if dense:
                 z = F.linear(h, self.expert_A.reshape(e * r, self.in_features).to(h.dtype))
         idx, w, probs = self.route(logits)

@@ -130,7 +130,7 @@ def _velocity(transformer, ctx: GroupContext, latents: torch.Tensor, latent_ids:
     n = latents.shape[0]
     g = torch.full((n,), guidance, device=latents.device, dtype=torch.float32) if _guidance_embeds(transformer) \
         else None
-    return predict_velocity(transformer, latents, latent_ids, schedule.model_sigma(i).to(latents.device),
+    return predict_velocity(transformer, latents, latent_ids, schedule.model_sigma(i, latents.dtype).to(latents.device),
                             ctx.prompt_embeds.expand(n, -1, -1), ctx.pooled_prompt_embeds.expand(n, -1),
                             ctx.text_ids, ctx.refs, guidance=g)
 
@@ -181,7 +181,7 @@ def rollout(pipe, groups: Sequence[GroupInput | GroupContext], window: Sequence[
         if schedule is None:
             schedule = flux_schedule(pipe.scheduler, options.num_steps, init.shape[1], device)
         for part in options.chunks():
-            x = init[part].to(device=device, dtype=dtype)
+            x = init[part].to(device=device, dtype=dtype).contiguous()  # never a stride-0 view (exact ratio 1)
             xs, xn, lps = [], [], []
             for i in range(options.num_steps):
                 if i in window:

@@ -41,9 +41,9 @@ class FlowSchedule:
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
-    def model_sigma(self, i: int) -> torch.Tensor:
-        """What the transformer gets at step i: timestep / 1000, computed exactly as FluxPipeline does."""
-        return self.timesteps[i : i + 1] / 1000
+    def model_sigma(self, i: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """What the transformer gets at step i: FluxPipeline casts the timestep to the latents' dtype, then / 1000."""
+        return self.timesteps[i : i + 1].to(dtype) / 1000
 
     @property
     def sigma_cap(self) -> float:
