@@ -139,3 +139,40 @@ def test_object_mask_box_reads_01_masks_like_the_dataset():
     assert mask_box(Image.fromarray(ones), img.size) == (5, 20, 35, 50)
     res = subject_similarity(img, [swatch(RED)], colour_embed, masks=[ones])
     assert res.crops == 1 and res.score == pytest.approx(1.0, abs=1e-5)
+
+
+class CountingBackend:
+    """A fake face backend: one face per non-black image, embedding = mean colour; counts detector calls."""
+
+    name, scale = "fake", "cosine"
+
+    def __init__(self):
+        self.calls = 0
+
+    def faces(self, image):
+        from multicrafter.metrics.faces import Face
+
+        self.calls += 1
+        arr = np.asarray(image, np.float64)
+        return [] if arr.max() == 0 else [Face((0, 0, 8, 8), 1.0, arr.mean((0, 1)))]
+
+    def similarity(self, a, b):
+        s = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+        return np.clip(s, 0, None), s
+
+
+def test_reward_reference_faces_go_through_the_shared_cache():
+    from multicrafter.metrics.faces import reference_faces
+
+    backend = CountingBackend()
+    reward = RealReward(face=backend)
+    refs = [swatch(RED), Image.new("RGB", (20, 20))]   # the second has no face
+    batch = RewardBatch(images=[swatch(RED)] * 3, prompts=["x"] * 3, references=[refs] * 3)
+    out = reward(batch)
+    assert out.components["id"] == pytest.approx([0.5] * 3)
+    assert backend.calls == 3 + 2                      # 3 generated images, each distinct reference once
+    assert sum("no face found in reference 1" in n for n in out.notes) == 3   # the note survives a cache hit
+    direct = reference_faces(refs, backend)            # no cache: same answer, detected again
+    cached = reference_faces(refs, backend, cache=reward._ref_cache)
+    assert backend.calls == 5 + 2
+    assert direct[1:] == cached[1:] == ([1, 0], ["no face found in reference 1: it scores 0"])
