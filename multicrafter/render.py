@@ -43,14 +43,15 @@ def overlay(image: Image.Image, amap: torch.Tensor | np.ndarray, alpha: float = 
 def attention_figure(image: Image.Image, maps: torch.Tensor, names: Sequence[str] | None = None,
                      title: str | None = None) -> Image.Image:
     """A matplotlib figure: the image, then each subject's map overlaid on it. Returns a PIL image."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    # A bare Figure (no pyplot): no global state, safe from the app's worker threads.
     n = maps.shape[0]
     names = list(names or [f"subject {i + 1}" for i in range(n)])
-    fig, axes = plt.subplots(1, n + 1, figsize=(2.6 * (n + 1), 2.9), dpi=100)
+    fig = Figure(figsize=(2.6 * (n + 1), 2.9), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n + 1)
     axes[0].imshow(image)
     axes[0].set_title("image")
     for i in range(n):
@@ -63,7 +64,6 @@ def attention_figure(image: Image.Image, maps: torch.Tensor, names: Sequence[str
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     buf.seek(0)
     return Image.open(buf).convert("RGB")
 
