@@ -11,7 +11,7 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from multicrafter.errors import UserError
+from multicrafter.errors import UserError, one_line
 from multicrafter.io import load_image
 from multicrafter.metrics.loading import allow_downloads
 
@@ -146,18 +146,34 @@ def ground_subjects(image: Any, ground: GroundFn, segmenter: Any, names: list[st
     return out
 
 
+@dataclass
+class PreannotateReport:
+    """What `preannotate_dataset` did: subjects found per sample, and the samples it skipped with the reason."""
+
+    found: dict[str, list[str]] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
 def preannotate_dataset(root: str | Path, ground: GroundFn, segmenter: Any,
-                        names: list[str] | None = None) -> dict[str, list[str]]:
-    """Fill in subjects for every sample that has none; returns {sample: [subject names]} for the review queue."""
+                        names: list[str] | None = None) -> PreannotateReport:
+    """Fill in subjects for every sample that has none, for the review queue.
+
+    One bad sample (no caption and no names, an unreadable image, a segmenter refusal) is skipped with its reason;
+    it never stops the rest of the dataset.
+    """
     writer = DatasetWriter(root)
-    report: dict[str, list[str]] = {}
+    report = PreannotateReport()
     for name in writer.names():
         sample = writer.sample(name)
         if sample.subjects:
             continue
-        subjects = ground_subjects(sample.image, ground, segmenter, names=names, caption=sample.caption)
-        specs = [SubjectSpec(name=s.name, mask=s.mask, box=s.box, extra={"auto": True}) for s in subjects]
-        if specs:
-            writer.update_sample(name, subjects=specs)
-        report[name] = [s.name for s in subjects]
+        try:
+            subjects = ground_subjects(sample.image, ground, segmenter, names=names, caption=sample.caption)
+            specs = [SubjectSpec(name=s.name, mask=s.mask, box=s.box, extra={"auto": True}) for s in subjects]
+            if specs:
+                writer.update_sample(name, subjects=specs)
+        except UserError as exc:
+            report.skipped.append((name, one_line(exc)))
+            continue
+        report.found[name] = [s.name for s in subjects]
     return report

@@ -108,8 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if seg.note:
             print(f"note: {seg.note}")
         names = [n.strip() for n in args.names.split(",") if n.strip()] if args.names else None
-        for sample, found in preannotate_dataset(args.out, grounder, seg, names=names).items():
+        pre = preannotate_dataset(args.out, grounder, seg, names=names)
+        for sample, found in pre.found.items():
             print(f"pre-annotated {sample}: {', '.join(found) or 'nothing found'}")
+        for sample, why in pre.skipped:
+            print(f"not pre-annotated {sample}: {why}")
     for note in rep.notes:
         print(f"note: {note}")
     for name, why in rep.skipped:

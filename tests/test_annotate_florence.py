@@ -126,9 +126,39 @@ def test_preannotate_imported_folder(tmp_path):
         (src / f"img{i}.txt").write_text("a ball and a cube")
     import_folder(src, tmp_path / "ds")
     report = preannotate_dataset(tmp_path / "ds", fake_ground, Segmenter("grabcut"), names=["ball", "cube"])
-    assert report == {"img0": ["ball", "cube"], "img1": ["ball", "cube"]}
+    assert report.found == {"img0": ["ball", "cube"], "img1": ["ball", "cube"]} and report.skipped == []
     assert not errors_of(validate_dataset(tmp_path / "ds"))
     lines = [json.loads(x) for x in (tmp_path / "ds" / "metadata.jsonl").read_text().splitlines()]
     assert all(s["auto"] is True and s["kind"] == "object" for line in lines for s in line["subjects"])
     again = preannotate_dataset(tmp_path / "ds", fake_ground, Segmenter("grabcut"), names=["ball"])
-    assert again == {}  # reviewed/filled samples are never overwritten
+    assert again.found == {} and again.skipped == []  # reviewed/filled samples are never overwritten
+
+
+class RefusesOnce:
+    """A segmenter that refuses its first box (as SAM 2 does with a bad prompt), then works like GrabCut."""
+
+    def __init__(self):
+        self.inner, self.calls = Segmenter("grabcut"), 0
+
+    def segment(self, image, **kw):
+        self.calls += 1
+        if self.calls == 1:
+            raise UserError("box lies outside the image")
+        return self.inner.segment(image, **kw)
+
+
+def test_preannotate_skips_bad_samples_and_goes_on(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, caption in enumerate(["", "a ball and a cube", "a ball and a cube"]):
+        Image.fromarray(scene(i)[0]).save(src / f"img{i}.png")
+        (src / f"img{i}.txt").write_text(caption)
+    import_folder(src, tmp_path / "ds")
+    report = preannotate_dataset(tmp_path / "ds", fake_ground, RefusesOnce())
+    assert report.found == {"img2": ["ball", "cube"]}
+    assert [name for name, _ in report.skipped] == ["img0", "img1"]
+    assert "caption" in report.skipped[0][1] and report.skipped[1][1] == "box lies outside the image"
+    assert all("\n" not in why for _, why in report.skipped)
+    assert not errors_of(validate_dataset(tmp_path / "ds"))
+    lines = [json.loads(x) for x in (tmp_path / "ds" / "metadata.jsonl").read_text().splitlines()]
+    assert [len(line["subjects"]) for line in lines] == [0, 0, 2]   # skipped samples are left for manual work
