@@ -1,0 +1,76 @@
+"""Generation speed of the toy-sized model on CPU: MultiCrafter with 2 references vs stock FluxPipeline, 20 steps.
+
+Uses the toy architecture (5.9 M-parameter transformer: hidden 192, 3 double + 3 single blocks; the committed toy
+VAE; the tiny text encoders) with random transformer weights (speed does not depend on training), 128x128 output,
+two 64x64 references. Rows: stock FluxPipeline (no references), ours without references, ours with 2 references,
+ours with 2 references + attention capture. Medians over interleaved repeats; ratios against stock.
+    python bench/generate_speed.py [--repeats 5] [--steps 20] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import interleaved_medians  # noqa: E402
+
+
+def toy_sized_pipeline():
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+
+    from multicrafter import MultiCrafterPipeline
+    from multicrafter.presets import REPO_ROOT, build_tiny_components
+    from multicrafter.references import ReferenceOptions
+
+    comps = build_tiny_components()
+    torch.manual_seed(0)
+    comps["transformer"] = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=3, num_single_layers=3, attention_head_dim=48, num_attention_heads=4,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(8, 20, 20)).eval()
+    comps["vae"] = AutoencoderKL.from_pretrained(REPO_ROOT / "assets" / "toy_vae").eval()
+    ours = MultiCrafterPipeline(**comps)
+    ours.reference_options = ReferenceOptions(long_side_single=64, long_side_multi=64)
+    for p in (ours,):
+        p.set_progress_bar_config(disable=True)
+    stock = FluxPipeline(**comps)
+    stock.set_progress_bar_config(disable=True)
+    return ours, stock
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ours, stock = toy_sized_pipeline()
+    rng = np.random.default_rng(0)
+    refs = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    kw = dict(prompt="a red striped circle on the left and a blue dotted square on the right, on a plain grey "
+              "background", height=128, width=128, num_inference_steps=args.steps, max_sequence_length=64)
+
+    def gen(pipe, **extra):
+        return lambda: pipe(generator=torch.Generator().manual_seed(0), **kw, **extra)
+
+    runs = {"stock FluxPipeline": gen(stock), "ours, no references": gen(ours),
+            "ours, 2 references": gen(ours, reference_images=refs),
+            "ours, 2 references + attention": gen(ours, reference_images=refs, return_attention=True)}
+    med = interleaved_medians(runs, args.repeats)
+    base = med["stock FluxPipeline"]
+    print(f"toy-sized model, 128x128, {args.steps} steps, {args.threads} threads; medians of {args.repeats}")
+    print("| run | seconds | x stock |\n|---|---|---|")
+    for name, t in med.items():
+        print(f"| {name} | {t:.3f} | {t / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
