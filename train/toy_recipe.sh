@@ -3,6 +3,8 @@
 # re-running the script continues where it stopped.
 #   bash train/toy_recipe.sh                       # the real recipe (config step counts; hours on a CPU)
 #   SMOKE=1 bash train/toy_recipe.sh               # a few steps of every stage into runs/toy_smoke (checks the chain)
+#   BASE_SET="--set data.batch_size=128 --set train.max_steps=4000" bash train/toy_recipe.sh   # extra overrides per
+#   stage (BASE_SET, ADAPTER_SET, IPPO_SET), e.g. a larger batch and fewer steps on a GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${SMOKE:-}" ]; then
@@ -21,18 +23,18 @@ steps() { if [ -n "${1:-}" ]; then echo "--max-steps $1"; fi; }
 # 0. The VAE is committed (assets/toy_vae); remake it with: python -m train.vae --config train/configs/toy_vae.yaml
 # 1. Base: full-weight flow matching with references from the start (an ICL-pretrained base, as UNO's FLUX).
 python -m train.pretrain --config train/configs/toy_base.yaml --output-dir "$RUNS/toy_base" --resume \
-  $(steps "${BASE_STEPS:-}") "${SMALL[@]}"
+  $(steps "${BASE_STEPS:-}") "${SMALL[@]}" ${BASE_SET:-}
 # 2. The ablation rows, all from the same base with the same budget.
 for row in baseline attn attn_moe; do
   python -m train.pretrain --config "train/configs/toy_adapter_${row}.yaml" --output-dir "$RUNS/toy_adapter_${row}" \
-    --resume $(steps "${ADAPTER_STEPS:-}") --set "model.name=$RUNS/toy_base/pipeline" "${SMALL[@]}"
+    --resume $(steps "${ADAPTER_STEPS:-}") --set "model.name=$RUNS/toy_base/pipeline" "${SMALL[@]}" ${ADAPTER_SET:-}
 done
 python -m train.assemble_toy --base "$RUNS/toy_base/pipeline" --out "$OUT" \
   --adapter baseline="$RUNS/toy_adapter_baseline/adapter" --adapter attn="$RUNS/toy_adapter_attn/adapter" \
   --adapter attn_moe="$RUNS/toy_adapter_attn_moe/adapter"
 # 3. IPPO on attn_moe (the default adapter once shipped).
 MULTICRAFTER_TOY_DIR="$OUT" python -m train.ippo --config train/configs/toy_ippo.yaml --output-dir "$RUNS/toy_ippo" \
-  --resume $(steps "${IPPO_STEPS:-}") "${SMALL_IPPO[@]}"
+  --resume $(steps "${IPPO_STEPS:-}") "${SMALL_IPPO[@]}" ${IPPO_SET:-}
 python -m train.assemble_toy --out "$OUT" --update --adapter ippo="$RUNS/toy_ippo/adapter"
 # 4. The ablation table on held-out identities (mean and std over three seeds).
 for row in baseline attn attn_moe ippo; do
