@@ -21,7 +21,7 @@ from multicrafter.errors import UserError
 from multicrafter.io import atomic_write_text, load_image, save_image_atomic
 
 from .crops import as_bool_mask, face_crop, mask_box, mask_to_image, reference_crop
-from .validate import KINDS, METADATA, Problem, errors_of, read_lines, resolve_inside, validate_dataset
+from .validate import KINDS, METADATA, Problem, errors_of, parse_box, read_lines, resolve_inside, validate_dataset
 
 MAX_SIDE = 4096  # longest image side the writer accepts; import_folder downscales to fit
 CORE_KEYS = ("file_name", "caption", "subjects")
@@ -256,9 +256,15 @@ class DatasetWriter:
                                 f"{img.width}x{img.height}")
             if not mask.any():
                 raise UserError(f"subject {sname!r}: mask is empty; draw or click the subject first")
-            box = list(spec.box) if spec.box is not None else mask_box(mask)
-            if not (len(box) == 4 and box[0] < box[2] and box[1] < box[3]):
-                raise UserError(f"subject {sname!r}: box must be [x0, y0, x1, y1] with positive area, got {box}")
+            try:
+                box = parse_box(spec.box if spec.box is not None else mask_box(mask), img.size)
+            except ValueError as exc:
+                raise UserError(f"subject {sname!r}: {exc}") from None
+            extra = {key: v for key, v in dict(spec.extra or {}).items() if key not in SUBJECT_KEYS}
+            try:
+                json.dumps(extra)
+            except (TypeError, ValueError) as exc:
+                raise UserError(f"subject {sname!r}: extra keys must be JSON-serialisable: {exc}") from None
             if spec.reference is not None:
                 ref = load_image(spec.reference)
             elif spec.kind == "face":
@@ -267,16 +273,18 @@ class DatasetWriter:
                 ref = reference_crop(img, mask)
             mrel, rrel = self._fresh("masks", f"{name}_{k}", taken), self._fresh("refs", f"{name}_{k}", taken)
             files += [(mrel, mask_to_image(mask)), (rrel, ref)]
-            extra = {key: v for key, v in spec.extra.items() if key not in SUBJECT_KEYS}
             out.append({"name": sname, "kind": spec.kind, "mask": mrel, "reference": rrel, "box": box, **extra})
         return out
 
     def _commit(self, files: list[tuple[str, Image.Image]], records: list[dict]) -> None:
+        try:  # serialise before the first file is written: a bad value must not leave orphan images behind
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"sample metadata is not JSON-serialisable: {exc}") from None
         for rel, im in files:
             save_image_atomic(im, resolve_inside(self.root, rel))
             if FAULT_HOOK is not None:
                 FAULT_HOOK(rel)
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         atomic_write_text(self.root / METADATA, text)
         if FAULT_HOOK is not None:
             FAULT_HOOK(METADATA)

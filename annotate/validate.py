@@ -7,6 +7,8 @@ left by an interrupted save, blank lines) never block. Run as `python -m annotat
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -49,6 +51,26 @@ def resolve_inside(root: Path, rel: Any) -> Path:
     if not full.is_relative_to(root_r):
         raise ValueError(f"path leaves the dataset folder: {rel!r}")
     return full
+
+
+def parse_box(box: Any, size: tuple[int, int] | None = None) -> list[float]:
+    """The one box rule (writer and validator): four finite numbers, 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height.
+
+    Returns the box as plain floats (numpy scalars would break json.dumps); raises ValueError with a one-line reason.
+    Without `size` (image unreadable) only the form and order are checked.
+    """
+    nums = isinstance(box, (list, tuple, np.ndarray)) and len(box) == 4 and \
+        all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in box)
+    if not nums:
+        raise ValueError(f"'box' must be [x0, y0, x1, y1] (four numbers), got {box!r}")
+    vals = [float(v) for v in box]
+    if not all(math.isfinite(v) for v in vals):
+        raise ValueError(f"'box' values must be finite, got {vals}")
+    if not (vals[0] < vals[2] and vals[1] < vals[3]):
+        raise ValueError(f"'box' must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {vals}")
+    if size is not None and (vals[0] < 0 or vals[1] < 0 or vals[2] > size[0] or vals[3] > size[1]):
+        raise ValueError(f"box {vals} lies outside the {size[0]}x{size[1]} image")
+    return vals
 
 
 def read_lines(root: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
@@ -161,11 +183,10 @@ class _Checker:
     def check_box(self, line: int, tag: str, box: Any, size: tuple[int, int] | None) -> None:
         if box is None:
             return
-        ok = isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-        if not ok or not (box[0] < box[2] and box[1] < box[3]):
-            self.err(line, f"{tag}: 'box' must be [x0, y0, x1, y1] with x0 < x1 and y0 < y1, got {box!r}")
-        elif size is not None and (min(box) < 0 or box[2] > size[0] or box[3] > size[1]):
-            self.err(line, f"{tag}: box {box} lies outside the {size[0]}x{size[1]} image")
+        try:
+            parse_box(box, size)
+        except ValueError as exc:
+            self.err(line, f"{tag}: {exc}")
 
     def check_mask(self, line: int, tag: str, path: Path, size: tuple[int, int] | None) -> None:
         try:

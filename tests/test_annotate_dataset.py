@@ -207,7 +207,8 @@ def test_sanitize_and_no_path_traversal(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["corrupt", "huge", "too_wide", "mask_size", "empty_mask", "dup_subject", "bad_kind",
-                                  "dup_sample"])
+                                  "dup_sample", "box_outside", "box_negative", "box_nan", "box_inf", "box_text",
+                                  "subject_extra_numpy", "subject_extra_object"])
 def test_bad_input_writes_nothing(tmp_path, case):
     root = tmp_path / "ds"
     w = make_dataset(root, n=1)
@@ -235,10 +236,48 @@ def test_bad_input_writes_nothing(tmp_path, case):
         subs = [SubjectSpec("a", masks[0], kind="person")]
     elif case == "dup_sample":
         kwargs = {"name": "0001"}
+    elif case.startswith("box_"):   # the image is 56x40
+        box = {"box_outside": [4, 6, 57, 20], "box_negative": [-1, 6, 20, 20], "box_nan": [4, 6, float("nan"), 20],
+               "box_inf": [4, 6, 20, float("inf")], "box_text": [4, 6, "20", 20]}[case]
+        subs = [SubjectSpec("a", masks[0]), SubjectSpec("b", masks[1], box=box)]
+    elif case == "subject_extra_numpy":
+        subs = [SubjectSpec("a", masks[0], extra={"score": np.int64(3)})]
+    elif case == "subject_extra_object":
+        subs = [SubjectSpec("a", masks[0], extra={"tags": {"x", "y"}})]
     with pytest.raises(UserError) as info:
         w.add_sample(img, "c", subs, **kwargs)
     assert str(info.value) and "\n" not in str(info.value)
     assert snapshot(root) == before
+
+
+def test_numpy_box_is_stored_as_plain_floats(tmp_path):
+    w = DatasetWriter(tmp_path / "ds")
+    img, masks = scene(0)
+    box = np.array([4, 6, 20, 20], dtype=np.int64)
+    s = w.add_sample(img, "c", [SubjectSpec("a", masks[0], box=list(box)), SubjectSpec("b", masks[1], box=box)])
+    assert s.subjects[0].box == s.subjects[1].box == [4.0, 6.0, 20.0, 20.0]
+    assert all(type(v) is float for v in s.record["subjects"][1]["box"])
+    assert not errors_of(validate_dataset(tmp_path / "ds"))
+
+
+def test_validator_uses_the_writers_box_rule(tmp_path):
+    """validate and the writer share annotate.validate.parse_box: a hand-edited box fails the same way."""
+    from annotate.validate import parse_box
+
+    root = tmp_path / "ds"
+    make_dataset(root, n=1)
+    meta = root / "metadata.jsonl"
+    for bad, fragment in [("[0, 0, NaN, 5]", "finite"), ("[0, 0, Infinity, 5]", "finite"),
+                          ("[-1, 0, 5, 5]", "outside the 56x40 image"), ("[0, 0, 57, 5]", "outside"),
+                          ("[5, 0, 5, 5]", "x0 < x1"), ('[0, 0, "5", 5]', "four numbers")]:
+        rec = json.loads(meta.read_text().splitlines()[0])
+        rec["subjects"][0]["box"] = "BOX"
+        meta.write_text(json.dumps(rec).replace('"BOX"', bad) + "\n")
+        errs = errors_of(validate_dataset(root))
+        assert len(errs) == 1 and fragment in errs[0].message and errs[0].line == 1, (bad, errs)
+        with pytest.raises(ValueError, match=fragment):
+            parse_box(json.loads(bad), (56, 40))
+    assert parse_box([0, 0, 56, 40], (56, 40)) == [0.0, 0.0, 56.0, 40.0]   # edges are inside (x1/y1 exclusive)
 
 
 def test_update_and_delete(tmp_path):
