@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,9 +58,15 @@ def make_app(argv: Sequence[str] | None = None):
     return build_app(holder, config=cfg), args
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (docker stop, systemd, Spaces) exits through sys.exit, so atexit stops a running training job."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from demo import launch_kwargs
 
+    exit_on_sigterm()
     demo, args = make_app(argv)
     demo.launch(server_name=args.host, server_port=args.port, **launch_kwargs(demo))
     return 0

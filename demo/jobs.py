@@ -4,20 +4,27 @@ Why a process group: the trainers may spawn workers (accelerate, data loaders); 
 the job is started with `start_new_session=True` and stopped with killpg (SIGTERM, then SIGKILL after a grace
 period). A reader thread drains stdout into memory and `log.txt` so the pipe never fills when nobody is watching
 (a closed browser tab does not stop a job; Stop or the app's exit does).
+
+Why a death signal: atexit does not run when the app is killed hard, so on Linux the job also asks the kernel for
+SIGTERM when its parent goes (prctl PR_SET_PDEATHSIG). The kernel means the parent *thread*, and Gradio runs handlers
+on worker threads that retire when idle, so jobs are forked from one long-lived daemon thread.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +32,7 @@ from multicrafter.errors import UserError
 
 LOG_NAME = "log.txt"
 JOB_NAME = "job.json"
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -92,6 +100,53 @@ def group_alive(pgid: int) -> bool:
     return bool(group_members(pgid))
 
 
+def die_with_parent() -> Callable[[], None] | None:
+    """A Popen preexec_fn that makes the child get SIGTERM when this process dies (Linux); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl   # looked up here: the forked child must not load anything
+    except (OSError, AttributeError):
+        return None
+    parent, sig, zero = os.getpid(), ctypes.c_ulong(int(signal.SIGTERM)), ctypes.c_ulong(0)
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, sig, zero, zero, zero)
+        if os.getppid() != parent:   # the parent died between fork and prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+class _Spawner:
+    """Runs every Popen on one long-lived daemon thread (the 'parent' PR_SET_PDEATHSIG watches)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def popen(self, *args, **kwargs) -> subprocess.Popen:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, daemon=True, name="job-spawner")
+                self._thread.start()
+        fut: Future = Future()
+        self._queue.put((fut, args, kwargs))
+        return fut.result()
+
+    def _loop(self) -> None:
+        while True:
+            fut, args, kwargs = self._queue.get()
+            try:
+                fut.set_result(subprocess.Popen(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                fut.set_exception(exc)
+
+
+_SPAWNER = _Spawner()
+
+
 class JobRunner:
     """Start, follow and stop a single subprocess job; `start` refuses a second job while one runs."""
 
@@ -113,9 +168,9 @@ class JobRunner:
             run_dir = Path(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-            proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    bufsize=1, start_new_session=True, env=full_env, cwd=cwd,
-                                    errors="replace")
+            proc = _SPAWNER.popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  bufsize=1, start_new_session=True, env=full_env, cwd=cwd, errors="replace",
+                                  preexec_fn=die_with_parent())
             job = Job(argv=list(argv), run_dir=run_dir, proc=proc)
             info = dict(meta or {}, argv=list(argv), pid=proc.pid, started=job.started)
             (run_dir / JOB_NAME).write_text(json.dumps(info, indent=2) + "\n")
