@@ -11,7 +11,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,10 @@ from PIL import Image
 
 from multicrafter.errors import ArgumentParser, UserError, run_cli
 from multicrafter.io import load_image
+from multicrafter.paths import resolve_inside
+
+__all__ = ["DATA_DIRS", "KINDS", "METADATA", "Problem", "errors_of", "main", "parse_box", "read_lines", "resolve_inside",
+           "validate_dataset"]
 
 METADATA = "metadata.jsonl"
 KINDS = ("face", "object")
@@ -36,21 +40,6 @@ class Problem:
     def __str__(self) -> str:
         where = f"{METADATA}:{self.line}" if self.line is not None else METADATA
         return f"{where}: {self.severity}: {self.message}"
-
-
-def resolve_inside(root: Path, rel: Any) -> Path:
-    """Resolve a metadata path; refuse absolute paths, `..`, backslashes and anything that lands outside `root`."""
-    if not isinstance(rel, str) or not rel:
-        raise ValueError("path must be a non-empty string")
-    if "\\" in rel or rel.startswith("/") or PurePosixPath(rel).is_absolute() or ":" in rel.split("/")[0]:
-        raise ValueError(f"path must be relative to the dataset folder: {rel!r}")
-    if any(part in ("..", ".", "") for part in rel.split("/")):
-        raise ValueError(f"path must not contain '..', '.' or empty parts: {rel!r}")
-    root_r = root.resolve()
-    full = (root_r / rel).resolve()
-    if not full.is_relative_to(root_r):
-        raise ValueError(f"path leaves the dataset folder: {rel!r}")
-    return full
 
 
 def parse_box(box: Any, size: tuple[int, int] | None = None) -> list[float]:

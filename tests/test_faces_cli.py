@@ -138,3 +138,49 @@ def test_clip_t_without_prompt_is_refused(files):
     assert proc.returncode == 2 and proc.stderr.strip() == "error: CLIP-T needs --prompt (see --help)"
     proc = run_cli("--image", str(files / "gen.png"), "--metrics", "clip_x")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _meta(ds: Path, *lines: dict | str) -> Path:
+    ds.mkdir(parents=True, exist_ok=True)
+    (ds / "metadata.jsonl").write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return ds
+
+
+@pytest.mark.parametrize("line, expect", [
+    ({"file_name": "../outside.png", "refs": ["refs/a.png"]}, ":2: file_name: path must not contain '..'"),
+    ({"file_name": "/etc/hostname", "refs": ["refs/a.png"]}, ":2: file_name: path must be relative"),
+    ({"file_name": "x.png", "refs": ["/etc/hostname"]}, ":2: reference: path must be relative"),
+    ({"file_name": "x.png", "subjects": [{"kind": "face", "reference": "../../a.png"}]}, ":2: reference: path must"),
+    ({"file_name": "x.png", "refs": [3]}, ":2: reference: path must be a non-empty string"),
+    ({"file_name": "x.png", "refs": "refs/a.png"}, ":2: 'refs' must be a list"),
+    ({"file_name": "x.png", "subjects": {"a": 1}}, ":2: 'subjects' must be a list"),
+])
+def test_dataset_paths_stay_inside_and_errors_name_the_line(tmp_path, line, expect):
+    from multicrafter.errors import UserError
+
+    ds = _meta(tmp_path / "ds", {"file_name": "ok.png", "refs": ["refs/a.png"]}, line)
+    with pytest.raises(UserError) as err:
+        main(["--dataset", str(ds)])
+    msg = str(err.value)
+    assert "\n" not in msg and "metadata.jsonl" in msg and expect in msg, msg
+
+
+def test_generated_images_folder_is_contained_too(tmp_path):
+    from multicrafter.errors import UserError
+
+    (tmp_path / "secret.png").write_bytes(b"outside the run folder")
+    ds = _meta(tmp_path / "ds", {"file_name": "../secret.png", "refs": ["refs/a.png"]})
+    (tmp_path / "run").mkdir()
+    with pytest.raises(UserError, match=r"metadata.jsonl:1: file_name: path must not contain '\.\.'"):
+        main(["--dataset", str(ds), "--images", str(tmp_path / "run")])
+
+
+def test_dataset_non_dict_subjects_are_skipped_with_a_note(tmp_path):
+    from multicrafter.eval.faces import read_samples
+
+    ds = _meta(tmp_path / "ds", {"file_name": "a.png", "subjects": ["left", {"kind": "face", "reference": "r.png"},
+                                                                   {"kind": "object", "reference": "o.png"}]})
+    notes: list[str] = []
+    [(name, image, refs, _)] = read_samples(ds, None, notes)
+    assert image == (ds / "a.png").resolve() and refs == [(ds / "r.png").resolve()]
+    assert len(notes) == 1 and "metadata.jsonl:1: subject 0 is not a JSON object, skipped" in notes[0]

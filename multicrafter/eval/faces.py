@@ -28,6 +28,7 @@ from ..metrics.defaults import (
     LABELS,
 )
 from ..metrics.faces import FaceBackend, face_similarity, get_backend
+from ..paths import resolve_inside
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -101,27 +102,59 @@ def sample_metrics(models: Any, image, prompt: str, refs: list) -> dict[str, flo
     return {k: (None if v is None else v[0]) for k, v in vals.items()}
 
 
-def read_samples(dataset: Path, images: Path | None) -> list[tuple[str, Path, list[Path], str]]:
+def _inside(folder: Path, rel: Any, where: str, what: str) -> Path:
+    try:
+        return resolve_inside(folder, rel)
+    except ValueError as exc:
+        raise UserError(f"{where}: {what}: {exc}") from None
+
+
+def _face_refs(row: dict, where: str, notes: list[str]) -> list[Any]:
+    """A line's face references: its `refs` list, else the `reference` of each face subject (non-objects skipped)."""
+    if row.get("refs"):
+        if not isinstance(row["refs"], list):
+            raise UserError(f"{where}: 'refs' must be a list of paths")
+        return row["refs"]
+    subjects = row.get("subjects") or []
+    if not isinstance(subjects, list):
+        raise UserError(f"{where}: 'subjects' must be a list")
+    refs = []
+    for k, s in enumerate(subjects):
+        if not isinstance(s, dict):
+            notes.append(f"{where}: subject {k} is not a JSON object, skipped")
+        elif s.get("reference") and s.get("kind", "face") == "face":
+            refs.append(s["reference"])
+    return refs
+
+
+def read_samples(dataset: Path, images: Path | None,
+                 notes: list[str] | None = None) -> list[tuple[str, Path, list[Path], str]]:
+    """(file_name, generated image, reference paths, caption) per line; every path stays inside its folder."""
     meta = dataset / "metadata.jsonl"
     if not meta.is_file():
         raise UserError(f"no metadata.jsonl in {dataset}")
+    notes = notes if notes is not None else []
     samples = []
     for n, line in enumerate(meta.read_text().splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{meta}:{n}"
         try:
             row = json.loads(line)
             name = row["file_name"]
         except (ValueError, KeyError, TypeError):
-            raise UserError(f"{meta}:{n}: not a JSON object with a file_name") from None
-        refs = row.get("refs") or [s["reference"] for s in row.get("subjects", [])
-                                   if s.get("reference") and s.get("kind", "face") == "face"]
+            raise UserError(f"{where}: not a JSON object with a file_name") from None
+        refs = _face_refs(row, where, notes)
         if not refs:
-            raise UserError(f"{meta}:{n}: sample {name} has no face references")
-        image = dataset / name
-        if images is not None:
-            image = images / name if (images / name).exists() else images / Path(name).name
-        samples.append((name, image, [dataset / r for r in refs], str(row.get("caption", ""))))
+            raise UserError(f"{where}: sample {name} has no face references")
+        if images is None:
+            image = _inside(dataset, name, where, "file_name")
+        else:
+            image = _inside(images, name, where, "file_name")
+            if not image.exists():
+                image = _inside(images, Path(image).name, where, "file_name")
+        ref_paths = [_inside(dataset, r, where, "reference") for r in refs]
+        samples.append((name, image, ref_paths, str(row.get("caption", ""))))
     if not samples:
         raise UserError(f"{meta} lists no samples")
     return samples
@@ -129,7 +162,8 @@ def read_samples(dataset: Path, images: Path | None) -> list[tuple[str, Path, li
 
 def run_dataset(args: argparse.Namespace, backend: FaceBackend,
                 models: Any) -> tuple[dict[str, Any], str]:
-    samples = read_samples(Path(args.dataset), Path(args.images) if args.images else None)
+    notes: list[str] = []
+    samples = read_samples(Path(args.dataset), Path(args.images) if args.images else None, notes)
     extra = list(models.wanted) if models else []
     head = "| sample | references | faces detected | Face-Sim |" + "".join(f" {LABELS[k]} |" for k in extra)
     rows, table = [], [head, "|---" * (4 + len(extra)) + "|"]
@@ -145,7 +179,7 @@ def run_dataset(args: argparse.Namespace, backend: FaceBackend,
     table.append(f"| **mean** ({len(rows)} samples) | | | **{means['face_sim']:.4f}** |" + cells)
     out = {**means, "n": len(rows), "faces_detected": sum(r["faces_detected"] for r in rows),
            "matches": [{"sample": r["file_name"], **m} for r in rows for m in r["matches"]],
-           "backend": backend.name, "scale": backend.scale, "samples": rows}
+           "backend": backend.name, "scale": backend.scale, "samples": rows, "notes": notes}
     return out, "\n".join(table)
 
 
