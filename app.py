@@ -1,14 +1,19 @@
 """MultiCrafter app (desktop and Hugging Face Spaces): `python app.py [--model toy|tiny|HUB_ID|DIR] [--adapter NAME|DIR]
-[--port N] [--no-train]`.
+[--port N] [--host H] [--train | --no-train]`.
+
+The Train tab starts processes on the server, so it is off unless the app is only reachable from this machine: on a
+Space (SPACE_ID set) and with a non-loopback --host (e.g. 0.0.0.0) it needs an explicit --train.
 
 Every flag has an environment variable for Spaces: MULTICRAFTER_MODEL, MULTICRAFTER_ADAPTER, MULTICRAFTER_DISABLE_TRAIN
-(training is off by default on a Space, i.e. when SPACE_ID is set), MULTICRAFTER_DATA_DIR, MULTICRAFTER_RUNS_DIR,
+(training is off by default on a Space, i.e. when SPACE_ID is set), MULTICRAFTER_TRAIN=1 (like --train; so is MULTICRAFTER_DISABLE_TRAIN=0),
+MULTICRAFTER_DATA_DIR, MULTICRAFTER_RUNS_DIR,
 MULTICRAFTER_OUTPUT_DIR, MULTICRAFTER_SAM2, MULTICRAFTER_FLORENCE; the port also follows GRADIO_SERVER_PORT.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import sys
@@ -30,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train", action="store_true",
                    default=env_flag("MULTICRAFTER_DISABLE_TRAIN", default=bool(env("SPACE_ID"))),
                    help="disable the Train tab (shared servers)")
+    opted_in = env("MULTICRAFTER_DISABLE_TRAIN") is not None and not env_flag("MULTICRAFTER_DISABLE_TRAIN")
+    p.add_argument("--train", action="store_true", default=env_flag("MULTICRAFTER_TRAIN") or opted_in,
+                   help="enable the Train tab also when serving the network (--host other than localhost)")
     p.add_argument("--data-dir", default=env("MULTICRAFTER_DATA_DIR", "datasets"), help="where datasets live")
     p.add_argument("--runs-dir", default=env("MULTICRAFTER_RUNS_DIR", "runs"), help="where training runs go")
     p.add_argument("--output-dir", default=env("MULTICRAFTER_OUTPUT_DIR", "outputs"), help="generated images")
@@ -40,6 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def is_loopback(host: str) -> bool:
+    """True for localhost / 127.x / ::1; 0.0.0.0, '' and any other name serve (or may serve) the network."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def train_enabled(args: argparse.Namespace) -> bool:
+    """--no-train wins; --train enables; otherwise on only for a loopback host (prints one line when it is off)."""
+    if args.no_train:
+        return False
+    if args.train:
+        return True
+    if not is_loopback(args.host):
+        print(f"note: the Train tab is disabled because --host {args.host} serves the network; pass --train to "
+              "enable it", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
 def make_app(argv: Sequence[str] | None = None):
     """(demo, args): the Blocks app built from command-line flags and environment variables."""
     args = build_parser().parse_args(argv)
@@ -48,7 +79,7 @@ def make_app(argv: Sequence[str] | None = None):
     from demo import ModelHolder, build_app
 
     cfg = AppConfig(model=args.model, adapter=args.adapter, data_dir=Path(args.data_dir), runs_dir=Path(args.runs_dir),
-                    output_dir=Path(args.output_dir), train_enabled=not args.no_train, sam2=args.sam2,
+                    output_dir=Path(args.output_dir), train_enabled=train_enabled(args), sam2=args.sam2,
                     florence=args.florence, device=args.device)
     holder = ModelHolder(cfg.model, cfg.adapter, cfg.device)
     if holder.note:

@@ -19,6 +19,7 @@ import gradio as gr
 import yaml
 
 from multicrafter.errors import UserError
+from train.common import read_metrics
 
 from .common import list_datasets, resolve_dataset, ui_errors
 from .jobs import JOB_NAME, LOG_NAME, Job, JobRunner, python_module_argv
@@ -31,6 +32,7 @@ PLOT_KEYS = {
              "approx_kl", "window_start"],
 }
 SKIP_KEYS = {"step", "sec_per_step", "time", "epoch"}
+DISABLED = "training is disabled on this server (--no-train, a Space, or a network --host without --train)"
 
 
 @dataclass
@@ -66,6 +68,16 @@ def _parse_yaml(text: str) -> dict:
     if not isinstance(cfg, dict):
         raise UserError("the config must be a YAML mapping (sections like model:, data:, train:)")
     return cfg
+
+
+def refuse_custom_reward(cfg: dict) -> None:
+    """`reward.kind: module:callable` imports and runs arbitrary code on the server: allowed from a shell, not from
+    a web form."""
+    reward = cfg.get("reward")
+    kind = reward.get("kind") if isinstance(reward, dict) else None
+    if isinstance(kind, str) and ":" in kind:
+        raise UserError(f"reward.kind {kind!r} (module:callable) runs code from the server's Python path and cannot "
+                        "be used from the app; use kind toy or real here, or start the run from a shell")
 
 
 def apply_fields(cfg: dict, dataset: Path | None = None, lr: float | None = None,
@@ -115,10 +127,11 @@ def prepare_run(settings: TrainSettings, mode: str, config: str, config_text: st
                 attention_weight: Any = None) -> tuple[list[str], Path, dict]:
     """Validate the form, write the run's config copy; returns (argv, run folder, job metadata)."""
     if not settings.enabled:
-        raise UserError("training is disabled on this server (--no-train / MULTICRAFTER_DISABLE_TRAIN=1)")
+        raise UserError(DISABLED)
     if mode not in settings.modules:
         raise UserError(f"mode must be one of {', '.join(settings.modules)}")
     cfg = _parse_yaml(config_text or read_config(settings, config))
+    refuse_custom_reward(cfg)
     ds = resolve_dataset(settings.data_dir, dataset) if (dataset or "").strip() else None
     cfg = apply_fields(cfg, ds, _optional_float(lr, "learning rate"), _optional_float(attention_weight, "Dice weight"))
     steps = int(max_steps) if max_steps not in (None, "") else 0
@@ -153,32 +166,19 @@ def run_path(settings: TrainSettings, name: str) -> Path:
 
 def resume_argv(settings: TrainSettings, name: str) -> tuple[list[str], Path, dict]:
     if not settings.enabled:
-        raise UserError("training is disabled on this server (--no-train / MULTICRAFTER_DISABLE_TRAIN=1)")
+        raise UserError(DISABLED)
     run_dir = run_path(settings, name)
     info_path = run_dir / JOB_NAME
     if not info_path.is_file():
         raise UserError(f"run {name!r} was not started from this app (no {JOB_NAME}); resume it from a shell")
     info = json.loads(info_path.read_text())
+    if (run_dir / "config.yaml").is_file():   # the copy may have been edited since the run started
+        refuse_custom_reward(_parse_yaml((run_dir / "config.yaml").read_text()))
     argv = [a for a in info["argv"] if a != "--resume"] + ["--resume"]
     return argv, run_dir, dict(info, resumed=True)
 
 
 # ---------------------------------------------------------------- metrics and samples
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl records; a partial last line (being written) or a bad line is skipped."""
-    out = []
-    if not Path(path).is_file():
-        return out
-    for line in Path(path).read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
 def metrics_figure(records: list[dict], mode: str | None = None, title: str = ""):
     """Curves of the known keys (DESIGN §3) first, then any other numeric key; one small panel per key."""
     from matplotlib.figure import Figure
@@ -218,7 +218,7 @@ def run_summary(settings: TrainSettings, name: str):
     """(figure, log tail, sample images, status) of a past run."""
     run_dir = run_path(settings, name)
     info = json.loads((run_dir / JOB_NAME).read_text()) if (run_dir / JOB_NAME).is_file() else {}
-    recs = read_metrics(run_dir / "metrics.jsonl")
+    recs = read_metrics(run_dir)
     log = (run_dir / LOG_NAME).read_text(errors="replace").splitlines()[-200:] if (run_dir / LOG_NAME).is_file() \
         else []
     last = recs[-1] if recs else {}
@@ -231,7 +231,7 @@ def run_summary(settings: TrainSettings, name: str):
 def stream(runner: JobRunner, job: Job, mode: str | None) -> Iterator[tuple[str, Any, str]]:
     """(log tail, metrics figure, status) whenever the job printed something, until it ends."""
     for j in runner.follow(job):
-        recs = read_metrics(j.run_dir / "metrics.jsonl")
+        recs = read_metrics(j.run_dir)
         yield j.tail(200), metrics_figure(recs, mode, j.run_dir.name), j.status()
 
 
@@ -247,8 +247,9 @@ def start(settings: TrainSettings, runner: JobRunner, mode: str, config: str, co
 
 def build(settings: TrainSettings, runner: JobRunner) -> None:
     if not settings.enabled:
-        gr.Markdown("**Training is disabled on this server** (`--no-train` or `MULTICRAFTER_DISABLE_TRAIN=1`). "
-                    "Run `python app.py` locally to train.", elem_id="train-disabled")
+        gr.Markdown("**Training is disabled on this server** (`--no-train`, `MULTICRAFTER_DISABLE_TRAIN=1`, a Space, "
+                    "or a network `--host` without `--train`). Run `python app.py` locally to train.",
+                    elem_id="train-disabled")
     with gr.Row():
         with gr.Column(scale=2):
             mode = gr.Radio(list(settings.modules), value="pretrain", label="Stage", elem_id="train-mode")

@@ -112,6 +112,23 @@ def test_bad_train_inputs_are_refused_before_anything_runs(settings, kwargs, mat
     assert not settings.runs_dir.exists() or not any(settings.runs_dir.iterdir())
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_module_callable_reward_is_refused_from_the_app(settings, resume):
+    cfg = yaml.safe_load(tt.read_config(settings, "tiny_ippo.yaml"))
+    cfg["reward"]["kind"] = "os:system"
+    text = yaml.safe_dump(cfg)
+    if not resume:
+        with pytest.raises(UserError, match="module:callable"):
+            tt.prepare_run(settings, "ippo", "tiny_ippo.yaml", text, 1)
+        assert not settings.runs_dir.exists() or not any(settings.runs_dir.iterdir())
+        return
+    argv, run_dir, meta = tt.prepare_run(settings, "ippo", "tiny_ippo.yaml", "", 1, run_name="r3")
+    (run_dir / tt.JOB_NAME).write_text(json.dumps(dict(meta, argv=argv)))
+    (run_dir / "config.yaml").write_text(text)                # edited on disk after the start
+    with pytest.raises(UserError, match="module:callable"):
+        tt.resume_argv(settings, "r3")
+
+
 def test_disabled_training_refuses(settings):
     settings.enabled = False
     with pytest.raises(UserError, match="disabled"):
@@ -137,9 +154,13 @@ def test_resume_reuses_the_command_and_past_runs_are_listed(settings):
 
 
 def test_metrics_reader_skips_partial_lines(tmp_path):
+    from train.common import read_metrics
+
+    assert tt.read_metrics is read_metrics                  # one reader for the trainers and the tab
     p = tmp_path / "metrics.jsonl"
-    p.write_text('{"step": 1, "reward": 0.5}\nnot json\n{"step": 2, "reward": 0.7}\n{"step": 3, "rew')
-    recs = tt.read_metrics(p)
+    p.write_bytes(b'{"step": 1, "reward": 0.5}\nnot json\n[1, 2]\n{"step": 2, "reward": 0.7, "n": "\xff"}\n'
+                  b'{"step": 3, "rew')
+    recs = read_metrics(tmp_path)
     assert [r["step"] for r in recs] == [1, 2]
     assert [ax.get_title() for ax in tt.metrics_figure(recs, "ippo").axes] == ["reward"]
 

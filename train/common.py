@@ -271,15 +271,18 @@ def _jsonable(x: Any) -> Any:
 
 
 def read_metrics(output_dir: str | os.PathLike) -> list[dict]:
-    """All records of OUTPUT/metrics.jsonl (a torn last line is skipped)."""
+    """All records of OUTPUT/metrics.jsonl; a line being written (torn), a bad line or a non-object is skipped, so
+    the app can read the file of a running job."""
     p = Path(output_dir) / METRICS_FILE
     out = []
-    if p.exists():
-        for line in p.read_text(encoding="utf-8").splitlines():
+    if p.is_file():
+        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                out.append(json.loads(line))
+                rec = json.loads(line)
             except ValueError:
                 continue
+            if isinstance(rec, dict):
+                out.append(rec)
     return out
 
 
