@@ -27,6 +27,11 @@ class Example:
 
 
 def make_examples(folder: str | Path, size: int = 128) -> list[Example]:
+    """Render the example scenes at `size` into `folder` (kept between launches).
+
+    The size is part of every file name, so an app at another size never picks up stale files, and each file is
+    written atomically, so two apps starting at once never read a half-written PNG."""
+    from multicrafter.io import save_image_atomic
     from multicrafter.toyworld import build_sample
 
     folder = Path(folder)
@@ -34,18 +39,18 @@ def make_examples(folder: str | Path, size: int = 128) -> list[Example]:
     out = []
     for seed, index, n, similar in EXAMPLE_SCENES:
         sample = build_sample(seed, index, split="test", size=size, n_subjects=n, similar=similar)
-        stem = f"toy_{seed}_{index}"
+        stem = f"toy_{seed}_{index}_{size}"
         refs, masks = [], []
         for k, (ref, mask) in enumerate(zip(sample.references, sample.masks)):
             rp, mp = folder / f"{stem}_ref{k}.png", folder / f"{stem}_mask{k}.png"
             if not rp.exists():
-                Image.fromarray(ref).save(rp)
+                save_image_atomic(Image.fromarray(ref), rp)
             if not mp.exists():
-                Image.fromarray(np.asarray(mask, np.uint8) * 255).save(mp)
+                save_image_atomic(Image.fromarray(np.asarray(mask, np.uint8) * 255), mp)
             refs.append(str(rp))
             masks.append(str(mp))
         scene = folder / f"{stem}_scene.png"
         if not scene.exists():
-            Image.fromarray(sample.image).save(scene)
+            save_image_atomic(Image.fromarray(sample.image), scene)
         out.append(Example(refs, [s["name"] for s in sample.scene["subjects"]], sample.prompt, masks, str(scene)))
     return out
