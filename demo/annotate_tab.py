@@ -99,14 +99,20 @@ def _image(image: Any) -> Image.Image:
 
 
 def _as_mask(mask: Any, size: tuple[int, int] | None = None) -> np.ndarray | None:
+    """A mask from the UI as HxW bool at `size`. Colour composites (a painted or uploaded RGB/RGBA image) count a
+    pixel when any colour channel is bright, so magenta and cyan marks both register; the threshold itself is the
+    shared `as_bool_mask` (which reads only the first channel of a colour image)."""
+    from multicrafter.io import load_image
+    from multicrafter.masks import as_bool_mask
+
     if mask is None:
         return None
     if isinstance(mask, (str, Path)):
-        mask = Image.open(mask).convert("L")
+        mask = load_image(mask, mode="RGB")
     arr = np.asarray(mask)
     if arr.ndim == 3:
         arr = arr[..., :3].max(-1)
-    m = arr >= (128 if arr.max(initial=0) > 1 else 1)
+    m = as_bool_mask(arr)
     if size is not None and m.shape != (size[1], size[0]):
         m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 127
     return m

@@ -59,6 +59,17 @@ def resolve_model(requested: str | None) -> tuple[str, str]:
     return name, ""
 
 
+def _folder_adapters(name: str) -> list[str]:
+    """Named adapters of a model not loaded yet: sub-folders of `<model folder>/adapters` (toy or a local folder)."""
+    if name == "toy":
+        from multicrafter import presets
+
+        folder = presets.TOY_DIR / "adapters"
+    else:
+        folder = Path(name) / "adapters"
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
 class ModelHolder:
     """One MultiCrafterPipeline, loaded on first use (or by `warm_up`), with per-request adapter selection."""
 
@@ -124,16 +135,12 @@ class ModelHolder:
         return dict(size=1024, steps=28, guidance=3.5, max_sequence_length=None)
 
     def adapter_choices(self) -> list[str]:
-        names: list[str] = []
+        """The loaded pipeline's own list (MultiCrafterPipeline.available_adapters); before loading, the same
+        listing of the model folder, so the dropdown is right without waiting for the model."""
         if self.loaded:
             names = self._pipe.available_adapters()
-        elif self.name == "toy":
-            from multicrafter import presets
-
-            folder = presets.TOY_DIR / "adapters"
-            names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-        elif Path(self.name).is_dir() and (Path(self.name) / "adapters").is_dir():
-            names = sorted(p.name for p in (Path(self.name) / "adapters").iterdir() if p.is_dir())
+        else:
+            names = _folder_adapters(self.name)
         return [NO_ADAPTER, *names, FOLDER_ADAPTER]
 
     def default_adapter(self) -> str:

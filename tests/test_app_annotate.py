@@ -122,3 +122,23 @@ def test_auto_annotate_without_weights_is_a_clear_message(tmp_path):
     b = at.Backends(sam2="grabcut", florence=str(tmp_path / "no-florence"))
     with pytest.raises(UserError, match="Florence-2 weights not available"):
         at.auto_annotate(b, scene_image(tmp_path / "s.png"), "c", "", [])
+
+
+def test_ui_masks_use_the_shared_threshold_and_count_any_colour_channel(tmp_path):
+    from multicrafter.masks import as_bool_mask
+
+    gray = np.zeros((8, 8), np.uint8)
+    gray[2:5, 2:5] = 255
+    assert np.array_equal(at._as_mask(gray), as_bool_mask(gray))
+    assert np.array_equal(at._as_mask(gray.astype(bool)), as_bool_mask(gray))
+    assert np.array_equal(at._as_mask((gray > 0).astype(np.uint8)), as_bool_mask(gray))      # 0/1 masks
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[0, 0] = (0, 255, 255)                                     # cyan: channel 0 is 0, still a marked pixel
+    rgb[1, 1] = (255, 0, 255)
+    assert at._as_mask(rgb).sum() == 2 and at._as_mask(Image.fromarray(rgb).convert("RGBA")).sum() == 2
+    Image.fromarray(rgb).save(tmp_path / "m.png")
+    assert at._as_mask(str(tmp_path / "m.png")).sum() == 2
+    assert at._as_mask(gray, size=(16, 16)).shape == (16, 16) and at._as_mask(gray, size=(16, 16)).sum() == 36
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(UserError):
+        at._as_mask(str(tmp_path / "bad.png"))
