@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import UserError, one_line
+from .io import replace_dir
 from .moe_lora import (
     MoELoRAConfig,
     MoELoRALinear,
@@ -265,22 +265,11 @@ def write_adapter_dir(directory: str | os.PathLike, cfg: AdapterConfig, lora_sd:
         for f in tmp.iterdir():  # the data must be on disk before the folder becomes visible under its name
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`; an existing `dst` is first moved aside, so `dst` is never a half-written adapter."""
-    if not dst.exists():
-        os.rename(src, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(dst, old)
-    os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ load

@@ -41,6 +41,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Swap a fully written folder `src` in as `dst`; an existing `dst` is moved aside first and then deleted, so the
+    name never points at a half-written folder (the folder-level counterpart of `atomic_write_bytes`)."""
+    import shutil
+    import uuid
+
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

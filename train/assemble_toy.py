@@ -11,13 +11,13 @@ cast back to the model's dtype when loaded; the base stays in float32.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from multicrafter.errors import ArgumentParser, UserError, run_cli
+from multicrafter.io import replace_dir
 
 MAX_BYTES = 40 * 2**20
 KEEP_SUFFIXES = (".safetensors", ".json", ".txt", ".md")
@@ -77,14 +77,7 @@ def assemble(out: Path, base: Path | None, adapters: dict[str, Path], update: bo
         size = folder_bytes(tmp)
         if size > MAX_BYTES:
             raise UserError(f"the assembled toy model is {size / 2**20:.1f} MB, over the {MAX_BYTES // 2**20} MB budget")
-        if out.exists():
-            old = out.parent / f".{out.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

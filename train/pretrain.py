@@ -513,7 +513,7 @@ class Trainer:
                 from multicrafter.adapters import save_adapter
 
                 return save_adapter(self.unwrapped, self.output_dir / "adapter", self.adapter_cfg)
-            from multicrafter.adapters import _replace_dir
+            from multicrafter.io import replace_dir
 
             target = self.output_dir / "pipeline"
             capture = self.capture
@@ -528,7 +528,7 @@ class Trainer:
                 ro = self.data.ref_options
                 (tmp / REFERENCE_CONFIG).write_text(json.dumps(
                     {"long_side_single": ro.long_side_single, "long_side_multi": ro.long_side_multi}) + "\n")
-                _replace_dir(tmp, target)
+                replace_dir(tmp, target)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

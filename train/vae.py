@@ -155,13 +155,13 @@ def latent_statistics(vae, cfg: VAEConfig) -> tuple[float, float]:
 
 def save_vae(vae, target: Path) -> Path:
     """`save_pretrained` into a temp sibling folder swapped in at the end: `target` is never a half-written VAE."""
-    from multicrafter.adapters import _replace_dir
+    from multicrafter.io import replace_dir
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         vae.save_pretrained(tmp)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

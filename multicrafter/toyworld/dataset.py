@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import UserError
-from ..io import atomic_write_text, save_image_atomic
+from ..io import atomic_write_text, replace_dir, save_image_atomic
 from .render import masks_from_labels, render_reference, render_scene
 from .scenes import sample_scene, with_boxes
 
@@ -101,13 +101,7 @@ def write_dataset(out: str | os.PathLike, n: int, seed: int = 0, split: str = "t
         atomic_write_text(tmp / "metadata.jsonl", "".join(line + "\n" for line in lines))
         for name, text in (extra_files or {}).items():
             atomic_write_text(tmp / name, text)
-        if root.exists():
-            old = root.parent / f".{root.name}.old-{os.getpid()}"
-            os.replace(root, old)
-            os.replace(tmp, root)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, root)
+        replace_dir(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
