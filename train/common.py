@@ -177,6 +177,21 @@ def load_config(path: str | os.PathLike | None, cls: type[T], overrides: dict | 
         raise UserError(f"{path}: {exc}" if path is not None else str(exc)) from None
 
 
+def training_parser(prog: str, description: str, config_help: str, output_help: str):
+    """The command line every training script shares: --config, --max-steps, --output-dir, --resume, --set."""
+    from multicrafter.errors import ArgumentParser
+
+    p = ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this step (a checkpoint is written; the LR schedule keeps train.max_steps)")
+    p.add_argument("--output-dir", default=None, help=output_help)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
+    return p
+
+
 def parse_set_overrides(items: Sequence[str]) -> dict[str, Any]:
     """`--set KEY=VALUE` items (values parsed as YAML) -> overrides for `load_config`."""
     import yaml

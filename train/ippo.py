@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from multicrafter.errors import ArgumentParser, UserError, run_cli
+from multicrafter.errors import UserError, run_cli
 from multicrafter.gspo import compute_advantages, gspo_loss
 from multicrafter.io import save_image_atomic
 from multicrafter.moe_lora import MoELoRAConfig, set_router_noise
@@ -56,6 +56,7 @@ from train.common import (
     save_checkpoint,
     seed_everything,
     setup_accelerator,
+    training_parser,
 )
 from train.ippo_inputs import PromptsConfig, RewardConfig, build_reward, load_prompts, score
 
@@ -397,15 +398,7 @@ def _fmt(v: float | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m train.ippo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML config (train/configs/*_ippo.yaml)")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this step (a checkpoint is written; the LR schedule keeps train.max_steps)")
-    p.add_argument("--output-dir", default=None, help="override train.output_dir")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
-    return p
+    return training_parser("python -m train.ippo", __doc__.split("\n\n")[0], "YAML config (train/configs/*_ippo.yaml)", "override train.output_dir")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

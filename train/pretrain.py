@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from multicrafter.errors import ArgumentParser, UserError, run_cli
+from multicrafter.errors import UserError, run_cli
 from multicrafter.losses import TimestepSampling, dice_loss, flow_matching_loss, noisy_latents, sample_sigmas
 
 from .common import (
@@ -51,6 +51,7 @@ from .common import (
     save_checkpoint,
     seed_everything,
     setup_accelerator,
+    training_parser,
 )
 from .data import BatchOrder, DataConfig, TrainingSet, ensure_toyworld, load_samples
 
@@ -577,15 +578,7 @@ class Trainer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="YAML config (see train/configs/*.yaml)")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this step (a checkpoint is written; the LR schedule keeps train.max_steps)")
-    p.add_argument("--output-dir", default=None, help="overrides output.output_dir")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
-    return p
+    return training_parser("python -m train.pretrain", __doc__.split("\n\n")[0], "YAML config (see train/configs/*.yaml)", "overrides output.output_dir")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
