@@ -134,6 +134,15 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 @torch.no_grad()
+def encode_image(vae: torch.nn.Module, image: Image.Image, device: torch.device | str,
+                 generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
+    """PIL image -> normalised VAE latents (1, C, h, w): the posterior's mode (or a sample), FLUX's shift and scale."""
+    dist = vae.encode(image_to_tensor(image).to(device=device, dtype=vae.dtype)).latent_dist
+    z = dist.sample(generator) if sample else dist.mode()
+    return (z - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+@torch.no_grad()
 def encode_references(
     vae: torch.nn.Module,
     images: Sequence[Image.Image],
@@ -147,10 +156,7 @@ def encode_references(
     """VAE-encode prepared references (mode of the posterior by default, as UNO), normalise, pack, give ids."""
     latents, lengths, grids = [], [], []
     for img in images:
-        x = image_to_tensor(img).to(device=device, dtype=vae.dtype)
-        dist = vae.encode(x).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        z = encode_image(vae, img, device, generator if sample else None, sample)
         packed = pack_latents(z.to(dtype))
         latents.append(packed)
         grids.append((z.shape[2] // 2, z.shape[3] // 2))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,10 +52,19 @@ class FlowSchedule:
         return float(self.sigmas[1]) if self.num_steps > 1 else 0.5
 
 
+def flux_mu(scheduler_config: Any, image_seq_len: int) -> float:
+    """FLUX's resolution-dependent shift mu for an image of `image_seq_len` packed tokens (scheduler defaults)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = scheduler_config
+    return calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                           cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+
+
 def flux_schedule(scheduler, num_steps: int, image_seq_len: int, device: torch.device | str = "cpu") -> FlowSchedule:
     """Sigmas and timesteps exactly as stock FluxPipeline builds them (linspace(1, 1/T, T), dynamic shift mu from the
     image sequence length), from a fresh copy of `scheduler` so the pipeline's own scheduler state is untouched."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+    from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
     if num_steps < 1:
         raise UserError(f"num_steps must be >= 1, got {num_steps}")
@@ -63,8 +73,7 @@ def flux_schedule(scheduler, num_steps: int, image_seq_len: int, device: torch.d
     sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
     if getattr(cfg, "use_flow_sigmas", False):
         sigmas = None
-    mu = calculate_shift(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    mu = flux_mu(cfg, image_seq_len)
     timesteps, _ = retrieve_timesteps(sched, num_steps, device, sigmas=sigmas, mu=mu)
     return FlowSchedule(sigmas=sched.sigmas.to(device=device, dtype=torch.float32), timesteps=timesteps)
 

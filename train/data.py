@@ -26,8 +26,8 @@ from multicrafter.losses import masks_to_grid
 from multicrafter.references import (
     PackedReferences,
     ReferenceOptions,
+    encode_image,
     encode_references,
-    image_to_tensor,
     pack_latents,
     prepare_reference_images,
     reference_size,
@@ -226,8 +226,7 @@ class TrainingSet:
                                                max_sequence_length=self.cfg.max_sequence_length)
         img = cover_crop(Image.open(it.image).convert("RGB"), it.size)
         vae = pipe.vae
-        z = vae.encode(image_to_tensor(img).to(device=device, dtype=vae.dtype)).latent_dist.mode()
-        z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+        z = encode_image(vae, img, device)
         grid = target_grid(it.size[1], it.size[0], self.vae_scale_factor)
         refs = None
         if it.refs:

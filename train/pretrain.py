@@ -325,11 +325,9 @@ class Trainer:
         b = x0.shape[0]
         mu = None
         if self.cfg.train.timesteps.scheme == "flux_shift":
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+            from multicrafter.sde import flux_mu
 
-            sc = self.pipe.scheduler.config
-            mu = calculate_shift(x0.shape[1], sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
-                                 sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
+            mu = flux_mu(self.pipe.scheduler.config, x0.shape[1])
         sigmas = sample_sigmas(b, self.cfg.train.timesteps, self.noise_gen, mu=mu, device=self.device)
         noise = torch.randn(x0.shape, generator=self.noise_gen, dtype=torch.float32).to(self.device, x0.dtype)
         x_t, target = noisy_latents(x0, noise, sigmas)
