@@ -131,8 +131,26 @@ class ModelHolder:
         if self.name == "tiny":
             return dict(size=128, steps=8, guidance=3.5, max_sequence_length=64)
         if self.name == "toy":
-            return dict(size=128, steps=20, guidance=3.5, max_sequence_length=64)
-        return dict(size=1024, steps=28, guidance=3.5, max_sequence_length=None)
+            d = dict(size=128, steps=20, guidance=1.0, max_sequence_length=64)
+        else:
+            d = dict(size=1024, steps=28, guidance=3.5, max_sequence_length=None)
+        # the model folder's own defaults (multicrafter_sampling.json) win: the toy base knows guidance 1.0 only
+        own = self._folder_sampling_defaults()
+        d.update({k: own[key] for k, key in (("guidance", "guidance_scale"), ("steps", "num_inference_steps"),
+                                             ("size", "height"), ("max_sequence_length", "max_sequence_length"))
+                  if key in own})
+        return d
+
+    def _folder_sampling_defaults(self) -> dict[str, Any]:
+        from multicrafter.presets import TOY_DIR, sampling_defaults_for
+
+        if self.name == "tiny":
+            return {}
+        folder = TOY_DIR if self.name == "toy" else Path(self.name)
+        try:
+            return sampling_defaults_for(folder) if folder.is_dir() else {}
+        except UserError:
+            return {}  # reported when the model loads
 
     def adapter_choices(self) -> list[str]:
         """The loaded pipeline's own list (MultiCrafterPipeline.available_adapters); before loading, the same

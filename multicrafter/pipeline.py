@@ -85,6 +85,7 @@ class MultiCrafterPipeline(FluxPipeline):
     adapter_name: str | None = None
     model_dir: str | None = None
     sampling_defaults: dict[str, Any] = {}   # e.g. UNO's 25 steps / guidance 4, from a converted UNO adapter
+    base_sampling_defaults: dict[str, Any] = {}   # the model folder's own (multicrafter_sampling.json); adapters add
     base_reference_options: ReferenceOptions | None = None   # the model's own; adapters adjust from here
     _adapter_enabled: bool = True
 
@@ -120,6 +121,8 @@ class MultiCrafterPipeline(FluxPipeline):
                 raise presets.load_error(name, exc) from None
             pipe.model_dir = path
             pipe.reference_options = pipe.base_reference_options = presets.reference_options_for(path)
+            pipe.base_sampling_defaults = presets.sampling_defaults_for(path)
+            pipe.sampling_defaults = dict(pipe.base_sampling_defaults)
             # adapter=None on `toy` means its shipped default; adapter=False means none at all.
             if name == "toy" and adapter is None and presets.toy_adapter_dir("ippo") is not None:
                 adapter = "ippo"
@@ -175,7 +178,7 @@ class MultiCrafterPipeline(FluxPipeline):
                 if value:
                     changes[key] = int(value)
             self.reference_options = dataclasses.replace(opts, **changes)
-            self.sampling_defaults = dict(extra.get("sampling_defaults", {}))
+            self.sampling_defaults = {**self.base_sampling_defaults, **extra.get("sampling_defaults", {})}
         return cfg
 
     def unload_adapter(self) -> None:
@@ -189,7 +192,7 @@ class MultiCrafterPipeline(FluxPipeline):
     def _reset_adapter_state(self) -> None:
         self.adapter_name = None
         self._adapter_enabled = True
-        self.sampling_defaults = {}
+        self.sampling_defaults = dict(self.base_sampling_defaults)
         if self.base_reference_options is not None:
             self.reference_options = self.base_reference_options
 
@@ -233,7 +236,8 @@ class MultiCrafterPipeline(FluxPipeline):
         """Generate with reference subjects. Accepts every FluxPipeline.__call__ argument through **kwargs.
 
         Arguments left out fall back to the loaded adapter's sampling defaults (a converted UNO adapter: UNO's
-        25 steps, guidance 4, 512x512), then to FluxPipeline's own defaults.
+        25 steps, guidance 4, 512x512), then the model folder's (the toy model: guidance 1.0, 128 px), then to
+        FluxPipeline's own defaults.
         """
         for key, value in self.sampling_defaults.items():
             if kwargs.get(key) is None:

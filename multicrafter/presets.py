@@ -33,6 +33,10 @@ TINY_VAE = dict(
 # Reference sizes scale with the model: UNO's 512/320 for FLUX, small ones for the tiny and toy models.
 TINY_REFERENCE_SIZES = dict(long_side_single=64, long_side_multi=48)
 REFERENCE_CONFIG = "multicrafter_references.json"   # optional file in a model folder overriding the sizes
+# Optional file in a model folder: the sampling arguments the model was trained for. A base trained from scratch with
+# one constant guidance embedding (the toy model: 1.0) only understands that value, unlike guidance-distilled FLUX.1-dev.
+SAMPLING_CONFIG = "multicrafter_sampling.json"
+SAMPLING_KEYS = ("guidance_scale", "num_inference_steps", "height", "width", "max_sequence_length", "true_cfg_scale")
 
 FLUX_SCHEDULER = dict(
     num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -111,6 +115,25 @@ def toy_adapter_dir(name: str) -> Path | None:
     """Named adapters shipped with the toy model (baseline, attn, attn_moe, ippo)."""
     p = TOY_DIR / "adapters" / name
     return p if p.is_dir() else None
+
+
+def sampling_defaults_for(model_dir: str | Path) -> dict[str, Any]:
+    """A model folder's own sampling defaults (`multicrafter_sampling.json`), {} when it has none."""
+    import json
+
+    p = Path(model_dir) / SAMPLING_CONFIG
+    if not p.is_file():
+        return {}
+    try:
+        data = json.loads(p.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+    except ValueError as exc:
+        raise UserError(f"bad {p}: {one_line(exc)}") from None
+    unknown = sorted(set(data) - set(SAMPLING_KEYS))
+    if unknown:
+        raise UserError(f"bad {p}: unknown key(s) {', '.join(unknown)} (known: {', '.join(SAMPLING_KEYS)})")
+    return data
 
 
 def reference_options_for(model_dir: str):

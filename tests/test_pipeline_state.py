@@ -91,3 +91,30 @@ def test_ref_timestep_state_is_restored(pipe):
     state.enabled, state.n_ref = True, 3                                # a trainer's leftover
     assert np.array_equal(plain, _gen(pipe, reference_images=REF))      # the pipeline's option is off: stock path
     assert (state.enabled, state.n_ref) == (True, 3)
+
+
+def test_model_folder_sampling_defaults_under_adapter_ones(tmp_path):
+    """A model folder's multicrafter_sampling.json (the toy base: guidance 1.0, the only value it was trained on) is
+    used when an argument is left out; an adapter's own defaults win over it; unloading the adapter restores it."""
+    folder = tmp_path / "model"
+    MultiCrafterPipeline.from_pretrained("tiny").save_pretrained(folder)
+    (folder / "multicrafter_sampling.json").write_text('{"guidance_scale": 1.0, "num_inference_steps": 3}')
+    pipe = MultiCrafterPipeline.from_pretrained(str(folder))
+    assert pipe.sampling_defaults == {"guidance_scale": 1.0, "num_inference_steps": 3}
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(float(k["guidance"][0])), with_kwargs=True)
+    pipe("a", height=32, width=32, max_sequence_length=8, output_type="np")
+    assert seen == [1.0] * 3  # the folder's guidance and step count, not FluxPipeline's 3.5 and 28
+    pipe.load_adapter(_adapter(tmp_path, "uno", {"sampling_defaults": {"guidance_scale": 4.0}}))
+    assert pipe.sampling_defaults == {"guidance_scale": 4.0, "num_inference_steps": 3}
+    pipe.unload_adapter()
+    assert pipe.sampling_defaults == {"guidance_scale": 1.0, "num_inference_steps": 3}
+
+
+@pytest.mark.parametrize("text, message", [("[1]", "JSON object"), ('{"guidance": 1}', "unknown key"), ("{", "bad")])
+def test_bad_sampling_file_is_one_line(tmp_path, text, message):
+    from multicrafter.presets import sampling_defaults_for
+
+    (tmp_path / "multicrafter_sampling.json").write_text(text)
+    with pytest.raises(UserError, match=message):
+        sampling_defaults_for(tmp_path)

@@ -135,6 +135,8 @@ def test_base_run_from_a_new_vae_and_fresh_transformer(tmp_path, world):
     assert all(r["loss_attn"] > 0 for r in read_metrics(out))
     pipe = MultiCrafterPipeline.from_pretrained(str(out / "pipeline"))
     assert pipe.vae_scale_factor == 4 and pipe.transformer.config.num_layers == 1
+    # trained from scratch at one guidance embedding: the saved model says so, and generation uses it by default
+    assert pipe.sampling_defaults["guidance_scale"] == 1.0 and pipe.sampling_defaults["height"] == 64
     maps = pipe(prompt="a red circle", reference_images=sorted((world / "refs").glob("*.png"))[:2], height=64,
                 width=64, num_inference_steps=2, max_sequence_length=16, return_attention=True).attention_maps
     assert maps.shape == (2, 8, 8)                                  # x4 VAE: 64 px -> 8x8 packed grid
@@ -305,6 +307,27 @@ def test_encoding_on_the_fly_equals_the_cache(tmp_path, world):
         losses.append([(r["loss_diff"], r["loss_attn"]) for r in (t.train_step() for _ in range(3))])
         assert bool(t.data._cache) == cache
     assert losses[0] == losses[1]
+
+
+def test_disk_cache_is_reused_and_keyed_by_its_inputs(tmp_path, world, monkeypatch):
+    """A second run loads the encodings from cache_dir instead of encoding; a changed input gets a new file."""
+    from train.data import TrainingSet
+
+    cache = tmp_path / "cache"
+    first = _trainer(tmp_path / "a", world, data__cache_dir=str(cache), adapter__type="lora")
+    files = list(cache.glob("encodings-*.pt"))
+    assert len(files) == 1
+    monkeypatch.setattr(TrainingSet, "encode", lambda *a, **k: pytest.fail("encoded although the cache was on disk"))
+    again = _trainer(tmp_path / "b", world, data__cache_dir=str(cache), adapter__type="lora")
+    assert torch.equal(again.data._cache[0]["latents"], first.data._cache[0]["latents"])
+    monkeypatch.undo()
+    # another sequence length is another encoding: a new file, the old one untouched
+    _trainer(tmp_path / "c", world, data__cache_dir=str(cache), data__max_sequence_length=12, adapter__type="lora")
+    assert len(list(cache.glob("encodings-*.pt"))) == 2
+    # a damaged file is re-encoded, not trusted
+    files[0].write_bytes(b"not a torch file")
+    fixed = _trainer(tmp_path / "d", world, data__cache_dir=str(cache), adapter__type="lora")
+    assert torch.equal(fixed.data._cache[0]["latents"], first.data._cache[0]["latents"])
 
 
 def test_buckets_and_batch_order():

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from multicrafter.errors import UserError
@@ -54,17 +55,24 @@ def test_unloadable_model_is_a_user_error():
 def test_model_path_runs_on_tiny_pipeline(tmp_path):
     """The real generation path, on the random tiny model: it must produce scorable images and a full JSON."""
     out = tmp_path / "tiny.json"
-    assert eval_toy_main(["--model", "tiny", "--n", "1", "--steps", "1", "--size", "64", "--json", str(out),
-                          "--save-images", str(tmp_path / "imgs")]) == 0
+    assert eval_toy_main(["--model", "tiny", "--n", "1", "--steps", "1", "--size", "64", "--seeds", "0,1",
+                          "--json", str(out), "--save-images", str(tmp_path / "imgs")]) == 0
     res = json.loads(out.read_text())
-    assert res["model"] == "tiny" and res["n"] == 1 and 0.0 <= res["overall"] <= 1.0
+    assert res["model"] == "tiny" and res["n"] == 2 and res["n_scenes"] == 1 and 0.0 <= res["overall"] <= 1.0
     assert res["id_sim"] < 0.9  # a random model does not reproduce the subjects
-    assert len(list((tmp_path / "imgs").glob("*.png"))) == 1
+    assert res["guidance"] == 3.5  # tiny has no sampling file: FLUX's default
+    assert sorted(p.name for p in (tmp_path / "imgs").glob("*.png")) == ["seed0_0000.png", "seed1_0000.png"]
 
 
-def test_eval_toy_reports_the_evaluators_metrics():
-    """One list of metrics: a metric added to the evaluator shows up in `eval toy` without a second edit."""
-    from multicrafter.eval import toy
-    from multicrafter.toyworld import evaluate
+def test_seeds_of_a_scene_run_as_one_batch_with_the_same_images():
+    """Batching the seeds of a scene must not change what each seed generates (one generator per image)."""
+    from multicrafter.eval.toy import _model_runner
+    from multicrafter.toyworld import build_sample
 
-    assert toy.METRICS is evaluate.METRICS
+    generate, used = _model_runner("tiny", None, 2, None)
+    sample = build_sample(0, 0, split="test", size=64, ref_size=32)
+    both = generate(sample, [5, 7])
+    alone = generate(sample, [7])
+    a, b = np.asarray(both[1], dtype=float), np.asarray(alone[0], dtype=float)
+    assert np.abs(a - b).max() <= 2  # the same image up to batched-matmul rounding
+    assert np.abs(np.asarray(both[0], dtype=float) - a).max() > 10  # and the seeds differ

@@ -11,8 +11,10 @@ function of (seed, epoch), so the data position (epoch, batch) is all a checkpoi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,9 @@ class DataConfig:
     ref_long_side_multi: int | None = None    # ... with several subjects (UNO: 512 / 320 on FLUX)
     caption_dropout: float = 0.0      # probability of training a sample on the empty caption
     cache: bool = True                # encode text, targets and references once (frozen encoders) and keep them
+    cache_dir: str | None = None      # with cache: also keep the encodings in a file here, keyed by the data, the
+                                      # encoders' weights and these settings, so a resumed run or a sibling adapter
+                                      # run skips the encoding pass (a changed input gives a new file, never a stale one)
     max_sequence_length: int = 512    # T5 tokens
     batch_size: int = 1               # per process and per micro-batch
     num_validation: int = 1           # first samples used for validation images and attention maps
@@ -252,9 +257,49 @@ class TrainingSet:
             return
         from tqdm.auto import tqdm
 
+        path = self.disk_cache_path(pipe, dtype) if self.cfg.cache_dir else None
+        if path is not None and path.is_file():
+            try:
+                state = torch.load(path, map_location=device, weights_only=False)
+                if len(state["items"]) == len(self):
+                    self._cache, self._empty_text = dict(enumerate(state["items"])), state["empty_text"]
+                    return
+            except Exception as exc:  # noqa: BLE001 - a damaged cache is re-encoded, never trusted
+                print(f"note: ignoring unreadable encoding cache {path} ({type(exc).__name__}); re-encoding")
         for i in tqdm(range(len(self)), desc="encoding dataset", disable=not progress, leave=False):
             self.encode(i, pipe, device, dtype)
         self.empty_text(pipe, device, dtype)
+        if path is not None:
+            import io
+
+            from multicrafter.io import atomic_write_bytes
+
+            buf = io.BytesIO()
+            torch.save({"items": [self._cache[i] for i in range(len(self))], "empty_text": self._empty_text}, buf)
+            atomic_write_bytes(path, buf.getvalue())
+
+    def disk_cache_path(self, pipe, dtype) -> Path:
+        """cache_dir/encodings-<key>.pt; the key covers every input of `encode` (files by size and mtime, the
+        encoders by a sample of each weight tensor, the tokenizers' sizes, the settings), so any change misses."""
+        h = hashlib.sha256()
+        settings = {"max_sequence_length": self.cfg.max_sequence_length, "refs": asdict(self.ref_options),
+                    "dtype": str(dtype), "vae_scale_factor": self.vae_scale_factor,
+                    "vae": {k: v for k, v in dict(pipe.vae.config).items() if not k.startswith("_")},
+                    "tokenizers": [len(t) for t in (pipe.tokenizer, pipe.tokenizer_2) if t is not None]}
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        for it in self.items:
+            h.update(f"{it.caption}|{it.size}|{it.ref_sizes}".encode())
+            for f in (it.image, *it.refs, *it.masks):
+                st = os.stat(f)
+                h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            if module is None:
+                continue
+            for name, t in module.state_dict().items():
+                flat = t.detach().flatten().float().cpu()
+                h.update(f"{name}|{tuple(t.shape)}".encode())
+                h.update(torch.cat([flat[:32], flat[-32:], flat.sum().reshape(1)]).numpy().tobytes())
+        return Path(self.cfg.cache_dir) / f"encodings-{h.hexdigest()[:16]}.pt"
 
     def collate(self, indices: list[int], pipe, device, dtype, generator: torch.Generator) -> dict[str, Any]:
         """A batch of samples with the same layout: latents (B, T, C), embeddings, references, masks (B, N, T).

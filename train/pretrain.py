@@ -143,7 +143,7 @@ class OutputSection:
     keep_last: int = 2
     validate_every: int = 0              # 0: only at the end; images + attention maps under OUTPUT/samples/
     validation_steps: int = 4            # denoising steps of the validation images
-    validation_guidance: float = 3.5
+    validation_guidance: float | None = None   # None: the model's own (sampling_defaults), else 3.5
     progress: bool = True                # tqdm bar
 
 
@@ -470,6 +470,9 @@ class Trainer:
         ref_t0 = find_ref_timestep(self.unwrapped)
         ref_t0_enabled = ref_t0.enabled if ref_t0 is not None else None  # kept whatever the pipeline does with it
         folder = self.output_dir / "samples" / f"step-{self.step:06d}"
+        guidance = self.cfg.output.validation_guidance
+        if guidance is None:
+            guidance = self.sampling_defaults().get("guidance_scale", 3.5)
         written = []
         was_training = self.unwrapped.training
         self.unwrapped.eval()
@@ -479,7 +482,7 @@ class Trainer:
                     it = self.data.items[i]
                     kw = dict(prompt=it.caption, height=it.size[1], width=it.size[0],
                               num_inference_steps=self.cfg.output.validation_steps,
-                              guidance_scale=self.cfg.output.validation_guidance,
+                              guidance_scale=guidance,
                               max_sequence_length=self.cfg.data.max_sequence_length,
                               generator=torch.Generator().manual_seed(self.cfg.train.seed + i))
                     with self.accelerator.autocast():  # prepare() makes the transformer return fp32 under AMP
@@ -500,9 +503,18 @@ class Trainer:
                 ref_t0.enabled = ref_t0_enabled
         return written
 
+    def sampling_defaults(self) -> dict[str, Any]:
+        """What the saved base should be sampled with: the loaded model's own defaults, and for a transformer trained
+        here from scratch the one guidance value it has seen (it is not guidance-distilled) and the training size."""
+        out = dict(getattr(self.pipe, "base_sampling_defaults", {}))
+        if self.cfg.model.init_transformer:
+            out.update(guidance_scale=self.cfg.model.guidance, height=self.cfg.data.resolution,
+                       width=self.cfg.data.resolution, max_sequence_length=self.cfg.data.max_sequence_length)
+        return out
+
     def save_final(self) -> Path:
         """Adapter mode: OUTPUT/adapter (adapter-directory format). Base mode: OUTPUT/pipeline (save_pretrained)."""
-        from multicrafter.presets import REFERENCE_CONFIG
+        from multicrafter.presets import REFERENCE_CONFIG, SAMPLING_CONFIG
 
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
@@ -527,6 +539,9 @@ class Trainer:
                 ro = self.data.ref_options
                 (tmp / REFERENCE_CONFIG).write_text(json.dumps(
                     {"long_side_single": ro.long_side_single, "long_side_multi": ro.long_side_multi}) + "\n")
+                sampling = self.sampling_defaults()
+                if sampling:
+                    (tmp / SAMPLING_CONFIG).write_text(json.dumps(sampling) + "\n")
                 replace_dir(tmp, target)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

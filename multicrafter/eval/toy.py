@@ -1,9 +1,10 @@
 """`python -m multicrafter.eval toy`: score a model (or the ground-truth renders) on held-out ToyWorld scenes.
 
-Scenes come from the test identity split at fixed seeds (scene i of seed s is always the same), so numbers are
-comparable across adapters and runs. For each seed: n scenes, one image each (generator seed = seed * 100003 + i).
-The JSON holds each metric's mean over seeds, its per-seed values and std, per-attribute accuracy and the scores
-restricted to scenes with a similar pair (where leakage shows).
+The same n scenes (test identity split, `--scene-seed`) are generated once per seed in `--seeds`, so the spread
+across seeds is the seed-to-seed spread the ablation targets compare against, and each scene's seeds run as one
+batch (image of seed s for scene i: generator seed s * 100003 + i). The JSON holds each metric's mean over seeds,
+its per-seed values and std, per-attribute accuracy and the scores restricted to scenes with a similar pair (where
+leakage shows).
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                                             "quality, overall). --model ground-truth scores the renders themselves.")
     p.add_argument("--model", required=True, help="toy | ground-truth | tiny | a model folder or hub id")
     p.add_argument("--adapter", default=None, help="adapter name (e.g. baseline, attn, attn_moe, ippo) or folder")
-    p.add_argument("--n", type=int, default=64, help="scenes per seed")
-    p.add_argument("--seed", type=int, default=0, help="scene/generator seed (ignored with --seeds)")
-    p.add_argument("--seeds", type=_seeds, default=None, help="several seeds, e.g. 0,1,2")
+    p.add_argument("--n", type=int, default=64, help="held-out scenes (prompts), each generated once per seed")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (ignored with --seeds)")
+    p.add_argument("--seeds", type=_seeds, default=None, help="several generator seeds, e.g. 0,1,2")
+    p.add_argument("--scene-seed", type=int, default=0, help="which held-out scene set (default 0)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
-    p.add_argument("--guidance", type=float, default=3.5, help="guidance scale")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: the model's own, e.g. 1.0 for toy; else 3.5)")
     p.add_argument("--size", type=int, default=128, help="scene size (multiple of 16)")
     p.add_argument("--ref-size", type=int, default=64)
     p.add_argument("--similar-prob", type=float, default=0.3)
@@ -51,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_runner(model: str, adapter: str | None, steps: int, guidance: float) -> Callable[[Any, int], Image.Image]:
-    """Load the pipeline once; returns generate(sample, generator_seed) -> PIL image."""
+def _model_runner(model: str, adapter: str | None, steps: int,
+                  guidance: float | None) -> tuple[Callable[[Any, list[int]], list[Image.Image]], dict]:
+    """Load the pipeline once; returns (generate(sample, generator_seeds) -> one image per seed, sampling used)."""
     try:
         import torch
 
@@ -67,35 +71,20 @@ def _model_runner(model: str, adapter: str | None, steps: int, guidance: float) 
         raise UserError(f"cannot load model {model!r}" + (f" with adapter {adapter!r}" if adapter else "")
                         + f": {one_line(exc)}") from None
     pipe.set_progress_bar_config(disable=True)  # one bar over all images instead (see main)
+    if guidance is None:
+        guidance = pipe.sampling_defaults.get("guidance_scale", 3.5)
 
-    def generate(sample: Any, seed: int) -> Image.Image:
+    def generate(sample: Any, seeds: list[int]) -> list[Image.Image]:
         h, w = sample.image.shape[:2]
         out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
                    height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
-                   generator=torch.Generator().manual_seed(seed))
-        return out.images[0]
+                   num_images_per_prompt=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds])
+        return list(out.images)
 
-    return generate
+    return generate, {"steps": steps, "guidance": guidance}
 
 
-def evaluate_seed(seed: int, n: int, generate: Callable[[Any, int], Any] | None, size: int = 128,
-                  ref_size: int = 64, similar_prob: float = 0.3, save_dir: Path | None = None,
-                  progress: Any = None) -> dict:
-    """Score n held-out scenes of one seed; `generate=None` scores the ground-truth renders."""
-    from ..toyworld import build_sample, evaluate_image
-
-    per = []
-    for i in range(n):
-        sample = build_sample(seed, i, split="test", size=size, ref_size=ref_size, similar_prob=similar_prob)
-        image = sample.image if generate is None else generate(sample, seed * 100003 + i)
-        if save_dir is not None:
-            pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-            save_image_atomic(pil, save_dir / f"seed{seed}_{i:04d}.png")
-        result = evaluate_image(image, [Image.fromarray(r) for r in sample.references], scene=sample.scene)
-        result["similar"] = sample.scene["similar"]
-        per.append(result)
-        if progress is not None:
-            progress.update(1)
+def _aggregate(per: list[dict]) -> dict:
     out = {m: float(np.mean([r[m] for r in per])) if per else 0.0 for m in METRICS}
     sim = [r for r in per if r["similar"]]
     out["similar_pairs"] = {"n": len(sim), "id_sim": float(np.mean([r["id_sim"] for r in sim])) if sim else None,
@@ -104,9 +93,36 @@ def evaluate_seed(seed: int, n: int, generate: Callable[[Any, int], Any] | None,
     return out
 
 
+def evaluate_scenes(n: int, seeds: list[int], generate: Callable[[Any, list[int]], list] | None,
+                    scene_seed: int = 0, size: int = 128, ref_size: int = 64, similar_prob: float = 0.3,
+                    save_dir: Path | None = None, progress: Any = None) -> dict[int, dict]:
+    """Score n held-out scenes once per seed; `generate=None` scores the ground-truth renders. Returns per-seed
+    aggregates."""
+    from ..toyworld import build_sample, evaluate_image
+
+    per: dict[int, list[dict]] = {s: [] for s in seeds}
+    for i in range(n):
+        sample = build_sample(scene_seed, i, split="test", size=size, ref_size=ref_size, similar_prob=similar_prob)
+        refs = [Image.fromarray(r) for r in sample.references]
+        if generate is None:  # the render is the same for every seed: score it once
+            result = evaluate_image(sample.image, refs, scene=sample.scene)
+            images, results = [sample.image] * len(seeds), [result] * len(seeds)
+        else:
+            images = generate(sample, [s * 100003 + i for s in seeds])
+            results = [evaluate_image(im, refs, scene=sample.scene) for im in images]
+        for s, image, result in zip(seeds, images, results):
+            if save_dir is not None:
+                pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+                save_image_atomic(pil, save_dir / f"seed{s}_{i:04d}.png")
+            per[s].append(dict(result, similar=sample.scene["similar"]))
+        if progress is not None:
+            progress.update(len(seeds))
+    return {s: _aggregate(per[s]) for s in seeds}
+
+
 def summarise(per_seed: dict[int, dict], n: int) -> dict:
     seeds = list(per_seed)
-    res: dict[str, Any] = {"n": n * len(seeds), "n_per_seed": n, "seeds": seeds, "per_seed": {}, "std": {}}
+    res: dict[str, Any] = {"n": n * len(seeds), "n_scenes": n, "seeds": seeds, "per_seed": {}, "std": {}}
     for m in METRICS:
         vals = [per_seed[s][m] for s in seeds]
         res[m] = float(np.mean(vals))
@@ -147,20 +163,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ground_truth = args.model in ("ground-truth", "gt")
     if ground_truth and args.adapter:
         raise UserError("--adapter makes no sense with --model ground-truth")
-    generate = None if ground_truth else _model_runner(args.model, args.adapter, args.steps, args.guidance)
+    generate, used = (None, {"steps": None, "guidance": None}) if ground_truth else \
+        _model_runner(args.model, args.adapter, args.steps, args.guidance)
     save_dir = Path(args.save_images) if args.save_images else None
     from tqdm.auto import tqdm
 
     with tqdm(total=args.n * len(seeds), desc="eval toy", unit="img", disable=ground_truth) as bar:
-        per_seed = {s: evaluate_seed(s, args.n, generate, args.size, args.ref_size, args.similar_prob, save_dir, bar)
-                    for s in seeds}
+        per_seed = evaluate_scenes(args.n, seeds, generate, args.scene_seed, args.size, args.ref_size,
+                                   args.similar_prob, save_dir, bar)
     res = summarise(per_seed, args.n)
-    res.update({"model": args.model, "adapter": args.adapter, "split": "test", "size": args.size,
-                "steps": None if ground_truth else args.steps, "guidance": None if ground_truth else args.guidance})
+    res.update({"model": args.model, "adapter": args.adapter, "split": "test", "scene_seed": args.scene_seed,
+                "size": args.size, **used})
     if any(isinstance(v, float) and not math.isfinite(v) for v in res.values()):
         raise UserError("evaluation produced a non-finite score")
     print(f"ToyWorld held-out: model={args.model}" + (f" adapter={args.adapter}" if args.adapter else "")
-          + f", {args.n} scenes x {len(seeds)} seed(s)")
+          + f", {args.n} scenes x {len(seeds)} seed(s)" + (f", guidance {used['guidance']}" if used["guidance"] is not None else ""))
     print(markdown_table(res))
     sp = res["similar_pairs"]
     if sp["n"]:
