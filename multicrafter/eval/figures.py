@@ -1,0 +1,178 @@
+"""`python -m multicrafter.eval figures`: the toy ablation's README figures.
+
+- `--sheet PNG`: the same held-out scenes across adapters, assembled from the images `eval toy --save-images` wrote
+  (one folder per adapter, nothing is generated again): references | ground truth | one column per adapter.
+- `--attention PNG`: one held-out scene with a similar pair, generated with each of `--attention-adapters` (default
+  baseline and attn: without and with the Dice loss); each subject's ref2img map over the image, titled with the
+  share of that map inside the subject's own region of the ground-truth layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..errors import ArgumentParser, UserError, run_cli
+
+
+def _names(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated adapter names like baseline,attn")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="python -m multicrafter.eval figures",
+                       description="README figures of the toy ablation: a contact sheet across adapters and the "
+                                   "attention maps with and without the Dice loss.")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="folder with one subfolder per adapter, each written by `eval toy --save-images`")
+    p.add_argument("--adapters", type=_names, default=["baseline", "attn", "attn_moe", "ippo"])
+    p.add_argument("--sheet", default=None, metavar="PNG", help="write the contact sheet here")
+    p.add_argument("--scenes", type=int, default=8, help="rows of the sheet (held-out scenes 0..N-1)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed whose images the sheet shows")
+    p.add_argument("--attention", default=None, metavar="PNG", help="write the attention comparison here")
+    p.add_argument("--attention-adapters", type=_names, default=["baseline", "attn"])
+    p.add_argument("--model", default="toy", help="model for --attention (default toy)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--scene-seed", type=int, default=0, help="held-out scene set (as in eval toy)")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--ref-size", type=int, default=64)
+    p.add_argument("--similar-prob", type=float, default=0.3)
+    return p
+
+
+def _scene(args: argparse.Namespace, i: int) -> Any:
+    from ..toyworld import build_sample
+
+    return build_sample(args.scene_seed, i, split="test", size=args.size, ref_size=args.ref_size,
+                        similar_prob=args.similar_prob)
+
+
+def _label(width: int, text: str, height: int = 14) -> np.ndarray:
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    ImageDraw.Draw(img).text((3, 1), text, fill=(0, 0, 0))
+    return np.asarray(img)
+
+
+def contact_sheet(args: argparse.Namespace) -> Image.Image:
+    """Rows: held-out scenes; columns: references, ground truth, each adapter's image for the same seed."""
+    root = Path(args.images)
+    missing = [a for a in args.adapters if not (root / a).is_dir()]
+    if missing:
+        raise UserError(f"no image folder for adapter(s) {', '.join(missing)} under {root} "
+                        "(run `python -m multicrafter.eval toy ... --save-images DIR/ADAPTER` first)")
+    s = args.size
+    gap = np.full((s, 4, 3), 255, np.uint8)
+    rows = []
+    for i in range(args.scenes):
+        sample = _scene(args, i)
+        refs = np.full((s, s // 2, 3), 255, np.uint8)
+        for k, r in enumerate(sample.references[:4]):
+            small = np.asarray(Image.fromarray(r).resize((s // 2, s // 4)))[:, :, :3] if len(sample.references) > 2 \
+                else np.asarray(Image.fromarray(r).resize((s // 2, s // 2)))[:, :, :3]
+            y = k * small.shape[0]
+            refs[y:y + small.shape[0]] = small
+        cells = [refs, gap, sample.image[:, :, :3]]
+        for a in args.adapters:
+            path = root / a / f"seed{args.seed}_{i:04d}.png"
+            if not path.is_file():
+                raise UserError(f"missing {path}: evaluate at least {args.scenes} scenes with seed {args.seed}")
+            with Image.open(path) as im:
+                cells += [gap, np.asarray(im.convert("RGB").resize((s, s)))]
+        row = np.concatenate(cells, axis=1)
+        lines = textwrap.wrap(sample.prompt, width=max(20, row.shape[1] // 6))
+        text = Image.new("RGB", (row.shape[1], 12 * len(lines) + 4), (255, 255, 255))
+        ImageDraw.Draw(text).multiline_text((3, 1), "\n".join(lines), fill=(60, 60, 60), spacing=2)
+        rows += [row, np.asarray(text), np.full((6, row.shape[1], 3), 255, np.uint8)]
+    header = np.concatenate([_label(s // 2, "refs"), _label(4, ""), _label(s, "ground truth")]
+                            + [x for a in args.adapters for x in (_label(4, ""), _label(s, a))], axis=1)
+    return Image.fromarray(np.concatenate([header, *rows], axis=0))
+
+
+def attention_share(amap: np.ndarray, mask: np.ndarray) -> float:
+    """Share of one subject's (h, w) attention map inside its (H, W) layout mask, mask area-averaged to the grid."""
+    h, w = amap.shape
+    grid = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.BOX), np.float32) / 255.0
+    total = float(amap.sum())
+    return float((amap * grid).sum() / total) if total > 0 else 0.0
+
+
+def attention_comparison(args: argparse.Namespace) -> tuple[Image.Image, dict[str, list[float]]]:
+    """The first held-out scene with a similar pair, under each adapter: image + each subject's attention map."""
+    import torch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .. import MultiCrafterPipeline
+    from ..render import overlay
+
+    sample = next((x for x in (_scene(args, i) for i in range(500))
+                   if x.scene["similar"] and len(x.references) == 2), None)
+    if sample is None:
+        raise UserError("no held-out scene with a similar pair of two subjects in the first 500 (raise --similar-prob)")
+    pipe = MultiCrafterPipeline.from_pretrained(args.model, adapter=False)
+    rows, shares = [], {}
+    for name in args.attention_adapters:
+        pipe.load_adapter(name)
+        out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
+                   height=args.size, width=args.size, num_inference_steps=args.steps, return_attention=True,
+                   generator=torch.Generator().manual_seed(args.seed))
+        maps = out.attention_maps.float().numpy()
+        shares[name] = [attention_share(maps[k], sample.masks[k]) for k in range(len(sample.references))]
+        rows.append((name, out.images[0], maps))
+    n = len(sample.references)
+    fig = Figure(figsize=(2.4 * (n + 2), 2.6 * len(rows) + 0.6), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = np.atleast_2d(fig.subplots(len(rows), n + 2))
+    names = [s["name"] if isinstance(s, dict) and "name" in s else f"subject {k + 1}"
+             for k, s in enumerate(sample.scene.get("subjects", [])[:n])]
+    for r, (name, image, maps) in enumerate(rows):
+        axes[r, 0].imshow(np.concatenate([np.asarray(Image.fromarray(x).resize((64, 64))) for x in sample.references]))
+        axes[r, 0].set_title("references", fontsize=8)
+        axes[r, 1].imshow(image)
+        axes[r, 1].set_title(name, fontsize=9, fontweight="bold")
+        for k in range(n):
+            axes[r, k + 2].imshow(overlay(image, maps[k]))
+            label = names[k] if k < len(names) else f"subject {k + 1}"
+            axes[r, k + 2].set_title(f"{label}\n{100 * shares[name][k]:.0f}% inside its region", fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("\n".join(textwrap.wrap(sample.prompt, 90)), fontsize=8)
+    fig.tight_layout()
+    canvas = fig.canvas
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[:, :, :3].copy()), shares
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..io import save_image_atomic
+
+    args = build_parser().parse_args(argv)
+    if not args.sheet and not args.attention:
+        raise UserError("nothing to do: give --sheet PNG and/or --attention PNG")
+    if args.sheet:
+        if not args.images:
+            raise UserError("--sheet needs --images DIR (the folders eval toy --save-images wrote)")
+        if args.scenes < 1:
+            raise UserError(f"--scenes must be >= 1, got {args.scenes}")
+        save_image_atomic(contact_sheet(args), args.sheet)
+        print(f"wrote {args.sheet}")
+    if args.attention:
+        image, shares = attention_comparison(args)
+        save_image_atomic(image, args.attention)
+        for name, values in shares.items():
+            print(f"{name}: attention inside own region " + ", ".join(f"{100 * v:.0f}%" for v in values))
+        print(f"wrote {args.attention}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

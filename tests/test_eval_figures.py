@@ -1,0 +1,60 @@
+"""`python -m multicrafter.eval figures`: the contact sheet is built from eval's saved images, the attention figure
+runs the real pipeline with two adapters, and missing inputs are one-line errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multicrafter.errors import UserError
+from multicrafter.eval.figures import attention_share, main
+from multicrafter.eval.toy import main as eval_toy_main
+
+
+def test_sheet_from_saved_eval_images(tmp_path):
+    for name in ("a", "b"):
+        assert eval_toy_main(["--model", "ground-truth", "--n", "2", "--save-images", str(tmp_path / name)]) == 0
+    out = tmp_path / "sheet.png"
+    assert main(["--images", str(tmp_path), "--adapters", "a,b", "--scenes", "2", "--sheet", str(out)]) == 0
+    sheet = np.asarray(Image.open(out))
+    assert sheet.shape[1] == 64 + 4 + 128 + 2 * (4 + 128)   # refs | ground truth | a | b
+    # the ground-truth column and adapter a's column show the same image (a was evaluated on ground truth)
+    body = sheet[14:14 + 128]
+    assert np.array_equal(body[:, 68:196], body[:, 200:328])
+    with pytest.raises(UserError, match="no image folder"):
+        main(["--images", str(tmp_path), "--adapters", "a,zzz", "--sheet", str(out)])
+    with pytest.raises(UserError, match="missing"):
+        main(["--images", str(tmp_path), "--adapters", "a", "--scenes", "3", "--sheet", str(out)])
+    with pytest.raises(UserError, match="nothing to do"):
+        main(["--images", str(tmp_path)])
+
+
+def test_attention_share():
+    amap = np.zeros((4, 4), np.float32)
+    amap[0, 0] = 3.0
+    amap[3, 3] = 1.0
+    mask = np.zeros((16, 16), bool)
+    mask[:4, :4] = True
+    assert attention_share(amap, mask) == pytest.approx(0.75)
+
+
+def test_attention_figure_on_tiny_with_two_adapters(tmp_path, capsys):
+    from multicrafter import MultiCrafterPipeline
+    from multicrafter.adapters import AdapterConfig, add_adapter, remove_adapter, save_adapter
+
+    t = MultiCrafterPipeline.from_pretrained("tiny").transformer
+    folders = []
+    for name, fill in (("one", 0.0), ("two", 0.05)):
+        add_adapter(t, AdapterConfig(lora_rank=2, lora_alpha=2.0))
+        with torch.no_grad():
+            for n, p in t.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(fill)
+        folders.append(str(save_adapter(t, tmp_path / name)))
+        remove_adapter(t)
+    out = tmp_path / "attn.png"
+    assert main(["--model", "tiny", "--attention", str(out), "--attention-adapters", ",".join(folders),
+                 "--size", "64", "--ref-size", "32", "--steps", "1", "--similar-prob", "1.0"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("attention inside own region") == 2
+    assert Image.open(out).size[0] > 400
