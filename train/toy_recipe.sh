@@ -8,14 +8,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${SMOKE:-}" ]; then
-  RUNS=${RUNS:-runs/toy_smoke}; OUT=${OUT:-$RUNS/assembled}; EVAL_N=${EVAL_N:-4}
+  RUNS=${RUNS:-runs/toy_smoke}; OUT=${OUT:-$RUNS/assembled}; EVAL_N=${EVAL_N:-4}; FIGS=${FIGS:-$RUNS}
   BASE_STEPS=${BASE_STEPS:-3}; ADAPTER_STEPS=${ADAPTER_STEPS:-2}; IPPO_STEPS=${IPPO_STEPS:-1}
   SMALL=(--set data.toyworld.n=16 --set "data.toyworld.folder=$RUNS/toyworld_train" --set data.batch_size=4
          --set data.num_validation=1 --set output.validation_steps=2)
   SMALL_IPPO=(--set prompts.toyworld.n=4 --set "prompts.toyworld.folder=$RUNS/toyworld_ippo" --set sampling.num_steps=4
               --set window.size=1)
 else
-  RUNS=${RUNS:-runs}; OUT=${OUT:-assets/toy}; EVAL_N=${EVAL_N:-200}
+  RUNS=${RUNS:-runs}; OUT=${OUT:-assets/toy}; EVAL_N=${EVAL_N:-200}; FIGS=${FIGS:-docs}
   SMALL=(); SMALL_IPPO=()
 fi
 steps() { if [ -n "${1:-}" ]; then echo "--max-steps $1"; fi; }
@@ -39,5 +39,8 @@ python -m train.assemble_toy --out "$OUT" --update --adapter ippo="$RUNS/toy_ipp
 # 4. The ablation table on held-out identities (mean and std over three seeds).
 for row in baseline attn attn_moe ippo; do
   MULTICRAFTER_TOY_DIR="$OUT" python -m multicrafter.eval toy --model toy --adapter "$row" --n "$EVAL_N" \
-    --seeds 0,1,2 --json "$RUNS/eval_${row}.json"
+    --seeds 0,1,2 --json "$RUNS/eval_${row}.json" --save-images "$RUNS/eval_images/$row"
 done
+# 5. README figures: the same held-out scenes across the four adapters, and attention without / with the Dice loss.
+MULTICRAFTER_TOY_DIR="$OUT" python -m multicrafter.eval figures --images "$RUNS/eval_images" --scenes "$((EVAL_N < 8 ? EVAL_N : 8))" \
+  --sheet "$FIGS/toy_ablation_sheet.png" --attention "$FIGS/toy_attention_dice.png"
