@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
+from .rewards.base import composite
 
 AGGREGATIONS = ("sum", "per_component")
 
@@ -60,11 +61,8 @@ def compute_advantages(components: Mapping[str, Sequence[float] | torch.Tensor],
     active = {k: float(w) for k, w in weights.items() if float(w) != 0}
     if not active:
         raise UserError("all reward weights are 0: nothing to optimise")
-    missing = [k for k in active if k not in components]
-    if missing:
-        raise UserError(f"reward component(s) {', '.join(missing)} have a weight but were not computed")
-    comp = {k: torch.as_tensor(components[k], dtype=torch.float32).reshape(-1) for k in active}
-    reward = sum(w * comp[k] for k, w in active.items())
+    comp = {k: torch.as_tensor(components[k], dtype=torch.float32).reshape(-1) for k in active if k in components}
+    reward = torch.tensor(composite({k: v.tolist() for k, v in comp.items()}, active), dtype=torch.float32)
     if aggregation == "sum":
         values, zero = normalize_in_groups(reward, group_size, std_eps)
     else:

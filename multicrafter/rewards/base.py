@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from ..errors import UserError
+
 COMPONENTS = ("text", "aes", "id")
 
 
@@ -29,14 +31,22 @@ class RewardFn(Protocol):
     def __call__(self, batch: RewardBatch) -> RewardOutput: ...
 
 
+class MissingRewardComponent(UserError, KeyError):
+    """A weighted component was not computed: never replaced by a made-up number (a KeyError for dict-like callers)."""
+
+    __str__ = Exception.__str__
+
+
 def composite(components: Mapping[str, Sequence[float]], weights: Mapping[str, float]) -> list[float]:
-    """Weighted sum R = sum_k w_k R_k per sample; components missing from `weights` are ignored."""
-    keys = [k for k in weights if weights[k] != 0]
+    """Weighted sum R = sum_k w_k R_k per sample (the one definition; IPPO's advantages start from it).
+    Components with weight 0 are ignored; a weighted component that is missing is refused."""
+    active = {k: float(w) for k, w in weights.items() if float(w) != 0}
+    missing = [k for k in active if k not in components]
+    if missing:
+        raise MissingRewardComponent(f"reward component(s) {', '.join(missing)} have a weight but were not computed")
     n = len(next(iter(components.values()))) if components else 0
     out = [0.0] * n
-    for k in keys:
-        if k not in components:
-            raise KeyError(f"reward component '{k}' has a weight but was not computed")
+    for k, w in active.items():
         for i, v in enumerate(components[k]):
-            out[i] += float(weights[k]) * float(v)
+            out[i] += w * float(v)
     return out
