@@ -349,6 +349,17 @@ def test_buckets_and_batch_order():
     assert not {i for b in r0 for i in b} & {i for b in r1 for i in b}
     seen = [order.next() for _ in range(len(epoch0) + 1)]
     assert seen[:-1] == epoch0 and order.state_dict() == {"epoch": 1, "index": 1}
+    # three processes share one position: 6 batches of this epoch -> 2 each, so after any number of steps every
+    # rank is at rank 0's (epoch, index), and restoring rank 0's state on another rank resumes its exact stream
+    ranks = [BatchOrder(keys, 2, 3, 3, r) for r in range(3)]
+    assert {len(r.epoch_batches(e)) for r in ranks for e in range(4)} == {2}
+    for _ in range(7):
+        streams = [r.next() for r in ranks]
+    assert len({str(r.state_dict()) for r in ranks}) == 1
+    resumed = BatchOrder(keys, 2, 3, 3, 2)
+    resumed.load_state_dict(ranks[0].state_dict())
+    assert [resumed.next() for _ in range(5)] == [ranks[2].next() for _ in range(5)]
+    assert len({i for b in streams for i in b}) == sum(len(b) for b in streams)   # the ranks' batches are disjoint
 
 
 def test_references_at_timestep_zero_train_and_carry_to_inference(tmp_path, world):

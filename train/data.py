@@ -327,7 +327,7 @@ class TrainingSet:
 
 
 class BatchOrder:
-    """Deterministic batches: shuffle by (seed, epoch), group by layout key, split across processes.
+    """Deterministic batches: shuffle by (seed, epoch), group by layout key, split evenly across processes.
 
     `position` = (epoch, batch index within the epoch); restoring it resumes the exact stream.
     """
@@ -352,10 +352,12 @@ class BatchOrder:
                 batches.append(list(group))
                 group.clear()
         batches += [g_ for g_ in open_.values() if g_]
-        mine = batches[self.rank::self.num_processes]
-        if not mine:  # fewer batches than processes: every process still gets one (repeats a batch)
-            mine = [batches[self.rank % len(batches)]]
-        return mine
+        # Every process gets the same number of batches (the last len % P are left out this epoch, other ones the
+        # next), so all processes share one (epoch, index) position and rank 0's checkpoint resumes every rank.
+        per = len(batches) // self.num_processes
+        if per == 0:  # fewer batches than processes: every process still gets one (repeats a batch)
+            return [batches[self.rank % len(batches)]]
+        return batches[self.rank::self.num_processes][:per]
 
     def next(self) -> list[int]:
         if self.index >= len(self._batches):
