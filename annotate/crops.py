@@ -17,6 +17,7 @@ from multicrafter.io import load_image
 from multicrafter.masks import as_bool_mask, mask_box
 
 __all__ = ["BACKGROUNDS", "as_bool_mask", "detect_faces", "face_crop", "mask_box", "mask_to_image", "reference_crop",
+           "subject_reference",
            "refine_mask", "square_box"]
 
 BACKGROUNDS = ("white", "black", "gray", "keep")
@@ -125,3 +126,15 @@ def face_crop(image: Any, mask: Any = None, box: list[int] | None = None, pad: f
         best = max(faces, key=lambda f: (f[2] - f[0]) * (f[3] - f[1]))
     crop = _crop_padded(img, square_box(best, pad), (255, 255, 255))
     return crop.resize((size, size), Image.Resampling.LANCZOS) if size else crop
+
+
+def subject_reference(image: Image.Image, kind: str = "object", pad: float = 0.4) -> tuple[Image.Image, str | None]:
+    """What a reference image of one subject is fed as: a face subject is cropped to its largest face (as the
+    training data's face references are), an object is used whole. Returns (image, note); when no face is found the
+    whole image is kept and the note says so. One rule for the app and the CLI."""
+    if kind != "face":
+        return image, None
+    try:
+        return face_crop(image, pad=pad), None
+    except UserError as exc:
+        return image, f"{exc}; using the whole image"

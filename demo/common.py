@@ -105,12 +105,11 @@ def collect_references(gallery: Any, names: Sequence[str | None], kinds: Sequenc
         if kind not in KINDS:
             raise UserError(f"reference {i + 1}: kind must be one of {', '.join(KINDS)}")
         if kind == "face":
-            from annotate.crops import face_crop
+            from annotate.crops import subject_reference
 
-            try:
-                img = face_crop(img, pad=0.4)
-            except UserError as exc:
-                notes.append(f"reference {i + 1} ({name}): {exc}; using the whole image")
+            img, note = subject_reference(img, kind)
+            if note:
+                notes.append(f"reference {i + 1} ({name}): {note}")
         images.append(img)
         out_names.append(str(name).strip())
         out_kinds.append(kind)

@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="named adapter of the model (e.g. ippo, attn) or an adapter folder")
     p.add_argument("--no-adapter", action="store_true", help="run the base model without any adapter")
     p.add_argument("--ref", action="append", default=[], metavar="IMAGE", help="reference subject image (repeat, 1-4)")
+    p.add_argument("--kind", action="append", default=[], choices=["object", "face"],
+                   help="kind of each --ref, in order (default object); a face is cropped to its largest face")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--attention-out", default=None, help="also write a PNG figure of the per-subject attention maps")
@@ -54,11 +56,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if len(args.ref) > MAX_REFERENCES:
         raise UserError(f"too many references: {len(args.ref)} (at most {MAX_REFERENCES})")
-    for i, ref in enumerate(args.ref):   # every file is checked before any model loads
+    if args.kind and len(args.kind) != len(args.ref):
+        raise UserError(f"give one --kind per --ref or none: {len(args.kind)} --kind for {len(args.ref)} --ref")
+    refs = []
+    for i, ref in enumerate(args.ref):   # every file is checked (and faces cropped) before any model loads
         try:
-            load_image(ref)
+            img = load_image(ref)
         except UserError as exc:
             raise UserError(f"reference {i + 1}: {exc}") from None
+        if args.kind and args.kind[i] == "face":
+            from annotate.crops import subject_reference
+
+            img, note = subject_reference(img, "face")
+            if note:
+                print(f"note: reference {i + 1} ({Path(ref).name}): {note}")
+        refs.append(img)
 
     import torch
 
@@ -80,10 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     params.setdefault("guidance_scale", 3.5)
     if args.max_sequence_length or args.model in ("toy", "tiny"):
         params["max_sequence_length"] = args.max_sequence_length or 64
-    result = pipe(reference_images=args.ref, generator=torch.Generator().manual_seed(args.seed),
+    result = pipe(reference_images=refs, generator=torch.Generator().manual_seed(args.seed),
                   return_attention=bool(args.attention_out), **params)
     meta = dict(params, model=args.model, adapter=pipe.adapter_name, seed=args.seed,
-                references=[Path(r).name for r in args.ref])
+                references=[Path(r).name for r in args.ref], kinds=args.kind or ["object"] * len(args.ref))
     save_generation(result.images[0], out, meta)
     print(f"wrote {out}")
     if args.attention_out:

@@ -44,6 +44,7 @@ def test_generate_writes_image_metadata_and_attention(refs, tmp_path):
     (["--ref", "{d}/a.png"] * 5, "at most 4"),
     (["--height", "50"], "multiple of 16"),
     (["--model", "nobody/unknown-model"], "unavailable"),
+    (["--ref", "{d}/a.png", "--ref", "{d}/b.png", "--kind", "face"], "one --kind per --ref"),
 ])
 def test_bad_inputs_one_line_no_traceback(refs, tmp_path, extra, message):
     args = [a.replace("{d}", str(refs)) for a in extra]
@@ -59,3 +60,26 @@ def test_bad_inputs_one_line_no_traceback(refs, tmp_path, extra, message):
 def test_help():
     r = run("--help")
     assert r.returncode == 0 and "--ref" in r.stdout and "--attention-out" in r.stdout
+
+
+def test_face_kind_crops_like_the_app(refs, tmp_path):
+    """--kind face goes through the same subject_reference rule as the app: cropped to the face, or the whole image
+    with a note when none is found (here: noise), and the kinds are recorded."""
+    out = tmp_path / "out.png"
+    r = run("--model", "tiny", "--ref", str(refs / "a.png"), "--kind", "face", "--prompt", "a person",
+            "--out", str(out), "--steps", "1", "--height", "32", "--width", "32")
+    assert r.returncode == 0, r.stderr
+    assert "no face found" in r.stdout and "using the whole image" in r.stdout
+    assert read_generation_params(out)["kinds"] == ["face"]
+
+
+def test_subject_reference_crops_a_real_face():
+    from skimage.data import astronaut
+
+    from annotate.crops import subject_reference
+
+    photo = Image.fromarray(astronaut())
+    crop, note = subject_reference(photo, "face")
+    assert note is None and crop.width == crop.height and crop.width < photo.width // 2
+    same, note = subject_reference(photo, "object")
+    assert same is photo and note is None
