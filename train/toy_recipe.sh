@@ -22,6 +22,14 @@ steps() { if [ -n "${1:-}" ]; then echo "--max-steps $1"; fi; }
 
 # 0. The VAE is committed (assets/toy_vae); remake it with: python -m train.vae --config train/configs/toy_vae.yaml
 # 1. Base: full-weight flow matching with references from the start (an ICL-pretrained base, as UNO's FLUX).
+if [ -n "${BASE_HISTORY:-}" ]; then
+  # How the shipped base was actually trained (the cosine horizon was shortened twice as CPU time ran out; resumes
+  # are exact, so this replays it): 20000-step horizon to 4500, 12000 to 7000, then 9500 to the end.
+  python -m train.pretrain --config train/configs/toy_base.yaml --output-dir "$RUNS/toy_base" --resume \
+    --set train.max_steps=20000 --set output.validation_guidance=3.5 --max-steps 4500
+  python -m train.pretrain --config train/configs/toy_base.yaml --output-dir "$RUNS/toy_base" --resume \
+    --set train.max_steps=12000 --max-steps 7000
+fi
 python -m train.pretrain --config train/configs/toy_base.yaml --output-dir "$RUNS/toy_base" --resume \
   $(steps "${BASE_STEPS:-}") "${SMALL[@]}" ${BASE_SET:-}
 # 2. The ablation rows, all from the same base with the same budget.
