@@ -99,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--adapter wants NAME=DIR, got {item!r}")
         adapters[name] = Path(d)
     out = assemble(Path(args.out), Path(args.base) if args.base else None, adapters, args.update, args.notes)
-    print(f"assembled {out} ({folder_bytes(out) / 2**20:.1f} MB; adapters: {', '.join(sorted(adapters)) or 'kept'})")
+    shipped = sorted(p.name for p in (out / "adapters").iterdir() if p.is_dir()) if (out / "adapters").is_dir() else []
+    print(f"assembled {out} ({folder_bytes(out) / 2**20:.1f} MB; adapters: {', '.join(shipped) or 'none (base only)'})")
     return 0
 
 
