@@ -126,6 +126,8 @@ def test_writer_format_determinism_and_masks(tmp_path):
     write_dataset(tmp_path / "c", 4, seed=12, split="test")
     ta, tb, tc = _tree(tmp_path / "a"), _tree(tmp_path / "b"), _tree(tmp_path / "c")
     assert ta == tb, "same seed must give byte-identical datasets"
+    write_dataset(tmp_path / "p", 4, seed=11, split="test", workers=2)
+    assert _tree(tmp_path / "p") == ta, "rendering in several processes must give the same bytes"
     assert ta["metadata.jsonl"] != tc["metadata.jsonl"] and ta["images/00000.png"] != tc["images/00000.png"]
     lines = [json.loads(x) for x in meta.read_text().splitlines()]
     assert len(lines) == 4

@@ -104,7 +104,7 @@ def ensure_toyworld(src: ToyWorldSource, output_dir: str | Path) -> Path:
         raise UserError(f"toyworld folder {folder} exists and was not written by the trainer; choose another folder")
     write_dataset(folder, src.n, seed=src.seed, split=src.split, size=src.size, ref_size=src.ref_size,
                   overwrite=True, extra_files={TOYWORLD_SPEC: spec}, n_subjects=tuple(src.subjects),
-                  similar_prob=src.similar_prob)
+                  similar_prob=src.similar_prob, workers=min(os.cpu_count() or 1, 16))
     return folder
 
 

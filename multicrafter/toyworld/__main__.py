@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--similar-prob", type=float, default=0.3,
                    help="probability that a scene contains a similar pair (same shape+pattern or same colours)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    p.add_argument("--workers", type=int, default=1, help="render in this many processes (same bytes as one)")
     p.add_argument("--contact-sheet", metavar="PNG", help="also write a contact sheet of the first scenes")
     p.add_argument("--sheet-rows", type=int, default=6)
     return p
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     kwargs = {"n_subjects": args.subjects, "similar_prob": args.similar_prob}
     meta = write_dataset(args.out, args.n, seed=args.seed, split=args.split, size=args.size,
-                         ref_size=args.ref_size, overwrite=args.overwrite, **kwargs)
+                         ref_size=args.ref_size, overwrite=args.overwrite, workers=args.workers, **kwargs)
     print(f"wrote {args.n} scenes to {meta.parent} ({args.split} identities, seed {args.seed})")
     if args.contact_sheet:
         rows = [build_sample(args.seed, i, split=args.split, size=args.size, ref_size=args.ref_size, **kwargs)
