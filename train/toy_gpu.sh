@@ -1,63 +1,72 @@
 #!/usr/bin/env bash
-# The toy model's GPU stages inside one fixed time budget (how the shipped toy was trained on a lent GPU, issue 10):
+# The toy model's GPU stages inside one fixed time budget (issue 10; for a lent GPU with a hard time limit):
 #   1b. the base continued from stage 1's CPU base with large batches (toy_base_gpu.yaml); a 40-step probe measures
 #       the step time and the horizon (train.max_steps) is set so the stage ends in time. The probe is the run's own
 #       first 40 steps (inside the warm-up, so their LRs do not depend on the horizon): the resumed run is exactly a
 #       run with that horizon from step 0, and `--set train.max_steps=N` reproduces it.
 #   2.  the three ablation rows (toy_adapter_*.yaml, unchanged budgets) at the same time on the one GPU;
-#   3.  IPPO (toy_ippo.yaml) in whatever time is left, cut off at the budget; its checkpoints resume anywhere.
-# Each stage's results are packed into $PACK as soon as it ends, so a run stopped at its limit keeps what finished.
-#   BUDGET=540 PACK=/tmp/pack bash train/toy_gpu.sh
-#   then unpack the tars into runs/ (README, "The embedded toy model", says how the shipped files were made)
-set -euo pipefail
+#   3.  IPPO (toy_ippo.yaml) in whatever time is left; its checkpoints resume anywhere.
+# Every stage is cut off by `timeout` so the script always ends by BUDGET seconds, and each stage's results are
+# packed into $PACK (one tar per stage or row, written then renamed) as soon as it ends: a cut-off stage still leaves
+# its last checkpoint (every 500 adapter steps, every 10 IPPO steps), which `--resume` continues on any machine.
+#   BUDGET=480 PACK=/tmp/pack bash train/toy_gpu.sh          (then untar the packs into runs/)
+set -uo pipefail
 cd "$(dirname "$0")/.."
-BUDGET=${BUDGET:-540}; PACK=${PACK:-runs/gpu_pack}; RUNS=${RUNS:-runs}
-ADAPTER_RESERVE=${ADAPTER_RESERVE:-240}   # seconds kept for stage 2 (+ packing) when the base horizon is set
+BUDGET=${BUDGET:-480}; PACK=${PACK:-runs/gpu_pack}; RUNS=${RUNS:-runs}
+ADAPTER_RESERVE=${ADAPTER_RESERVE:-240}   # seconds kept for stages 2-3 when the base horizon is set
 PROBE=${PROBE:-40}; MAX_BASE_STEPS=${MAX_BASE_STEPS:-20000}
 START=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 log() { echo "[toy_gpu +$(($(date +%s) - START))s] $*"; }
+# bounded SECONDS_KEPT CMD...: run CMD until only SECONDS_KEPT of the budget are left (rc 124 when cut off)
+bounded() { local t=$(($(left) - $1)); shift; if [ "$t" -lt 5 ]; then return 124; fi; timeout -k 5 "$t" "$@"; }
+# pack NAME TAR-ARGS...: a tar written beside and renamed, so $PACK never holds a half-written file
+pack() { local name=$1; shift; tar -cf "$PACK/$name.part" "$@" && mv "$PACK/$name.part" "$PACK/$name"; }
+latest() { ls -d "$1"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1; }
 mkdir -p "$PACK"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 
-# 1b. the base, probe first
-BASE=(python -m train.pretrain --config train/configs/toy_base_gpu.yaml --output-dir "$RUNS/toy_base_gpu")
-"${BASE[@]}" --max-steps "$PROBE" --set output.progress=false ${BASE_SET:-}
+# 1b. the base: the probe (dataset written + encoded once, then 40 steps), then the fitted horizon
+BASE=(python -m train.pretrain --config train/configs/toy_base_gpu.yaml --output-dir "$RUNS/toy_base_gpu"
+      --set output.progress=false)
+bounded "$ADAPTER_RESERVE" "${BASE[@]}" --max-steps "$PROBE" ${BASE_SET:-} || { log "probe failed or cut off"; exit 1; }
 SPS=$(python -c "import json, statistics; r = [json.loads(x) for x in open('$RUNS/toy_base_gpu/metrics.jsonl')]
 print(statistics.median(x['sec_per_step'] for x in r[1:] or r))")
 STEPS=$(python -c "print(max($PROBE + 10, min($MAX_BASE_STEPS, int(($(left) - $ADAPTER_RESERVE - 30) / ($SPS * 1.04)) // 50 * 50)))")
-log "probe: ${SPS} s/step -> base horizon ${STEPS} steps"
-"${BASE[@]}" --resume --set train.max_steps="$STEPS" --set output.progress=false ${BASE_SET:-}
+log "probe done: ${SPS} s/step -> base horizon ${STEPS} steps"
+bounded $((ADAPTER_RESERVE - 60)) "${BASE[@]}" --resume --set train.max_steps="$STEPS" ${BASE_SET:-} \
+  || { log "base cut off or failed"; exit 1; }
 python -m train.assemble_toy --base "$RUNS/toy_base_gpu/pipeline" --out "$RUNS/toy_gpu"
-tar -cf "$PACK/base.tar" -C "$RUNS" toy_gpu/transformer toy_base_gpu/metrics.jsonl toy_base_gpu/samples
-log "base packed (step ${STEPS})"
+pack base.tar -C "$RUNS" toy_gpu/transformer toy_base_gpu/metrics.jsonl toy_base_gpu/samples
+log "base packed (horizon ${STEPS})"
 
-# 2. the three ablation rows, concurrently (each is small; the GPU has room for all three)
+# 2. the three ablation rows, concurrently (each is small; one GPU has room for all three)
 pids=()
 for row in baseline attn attn_moe; do
-  OMP_NUM_THREADS=4 python -m train.pretrain --config "train/configs/toy_adapter_${row}.yaml" \
+  OMP_NUM_THREADS=4 bounded 45 python -m train.pretrain --config "train/configs/toy_adapter_${row}.yaml" \
     --output-dir "$RUNS/toy_adapter_${row}" --resume --set "model.name=$RUNS/toy_base_gpu/pipeline" \
-    --set output.progress=false ${ADAPTER_SET:-} > "$PACK/adapter_${row}.log" 2>&1 &
+    --set output.progress=false ${ADAPTER_SET:-} > "$RUNS/adapter_${row}.log" 2>&1 &
   pids+=($!)
 done
-for p in "${pids[@]}"; do wait "$p"; done
-tar -cf "$PACK/adapters.tar" -C "$RUNS" toy_adapter_{baseline,attn,attn_moe}/adapter \
-  toy_adapter_{baseline,attn,attn_moe}/metrics.jsonl toy_adapter_{baseline,attn,attn_moe}/samples \
-  -C "$PACK" adapter_baseline.log adapter_attn.log adapter_attn_moe.log
-rm "$PACK"/adapter_*.log
-log "adapters packed"
+for p in "${pids[@]}"; do wait "$p" || log "an adapter run stopped early (rc $?)"; done
+for row in baseline attn attn_moe; do
+  d="$RUNS/toy_adapter_${row}"; what=adapter
+  [ -f "$d/adapter/adapter_config.json" ] || what=$(basename "$(latest "$d")")
+  pack "adapter_${row}.tar" -C "$RUNS" "toy_adapter_${row}/${what}" "toy_adapter_${row}/metrics.jsonl" \
+    "adapter_${row}.log" && log "packed ${row} (${what})"
+done
+for row in baseline attn attn_moe; do [ -f "$RUNS/toy_adapter_${row}/adapter/adapter_config.json" ] || exit 1; done
 
-# 3. IPPO on attn_moe with the time that is left (checkpoints every save_every steps; --resume continues them)
+# 3. IPPO on attn_moe with the time that is left
 python -m train.assemble_toy --out "$RUNS/toy_gpu" --update --adapter baseline="$RUNS/toy_adapter_baseline/adapter" \
   --adapter attn="$RUNS/toy_adapter_attn/adapter" --adapter attn_moe="$RUNS/toy_adapter_attn_moe/adapter"
-T=$(($(left) - 15))
-if [ "$T" -gt 30 ]; then
-  MULTICRAFTER_TOY_DIR="$RUNS/toy_gpu" timeout "$T" python -m train.ippo --config train/configs/toy_ippo.yaml \
-    --output-dir "$RUNS/toy_ippo" --resume ${IPPO_SET:-} > "$PACK/ippo.log" 2>&1 || log "ippo stopped (rc $?)"
-  tar -cf "$PACK/ippo.tar" -C "$RUNS" --exclude='checkpoint-*' toy_ippo -C "$PACK" ippo.log && rm "$PACK/ippo.log"
-  last=$(ls -d "$RUNS"/toy_ippo/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
-  if [ -n "$last" ]; then tar -cf "$PACK/ippo_checkpoint.tar" -C "$RUNS" "toy_ippo/$(basename "$last")"; fi
+if [ "$(left)" -gt 60 ]; then
+  MULTICRAFTER_TOY_DIR="$RUNS/toy_gpu" bounded 15 python -m train.ippo --config train/configs/toy_ippo.yaml \
+    --output-dir "$RUNS/toy_ippo" --resume ${IPPO_SET:-} > "$RUNS/ippo.log" 2>&1 || log "ippo stopped (rc $?)"
+  pack ippo.tar -C "$RUNS" --exclude='checkpoint-*' toy_ippo ippo.log
+  last=$(latest "$RUNS/toy_ippo")
+  if [ -n "$last" ]; then pack ippo_checkpoint.tar -C "$RUNS" "toy_ippo/$(basename "$last")"; fi
   log "ippo packed"
 fi
 log "done"
