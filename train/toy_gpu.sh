@@ -30,10 +30,11 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is
 # 1b. the base: the probe (dataset written + encoded once, then 40 steps), then the fitted horizon
 BASE=(python -m train.pretrain --config train/configs/toy_base_gpu.yaml --output-dir "$RUNS/toy_base_gpu"
       --set output.progress=false)
-bounded "$ADAPTER_RESERVE" "${BASE[@]}" --max-steps "$PROBE" ${BASE_SET:-} || { log "probe failed or cut off"; exit 1; }
+bounded "$ADAPTER_RESERVE" "${BASE[@]}" --max-steps "$PROBE" --set output.log_every=1 ${BASE_SET:-} \
+  || { log "probe failed or cut off"; exit 1; }
 SPS=$(python -c "import json, statistics; r = [json.loads(x) for x in open('$RUNS/toy_base_gpu/metrics.jsonl')]
-print(statistics.median(x['sec_per_step'] for x in r[1:] or r))")
-STEPS=$(python -c "print(max($PROBE + 10, min($MAX_BASE_STEPS, int(($(left) - $ADAPTER_RESERVE - 30) / ($SPS * 1.04)) // 50 * 50)))")
+print(statistics.median(x['sec_per_step'] for x in r[len(r) // 4:]))") || exit 1
+STEPS=$(python -c "print(min($MAX_BASE_STEPS, max($PROBE + 10, int(($(left) - $ADAPTER_RESERVE - 30) / ($SPS * 1.04)) // 50 * 50)))")
 log "probe done: ${SPS} s/step -> base horizon ${STEPS} steps"
 bounded $((ADAPTER_RESERVE - 60)) "${BASE[@]}" --resume --set train.max_steps="$STEPS" ${BASE_SET:-} \
   || { log "base cut off or failed"; exit 1; }
