@@ -5,6 +5,8 @@
 #   SMOKE=1 bash train/toy_recipe.sh               # a few steps of every stage into runs/toy_smoke (checks the chain)
 #   BASE_SET="--set data.batch_size=128 --set train.max_steps=4000" bash train/toy_recipe.sh   # extra overrides per
 #   stage (BASE_SET, ADAPTER_SET, IPPO_SET), e.g. a larger batch and fewer steps on a GPU
+#   ADAPTER_STEPS=1000 IPPO_SET="--set train.max_steps=20" bash train/toy_recipe.sh   # what assets/toy ships (session 3)
+#   BASE_GPU=1 ...                                 # adds stage 1b (toy_base_gpu.yaml) on a GPU; see train/toy_gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${SMOKE:-}" ]; then
@@ -32,12 +34,21 @@ if [ -n "${BASE_HISTORY:-}" ]; then
 fi
 python -m train.pretrain --config train/configs/toy_base.yaml --output-dir "$RUNS/toy_base" --resume \
   $(steps "${BASE_STEPS:-}") "${SMALL[@]}" ${BASE_SET:-}
-# 2. The ablation rows, all from the same base with the same budget.
+START_BASE="$RUNS/toy_base/pipeline"
+if [ -n "${BASE_GPU:-}" ]; then
+  # 1b. (on a GPU) the base continued at batch 256 (toy_base_gpu.yaml; train/toy_gpu.sh runs 1b-3 inside a time
+  # budget and fits this stage's horizon to it: pass the horizon it printed, BASE_GPU_SET="--set train.max_steps=N")
+  python -m train.pretrain --config train/configs/toy_base_gpu.yaml --output-dir "$RUNS/toy_base_gpu" --resume \
+    "${SMALL[@]}" ${BASE_GPU_SET:-}
+  START_BASE="$RUNS/toy_base_gpu/pipeline"
+fi
+# 2. The ablation rows, all from the same base with the same budget (ADAPTER_STEPS=1000 stops each at step 1000 of
+#    its 2000-step schedule: the rows shipped in session 3; resuming without it finishes the schedule).
 for row in baseline attn attn_moe; do
   python -m train.pretrain --config "train/configs/toy_adapter_${row}.yaml" --output-dir "$RUNS/toy_adapter_${row}" \
-    --resume $(steps "${ADAPTER_STEPS:-}") --set "model.name=$RUNS/toy_base/pipeline" "${SMALL[@]}" ${ADAPTER_SET:-}
+    --resume $(steps "${ADAPTER_STEPS:-}") --set "model.name=$START_BASE" "${SMALL[@]}" ${ADAPTER_SET:-}
 done
-python -m train.assemble_toy --base "$RUNS/toy_base/pipeline" --out "$OUT" \
+python -m train.assemble_toy --base "$START_BASE" --out "$OUT" \
   --adapter baseline="$RUNS/toy_adapter_baseline/adapter" --adapter attn="$RUNS/toy_adapter_attn/adapter" \
   --adapter attn_moe="$RUNS/toy_adapter_attn_moe/adapter"
 # 3. IPPO on attn_moe (the default adapter once shipped).
