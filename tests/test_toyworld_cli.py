@@ -39,6 +39,7 @@ def test_ground_truth_row_json_and_table(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--model", "ground-truth", "--n", "0"], "--n must be"),
     (["--model", "ground-truth", "--n", "2", "--size", "100"], "multiple of 16"),
+    (["--model", "toy", "--n", "2", "--adapter", "attn", "--no-adapter"], "not both"),
 ])
 def test_bad_input_one_line(args, message):
     proc = _run(*args)
@@ -76,3 +77,20 @@ def test_seeds_of_a_scene_run_as_one_batch_with_the_same_images():
     a, b = np.asarray(both[1], dtype=float), np.asarray(alone[0], dtype=float)
     assert np.abs(a - b).max() <= 2  # the same image up to batched-matmul rounding
     assert np.abs(np.asarray(both[0], dtype=float) - a).max() > 10  # and the seeds differ
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--adapter", "attn"], "attn"), (["--no-adapter"], False)])
+def test_no_adapter_reaches_the_loader_as_false(monkeypatch, flags, expected):
+    """`toy` loads its shipped default (ippo) for adapter=None; the base row needs False, i.e. --no-adapter."""
+    import multicrafter.eval.toy as toy_eval
+
+    seen = []
+
+    def fake_runner(model, adapter, steps, guidance):
+        seen.append(adapter)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(toy_eval, "_model_runner", fake_runner)
+    with pytest.raises(UserError, match="stop here"):
+        eval_toy_main(["--model", "toy", "--n", "1", *flags])
+    assert seen == [expected] and (seen[0] is False) == (expected is False)

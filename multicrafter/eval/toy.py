@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "quality, overall). --model ground-truth scores the renders themselves.")
     p.add_argument("--model", required=True, help="toy | ground-truth | tiny | a model folder or hub id")
     p.add_argument("--adapter", default=None, help="adapter name (e.g. baseline, attn, attn_moe, ippo) or folder")
+    p.add_argument("--no-adapter", action="store_true",
+                   help="the base alone (without it, `toy` loads its shipped default adapter, ippo)")
     p.add_argument("--n", type=int, default=64, help="held-out scenes (prompts), each generated once per seed")
     p.add_argument("--seed", type=int, default=0, help="generator seed (ignored with --seeds)")
     p.add_argument("--seeds", type=_seeds, default=None, help="several generator seeds, e.g. 0,1,2")
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_runner(model: str, adapter: str | None, steps: int,
+def _model_runner(model: str, adapter: str | bool | None, steps: int,
                   guidance: float | None) -> tuple[Callable[[Any, list[int]], list[Image.Image]], dict]:
     """Load the pipeline once; returns (generate(sample, generator_seeds) -> one image per seed, sampling used)."""
     try:
@@ -161,10 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     seeds = args.seeds if args.seeds is not None else [args.seed]
     ground_truth = args.model in ("ground-truth", "gt")
-    if ground_truth and args.adapter:
-        raise UserError("--adapter makes no sense with --model ground-truth")
+    if ground_truth and (args.adapter or args.no_adapter):
+        raise UserError("--adapter/--no-adapter make no sense with --model ground-truth")
+    if args.adapter and args.no_adapter:
+        raise UserError("give --adapter NAME or --no-adapter, not both")
+    adapter = False if args.no_adapter else args.adapter  # False: not even toy's shipped default
     generate, used = (None, {"steps": None, "guidance": None}) if ground_truth else \
-        _model_runner(args.model, args.adapter, args.steps, args.guidance)
+        _model_runner(args.model, adapter, args.steps, args.guidance)
     save_dir = Path(args.save_images) if args.save_images else None
     from tqdm.auto import tqdm
 
@@ -172,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_seed = evaluate_scenes(args.n, seeds, generate, args.scene_seed, args.size, args.ref_size,
                                    args.similar_prob, save_dir, bar)
     res = summarise(per_seed, args.n)
-    res.update({"model": args.model, "adapter": args.adapter, "split": "test", "scene_seed": args.scene_seed,
+    res.update({"model": args.model, "adapter": "none" if args.no_adapter else args.adapter, "split": "test", "scene_seed": args.scene_seed,
                 "size": args.size, **used})
     if any(isinstance(v, float) and not math.isfinite(v) for v in res.values()):
         raise UserError("evaluation produced a non-finite score")
