@@ -1,6 +1,8 @@
 """`python -m multicrafter.eval figures`: the contact sheet is built from eval's saved images, the attention figure
 runs the real pipeline with two adapters, and missing inputs are one-line errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -52,9 +54,17 @@ def test_attention_figure_on_tiny_with_two_adapters(tmp_path, capsys):
                     p.fill_(fill)
         folders.append(str(save_adapter(t, tmp_path / name)))
         remove_adapter(t)
-    out = tmp_path / "attn.png"
+    out, stats = tmp_path / "attn.png", tmp_path / "stats.json"
     assert main(["--model", "tiny", "--attention", str(out), "--attention-adapters", ",".join(folders),
-                 "--size", "64", "--ref-size", "32", "--steps", "1", "--similar-prob", "1.0"]) == 0
+                 "--size", "64", "--ref-size", "32", "--steps", "1", "--similar-prob", "1.0",
+                 "--attention-stats", "2", "--json", str(stats)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("attention inside own region") == 2
     assert Image.open(out).size[0] > 400
+    got = json.loads(stats.read_text())
+    assert list(got) == folders
+    for v in got.values():
+        assert v["scenes"] == 2 and v["maps"] >= 4
+        assert 0.0 < v["own"] < 1.0 and 0.0 < v["other"] < 1.0 and v["own"] + v["other"] <= 1.0 + 1e-6
+    assert got[folders[0]] != got[folders[1]]  # the two adapters attend differently
+

@@ -5,6 +5,8 @@
 - `--attention PNG`: one held-out scene with a similar pair, generated with each of `--attention-adapters` (default
   baseline and attn: without and with the Dice loss); each subject's ref2img map over the image, titled with the
   share of that map inside the subject's own region of the ground-truth layout.
+- `--attention-stats N`: the same shares averaged over N held-out multi-subject scenes per adapter (a number for
+  how well the Dice loss pins each reference's attention to its subject, beside the picture).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator seed whose images the sheet shows")
     p.add_argument("--attention", default=None, metavar="PNG", help="write the attention comparison here")
     p.add_argument("--attention-adapters", type=_names, default=["baseline", "attn"])
+    p.add_argument("--attention-stats", type=int, default=0, metavar="N",
+                   help="also measure, over the first N held-out scenes with several subjects, the mean share of "
+                        "each subject's map inside its own region and inside the other subjects' regions")
+    p.add_argument("--json", default=None, help="write the --attention-stats numbers here")
     p.add_argument("--model", default="toy", help="model for --attention (default toy)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--scene-seed", type=int, default=0, help="held-out scene set (as in eval toy)")
@@ -152,12 +158,49 @@ def attention_comparison(args: argparse.Namespace) -> tuple[Image.Image, dict[st
     return Image.fromarray(np.asarray(canvas.buffer_rgba())[:, :, :3].copy()), shares
 
 
+def attention_stats(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Per adapter: mean share of each subject's ref2img map inside its own ground-truth region ("own") and inside
+    the other subjects' regions ("other", where leakage starts), over the first N multi-subject held-out scenes."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .. import MultiCrafterPipeline
+
+    samples, i = [], 0
+    while len(samples) < args.attention_stats and i < 50 * args.attention_stats + 100:
+        x = _scene(args, i)
+        i += 1
+        if len(x.references) >= 2:
+            samples.append(x)
+    pipe = MultiCrafterPipeline.from_pretrained(args.model, adapter=False)
+    stats = {}
+    with tqdm(total=len(samples) * len(args.attention_adapters), desc="attention stats", unit="img") as bar:
+        for name in args.attention_adapters:
+            pipe.load_adapter(name)
+            own, other = [], []
+            for j, sample in enumerate(samples):
+                out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
+                           height=args.size, width=args.size, num_inference_steps=args.steps, return_attention=True,
+                           generator=torch.Generator().manual_seed(args.seed + j))
+                maps = out.attention_maps.float().numpy()
+                for k in range(len(sample.references)):
+                    rest = np.any([m for q, m in enumerate(sample.masks) if q != k], axis=0)
+                    own.append(attention_share(maps[k], sample.masks[k]))
+                    other.append(attention_share(maps[k], rest))
+                bar.update(1)
+            stats[name] = {"own": float(np.mean(own)), "other": float(np.mean(other)), "maps": len(own),
+                           "scenes": len(samples)}
+    return stats
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..io import save_image_atomic
 
     args = build_parser().parse_args(argv)
-    if not args.sheet and not args.attention:
-        raise UserError("nothing to do: give --sheet PNG and/or --attention PNG")
+    if not args.sheet and not args.attention and not args.attention_stats:
+        raise UserError("nothing to do: give --sheet PNG, --attention PNG and/or --attention-stats N")
+    if args.attention_stats < 0:
+        raise UserError(f"--attention-stats must be >= 0, got {args.attention_stats}")
     if args.sheet:
         if not args.images:
             raise UserError("--sheet needs --images DIR (the folders eval toy --save-images wrote)")
@@ -171,6 +214,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, values in shares.items():
             print(f"{name}: attention inside own region " + ", ".join(f"{100 * v:.0f}%" for v in values))
         print(f"wrote {args.attention}")
+    if args.attention_stats:
+        import json
+
+        from ..io import atomic_write_text
+
+        stats = attention_stats(args)
+        print(f"ref2img attention over {args.attention_stats} held-out multi-subject scenes "
+              "(share of each subject's map inside its own region / inside the other subjects' regions):")
+        print("| adapter | own region | other subjects' regions |\n|---|---|---|")
+        for name, v in stats.items():
+            print(f"| {name} | {100 * v['own']:.1f}% | {100 * v['other']:.1f}% |")
+        if args.json:
+            atomic_write_text(args.json, json.dumps(stats, indent=2) + "\n")
     return 0
 
 
