@@ -20,9 +20,9 @@ def test_table_rows_from_eval_json(gt_json, tmp_path, capsys):
     res = json.loads(gt_json.read_text())
     worse = dict(res, adapter="worse", id_sim=res["id_sim"] - 0.1, std=dict(res["std"], id_sim=0.02))
     (tmp_path / "worse.json").write_text(json.dumps(worse))
-    assert main([str(gt_json), str(tmp_path / "worse.json"), "--against", "gt"]) == 0
+    assert main([str(gt_json), str(tmp_path / "worse.json"), "--against", "no adapter"]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| gt ") or line.startswith("| worse ")]
+    rows = [line for line in out.splitlines() if line.startswith(("| no adapter ", "| worse "))]
     assert len(rows) == 3  # two table rows + one difference row
     assert f"{res['id_sim']:.3f} ± {res['std']['id_sim']:.3f}" in rows[0] and "3 x 2" in rows[0]
     assert rows[2].split("|")[2].strip() == "-5.0"  # -0.1 / max(0.02, gt's std)

@@ -173,6 +173,7 @@ def attention_stats(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         if len(x.references) >= 2:
             samples.append(x)
     pipe = MultiCrafterPipeline.from_pretrained(args.model, adapter=False)
+    pipe.set_progress_bar_config(disable=True)  # one bar over all images below, not one per image
     stats = {}
     with tqdm(total=len(samples) * len(args.attention_adapters), desc="attention stats", unit="img") as bar:
         for name in args.attention_adapters:

@@ -36,7 +36,8 @@ def load_result(path: str | Path) -> dict:
     missing = [k for k in (*HEADLINE, "std", "seeds", "n_scenes") if k not in res]
     if missing:
         raise UserError(f"{p} is not an `eval toy --json` result (missing {', '.join(missing)})")
-    res.setdefault("name", res.get("adapter") or p.stem)
+    adapter = res.get("adapter")
+    res.setdefault("name", "no adapter" if adapter in (None, "none") else str(adapter))
     return res
 
 
