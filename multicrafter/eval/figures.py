@@ -111,9 +111,18 @@ def attention_share(amap: np.ndarray, mask: np.ndarray) -> float:
     return float((amap * grid).sum() / total) if total > 0 else 0.0
 
 
+def _generate_with_maps(pipe, args: argparse.Namespace, sample: Any, seed: int) -> tuple[Image.Image, np.ndarray]:
+    """One held-out scene generated with its references; the image and the (refs, h, w) ref2img maps."""
+    import torch
+
+    out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
+               height=args.size, width=args.size, num_inference_steps=args.steps, return_attention=True,
+               generator=torch.Generator().manual_seed(seed))
+    return out.images[0], out.attention_maps.float().numpy()
+
+
 def attention_comparison(args: argparse.Namespace) -> tuple[Image.Image, dict[str, list[float]]]:
     """The first held-out scene with a similar pair, under each adapter: image + each subject's attention map."""
-    import torch
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -128,12 +137,9 @@ def attention_comparison(args: argparse.Namespace) -> tuple[Image.Image, dict[st
     rows, shares = [], {}
     for name in args.attention_adapters:
         pipe.load_adapter(name)
-        out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
-                   height=args.size, width=args.size, num_inference_steps=args.steps, return_attention=True,
-                   generator=torch.Generator().manual_seed(args.seed))
-        maps = out.attention_maps.float().numpy()
+        image, maps = _generate_with_maps(pipe, args, sample, args.seed)
         shares[name] = [attention_share(maps[k], sample.masks[k]) for k in range(len(sample.references))]
-        rows.append((name, out.images[0], maps))
+        rows.append((name, image, maps))
     n = len(sample.references)
     fig = Figure(figsize=(2.4 * (n + 2), 2.6 * len(rows) + 0.6), dpi=100)
     FigureCanvasAgg(fig)
@@ -161,7 +167,6 @@ def attention_comparison(args: argparse.Namespace) -> tuple[Image.Image, dict[st
 def attention_stats(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Per adapter: mean share of each subject's ref2img map inside its own ground-truth region ("own") and inside
     the other subjects' regions ("other", where leakage starts), over the first N multi-subject held-out scenes."""
-    import torch
     from tqdm.auto import tqdm
 
     from .. import MultiCrafterPipeline
@@ -180,10 +185,7 @@ def attention_stats(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             pipe.load_adapter(name)
             own, other = [], []
             for j, sample in enumerate(samples):
-                out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
-                           height=args.size, width=args.size, num_inference_steps=args.steps, return_attention=True,
-                           generator=torch.Generator().manual_seed(args.seed + j))
-                maps = out.attention_maps.float().numpy()
+                _, maps = _generate_with_maps(pipe, args, sample, args.seed + j)
                 for k in range(len(sample.references)):
                     rest = np.any([m for q, m in enumerate(sample.masks) if q != k], axis=0)
                     own.append(attention_share(maps[k], sample.masks[k]))
