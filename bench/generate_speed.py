@@ -4,7 +4,7 @@ Uses the toy architecture (5.9 M-parameter transformer: hidden 192, 3 double + 3
 VAE; the tiny text encoders) with random transformer weights (speed does not depend on training), 128x128 output,
 two 64x64 references. Rows: stock FluxPipeline (no references), ours without references, ours with 2 references,
 ours with 2 references + attention capture. Medians over interleaved repeats; ratios against stock.
-    python bench/generate_speed.py [--repeats 5] [--steps 20] [--threads 2]
+    python bench/generate_speed.py [--repeats 5] [--steps 20] [--threads 2] [--toy]
 """
 
 from __future__ import annotations
@@ -45,14 +45,36 @@ def toy_sized_pipeline():
     return ours, stock
 
 
+def shipped_toy_pipelines():
+    """The shipped toy model (trained weights), stock FluxPipeline over the same modules, and the toy with its
+    `attn_moe` adapter (LoRA on attention + MoE-LoRA on the single blocks) loaded as a second pipeline."""
+    from diffusers import FluxPipeline
+
+    from multicrafter import MultiCrafterPipeline
+
+    ours = MultiCrafterPipeline.from_pretrained("toy", adapter=False)
+    stock = FluxPipeline(**{k: v for k, v in ours.components.items() if k in FluxPipeline._get_signature_keys(
+        FluxPipeline)[0]})
+    adapted = MultiCrafterPipeline.from_pretrained("toy", adapter="attn_moe")
+    for p in (ours, stock, adapted):
+        p.set_progress_bar_config(disable=True)
+    return ours, stock, adapted
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--toy", action="store_true",
+                    help="the shipped toy model (assets/toy) instead of random weights, plus a row with its attn_moe adapter")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ours, stock = toy_sized_pipeline()
+    adapted = None
+    if args.toy:
+        ours, stock, adapted = shipped_toy_pipelines()
+    else:
+        ours, stock = toy_sized_pipeline()
     rng = np.random.default_rng(0)
     refs = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
     kw = dict(prompt="a red striped circle on the left and a blue dotted square on the right, on a plain grey "
@@ -64,9 +86,12 @@ def main() -> None:
     runs = {"stock FluxPipeline": gen(stock), "ours, no references": gen(ours),
             "ours, 2 references": gen(ours, reference_images=refs),
             "ours, 2 references + attention": gen(ours, reference_images=refs, return_attention=True)}
+    if adapted is not None:
+        runs["ours, 2 references, attn_moe adapter"] = gen(adapted, reference_images=refs)
     med = interleaved_medians(runs, args.repeats)
     base = med["stock FluxPipeline"]
-    print(f"toy-sized model, 128x128, {args.steps} steps, {args.threads} threads; medians of {args.repeats}")
+    model = "shipped toy model" if args.toy else "toy-sized model (random weights)"
+    print(f"{model}, 128x128, {args.steps} steps, {args.threads} threads; medians of {args.repeats}")
     print("| run | seconds | x stock |\n|---|---|---|")
     for name, t in med.items():
         print(f"| {name} | {t:.3f} | {t / base:.2f} |")
