@@ -145,7 +145,7 @@ def build(holder: ModelHolder, output_dir: Path, examples: list[Example], gpu: A
             copy = gr.Button("Copy inputs from the Generate tab", size="sm")
             gallery, names, kinds = reference_inputs("attn")
             prompt = gr.Textbox(label="Prompt", lines=2, elem_id="attn-prompt")
-            seed, steps, guidance, height, width, adapter, folder = sampling_controls(holder, MAX_STEPS)
+            seed, steps, guidance, height, width, adapter, folder = sampling_controls(holder, MAX_STEPS, prefix="attn")
             masks = gr.File(label="Optional subject masks (one per subject, in order) for exact bleeding regions",
                             file_count="multiple", file_types=["image"], type="filepath")
             compare = gr.Checkbox(value=True, label="Also run the same seed with the adapter off")

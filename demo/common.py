@@ -172,7 +172,7 @@ def list_datasets(data_dir: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if (p / "metadata.jsonl").is_file()) if d.is_dir() else []
 
 
-def sampling_controls(holder: Any, max_steps: int, adapter_info: str | None = None) -> tuple:
+def sampling_controls(holder: Any, max_steps: int, adapter_info: str | None = None, prefix: str | None = None) -> tuple:
     """Seed, steps, guidance, size and adapter controls shared by the Generate and Attention tabs.
 
     Returns (seed, steps, guidance, height, width, adapter, folder)."""
@@ -188,7 +188,7 @@ def sampling_controls(holder: Any, max_steps: int, adapter_info: str | None = No
         width = gr.Slider(64, 1536, value=d["size"], step=16, label="Width")
     with gr.Row():
         adapter = gr.Dropdown(holder.adapter_choices(), value=holder.default_adapter(), label="Adapter",
-                              info=adapter_info)
+                              info=adapter_info, elem_id=f"{prefix}-adapter" if prefix else None)
         folder = gr.Textbox(label="Adapter folder", visible=holder.default_adapter() == FOLDER_ADAPTER,
                             value=holder.initial_adapter or "", max_lines=1)
     return seed, steps, guidance, height, width, adapter, folder

@@ -28,7 +28,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def take(model: str, out: Path, width: int = 1400, height: int = 1000) -> list[Path]:
+def take(model: str, out: Path, width: int = 1400, height: int = 1000,
+         attention_adapter: str | None = None) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
     from demo import AppConfig, build_app, launch_kwargs
@@ -66,6 +67,9 @@ def take(model: str, out: Path, width: int = 1400, height: int = 1000) -> list[P
                 page.get_by_role("button", name="Copy inputs from the Generate tab").click()
                 page.wait_for_function("document.querySelector('#attn-prompt textarea').value.length > 0",
                                        timeout=20_000)
+                if attention_adapter:  # e.g. the Dice-loss adapter, so the shot shows localised maps beside "off"
+                    page.locator("#attn-adapter input").click()
+                    page.get_by_role("option", name=attention_adapter, exact=True).click()
                 page.locator("#attn-run").click()
                 page.wait_for_selector("#attn-on img", timeout=180_000)
                 page.wait_for_timeout(500)
@@ -85,10 +89,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="toy", help="toy (default; falls back to tiny when not installed) or a folder")
     p.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
+    p.add_argument("--attention-adapter", default="attn",
+                   help="adapter picked in the Attention tab (default attn: the Dice-loss row; '' keeps the default)")
     args = p.parse_args()
     if not Path(CHROMIUM).exists():
         sys.exit(f"error: chromium not found at {CHROMIUM} (apt-get install -y chromium, or set MULTICRAFTER_CHROMIUM)")
-    for path in take(args.model, Path(args.out)):
+    for path in take(args.model, Path(args.out), attention_adapter=args.attention_adapter or None):
         print(f"wrote {path}")
 
 
