@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Markdown ablation table from `python -m multicrafter.eval toy --json` files.")
     p.add_argument("results", nargs="+", metavar="JSON", help="eval toy --json files, one row each, in this order")
     p.add_argument("--against", default=None, metavar="NAME",
-                   help="row (adapter name, or file stem) to compare every other row with, in seed-std units")
+                   help="row to compare every other row with, in seed-std units (its adapter name, or 'no adapter')")
     return p
 
 
@@ -45,7 +46,7 @@ def spread_units(row: dict, ref: dict, metric: str) -> float:
     """Difference row - ref in units of the larger seed std of the two (inf when both stds are 0)."""
     d = row[metric] - ref[metric]
     s = max(row["std"][metric], ref["std"][metric])
-    return d / s if s > 0 else (0.0 if d == 0 else float("inf") * (1 if d > 0 else -1))
+    return d / s if s > 0 else (0.0 if d == 0 else math.copysign(math.inf, d))
 
 
 def table(results: list[dict], against: str | None = None) -> str:
