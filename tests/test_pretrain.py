@@ -246,13 +246,13 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("name", ["tiny_pretrain", "toy_base", "toy_adapter_baseline", "toy_adapter_attn",
-                                  "toy_adapter_attn_moe", "flux_dev_adapter"])
+@pytest.mark.parametrize("name", ["tiny_pretrain", "toy_base", "toy_base_text", "toy_base_gpu", "toy_adapter_baseline",
+                                  "toy_adapter_attn", "toy_adapter_attn_moe", "flux_dev_adapter"])
 def test_shipped_configs_parse(name):
     from train.common import load_config
 
     cfg = load_config(REPO / "train" / "configs" / f"{name}.yaml", PretrainConfig)
-    assert cfg.train.mode == ("base" if name == "toy_base" else "adapter")
+    assert cfg.train.mode == ("base" if name.startswith("toy_base") else "adapter")
     if name == "flux_dev_adapter":  # the paper's settings
         assert (cfg.data.resolution, cfg.data.ref_long_side_multi, cfg.adapter.lora_rank) == (512, 320, 512)
         assert (cfg.adapter.moe.num_experts, cfg.adapter.moe.top_k, cfg.adapter.type) == (4, 1, "moe_lora")

@@ -40,6 +40,7 @@ def test_toy_gpu_script_ends_in_budget_and_packs_every_stage(tmp_path):
                      "ippo_checkpoint.tar"], names
     with tarfile.open(pack / "base.tar") as t:
         assert "toy_gpu/transformer/diffusion_pytorch_model.safetensors" in t.getnames()
+        assert "toy_gpu/text_encoder_2/model.safetensors" in t.getnames()   # the base trains its text side too
     for row in ("baseline", "attn", "attn_moe"):
         with tarfile.open(pack / f"adapter_{row}.tar") as t:
             assert f"toy_adapter_{row}/adapter/adapter_config.json" in t.getnames()

@@ -501,6 +501,7 @@ class OptimConfig:
     schedule: str = "constant"        # constant | cosine | linear (decay after warm-up to min_lr_ratio * lr)
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0        # <= 0: no clipping (the norm is still logged)
+    text_encoder_lr: float | None = None   # with train.train_text_encoders: their lr (None: lr), same schedule
 
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine", "linear"):
@@ -521,9 +522,14 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, total_steps: int):
-    """(AdamW, LambdaLR) over the trainable params."""
-    params = [p for p in params if p.requires_grad]
+def build_optimizer(params: list[torch.nn.Parameter] | list[dict], cfg: OptimConfig, total_steps: int):
+    """(AdamW, LambdaLR) over the trainable params, or over torch param groups (dicts with their own "lr"); the
+    schedule multiplies every group's lr by the same factor."""
+    if params and isinstance(params[0], dict):
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        params = [g for g in params if g["params"]]
+    else:
+        params = [p for p in params if p.requires_grad]
     if not params:
         raise UserError("nothing to train: no parameter requires a gradient")
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)

@@ -169,8 +169,11 @@ class Item:
 class TrainingSet:
     """Samples -> encoded tensors (cached or on the fly), grouped into layout-compatible batches."""
 
-    def __init__(self, samples: list, cfg: DataConfig, ref_options: ReferenceOptions, vae_scale_factor: int):
+    def __init__(self, samples: list, cfg: DataConfig, ref_options: ReferenceOptions, vae_scale_factor: int,
+                 text_trainable: bool = False):
         self.cfg = cfg
+        # trained text encoders: captions are encoded in the training step, never here (nor cached)
+        self.text_trainable = text_trainable
         self.vae_scale_factor = vae_scale_factor
         self.ref_options = ReferenceOptions(
             max_references=cfg.max_references,
@@ -227,8 +230,11 @@ class TrainingSet:
         if i in self._cache:
             return self._cache[i]
         it = self.items[i]
-        embeds, pooled, _ = pipe.encode_prompt(prompt=[it.caption], prompt_2=None, device=device,
-                                               max_sequence_length=self.cfg.max_sequence_length)
+        embeds = pooled = None
+        if not self.text_trainable:
+            embeds, pooled, _ = pipe.encode_prompt(prompt=[it.caption], prompt_2=None, device=device,
+                                                   max_sequence_length=self.cfg.max_sequence_length)
+            embeds, pooled = embeds.to(dtype), pooled.to(dtype)
         img = cover_crop(Image.open(it.image).convert("RGB"), it.size)
         vae = pipe.vae
         z = encode_image(vae, img, device)
@@ -237,7 +243,7 @@ class TrainingSet:
         if it.refs:
             pil = prepare_reference_images(it.refs, self.ref_options)
             refs = encode_references(vae, pil, grid, 1, device, dtype)
-        out = {"prompt_embeds": embeds.to(dtype), "pooled": pooled.to(dtype), "latents": pack_latents(z.to(dtype)),
+        out = {"prompt_embeds": embeds, "pooled": pooled, "latents": pack_latents(z.to(dtype)),
                "refs": refs, "masks": self.mask_grid(i).to(device), "grid": grid}
         if self.cfg.cache:
             self._cache[i] = out
@@ -245,8 +251,8 @@ class TrainingSet:
 
     @torch.no_grad()
     def empty_text(self, pipe, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings of the empty caption (caption dropout), computed once."""
-        if self._empty_text is None:
+        """Embeddings of the empty caption (caption dropout), computed once (None with trained text encoders)."""
+        if self._empty_text is None and not self.text_trainable:
             e, p, _ = pipe.encode_prompt(prompt=[""], prompt_2=None, device=device,
                                          max_sequence_length=self.cfg.max_sequence_length)
             self._empty_text = (e.to(dtype), p.to(dtype))
@@ -285,14 +291,16 @@ class TrainingSet:
         settings = {"max_sequence_length": self.cfg.max_sequence_length, "refs": asdict(self.ref_options),
                     "dtype": str(dtype), "vae_scale_factor": self.vae_scale_factor,
                     "vae": {k: v for k, v in dict(pipe.vae.config).items() if not k.startswith("_")},
-                    "tokenizers": [len(t) for t in (pipe.tokenizer, pipe.tokenizer_2) if t is not None]}
+                    "tokenizers": [len(t) for t in (pipe.tokenizer, pipe.tokenizer_2) if t is not None],
+                    "text": "trainable" if self.text_trainable else "frozen"}
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
         for it in self.items:
             h.update(f"{it.caption}|{it.size}|{it.ref_sizes}".encode())
             for f in (it.image, *it.refs, *it.masks):
                 st = os.stat(f)
                 h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
-        for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        encoders = (pipe.vae,) if self.text_trainable else (pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+        for module in encoders:
             if module is None:
                 continue
             for name, t in module.state_dict().items():
@@ -308,9 +316,11 @@ class TrainingSet:
         """
         encs = [self.encode(i, pipe, device, dtype) for i in indices]
         drop = torch.rand(len(indices), generator=generator) < self.cfg.caption_dropout
-        empty = self.empty_text(pipe, device, dtype)
-        embeds = torch.cat([empty[0] if d else e["prompt_embeds"] for e, d in zip(encs, drop)])
-        pooled = torch.cat([empty[1] if d else e["pooled"] for e, d in zip(encs, drop)])
+        embeds = pooled = None  # trained text encoders: the trainer encodes `captions` with `caption_dropped`
+        if not self.text_trainable:
+            empty = self.empty_text(pipe, device, dtype)
+            embeds = torch.cat([empty[0] if d else e["prompt_embeds"] for e, d in zip(encs, drop)])
+            pooled = torch.cat([empty[1] if d else e["pooled"] for e, d in zip(encs, drop)])
         refs = None
         if encs[0]["refs"] is not None:
             r0: PackedReferences = encs[0]["refs"]

@@ -75,6 +75,11 @@ class ModelConfig:
     # the adapter so inference does the same. Default: references share the target's timestep (UNO).
     ref_timestep_zero: bool = False
     vae: str | None = None               # replace the VAE by this diffusers AutoencoderKL folder (e.g. the toy VAE)
+    # Rebuild the T5 encoder's relative position bias with this many buckets (fresh init, every other weight kept).
+    # Why: FLUX gives text tokens no positions (txt_ids are zeros), so word order reaches the transformer only through
+    # T5's context. The toy's random T5 had 8 buckets (exact offsets 0 and 1 only), too few to tie a colour word to its
+    # subject; with 32 (exact up to 7) a trained T5 can. Only meaningful with train.train_text_encoders.
+    t5_relative_buckets: int | None = None
 
 
 @dataclass
@@ -125,6 +130,10 @@ class TrainSection:
     timesteps: TimestepSampling = field(default_factory=TimestepSampling)
     ema_decay: float = 0.0               # > 0: keep an EMA of the trainable weights (used for validation and saving)
     cpu: bool = False                    # force CPU even with a GPU
+    # Base mode: train both text encoders with the transformer (lr: optim.text_encoder_lr). For a base whose text side
+    # is random (the toy): frozen, a random T5 is a bag of words (a word's vector barely depends on its neighbours),
+    # so "a red circle and a blue square" cannot say which colour is whose.
+    train_text_encoders: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -133,6 +142,8 @@ class TrainSection:
             raise UserError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.train_text_encoders and self.mode != "base":
+            raise UserError("train.train_text_encoders needs train.mode: base (adapters train the transformer only)")
 
 
 @dataclass
@@ -207,6 +218,8 @@ class Trainer:
             self._replace_vae(cfg.model.vae)
         if cfg.model.init_transformer is not None:
             self._init_transformer(cfg.model.init_transformer)
+        if cfg.model.t5_relative_buckets is not None:
+            self._rebuild_t5_buckets(cfg.model.t5_relative_buckets)
         self.transformer = tr = self.pipe.transformer
         if cfg.model.ref_timestep_zero:
             from multicrafter.ref_timestep import install_ref_timestep
@@ -217,7 +230,19 @@ class Trainer:
             self._add_adapter()
         else:
             tr.requires_grad_(True)
-        self.params = [p for p in tr.parameters() if p.requires_grad]
+        # every trainable weight by checkpoint name: the transformer's own names, the text encoders' prefixed
+        self.named_params = {n: p for n, p in tr.named_parameters() if p.requires_grad}
+        self.text_params: list[torch.nn.Parameter] = []
+        if cfg.train.train_text_encoders:
+            for name in ("text_encoder", "text_encoder_2"):
+                module = getattr(self.pipe, name, None)
+                if module is None:
+                    continue
+                module.requires_grad_(True)  # stays in eval mode: no dropout, as at inference
+                for n, p in module.named_parameters():
+                    self.named_params[f"{name}.{n}"] = p
+                    self.text_params.append(p)
+        self.params = list(self.named_params.values())
         for p in self.params:  # trainable weights in fp32 (frozen ones may be bf16/fp16)
             p.data = p.data.float()
         self.dtype = tr.dtype  # dtype of the model inputs: the frozen weights' (all fp32 in base mode)
@@ -234,7 +259,8 @@ class Trainer:
             install_capture(tr, self.capture, cfg.attention_loss.blocks)
 
         # data (after the model: the reference sizes are the model's unless the config sets them)
-        self.data = TrainingSet(samples, cfg.data, self.pipe.reference_options, self.pipe.vae_scale_factor)
+        self.data = TrainingSet(samples, cfg.data, self.pipe.reference_options, self.pipe.vae_scale_factor,
+                                text_trainable=cfg.train.train_text_encoders)
         self.pipe.reference_options = self.data.ref_options
         if cfg.model.ref_timestep_zero:  # validation samples get the conditioning the adapter is trained with
             self.pipe.reference_options = dataclasses.replace(self.data.ref_options, ref_timestep_zero=True)
@@ -244,7 +270,12 @@ class Trainer:
         self.data.precompute(self.pipe, self.device, self.dtype, progress=acc.is_main_process and cfg.output.progress)
 
         # optimisation
-        self.optimizer, self.scheduler = build_optimizer(self.params, cfg.optim, cfg.train.max_steps)
+        groups: list = self.params
+        if self.text_params:
+            text_ids = {id(p) for p in self.text_params}
+            groups = [{"params": [p for p in self.params if id(p) not in text_ids], "lr": cfg.optim.lr},
+                      {"params": self.text_params, "lr": cfg.optim.text_encoder_lr or cfg.optim.lr}]
+        self.optimizer, self.scheduler = build_optimizer(groups, cfg.optim, cfg.train.max_steps)
         self.model, self.optimizer = acc.prepare(tr, self.optimizer)
         self.ema = EMA(self.params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         self.step = 0
@@ -271,6 +302,34 @@ class Trainer:
         dtype = self.pipe.transformer.dtype
         fresh = (fresh if dtype == torch.float32 else fresh.to(dtype)).to(self.device)
         self.pipe.register_modules(transformer=fresh.eval().requires_grad_(False))
+
+    def _rebuild_t5_buckets(self, buckets: int) -> None:
+        from transformers import T5EncoderModel
+
+        old = self.pipe.text_encoder_2
+        if old is None or not isinstance(old, T5EncoderModel):
+            raise UserError("model.t5_relative_buckets: this model has no T5 text encoder")
+        if buckets < 2 or buckets % 2:
+            raise UserError(f"model.t5_relative_buckets must be an even number >= 2, got {buckets}")
+        if old.config.relative_attention_num_buckets == buckets:  # already so (a continued stage): keep its bias
+            return
+        config = old.config.__class__.from_dict({**old.config.to_dict(), "relative_attention_num_buckets": buckets})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.train.seed + 3)
+            fresh = T5EncoderModel(config)
+        kept = {k: v for k, v in old.state_dict().items() if "relative_attention_bias" not in k}
+        missing, unexpected = fresh.load_state_dict(kept, strict=False)
+        assert not unexpected and all("relative_attention_bias" in k for k in missing), (missing, unexpected)
+        fresh = fresh.to(self.device, old.dtype).eval().requires_grad_(False)
+        self.pipe.register_modules(text_encoder_2=fresh)
+
+    def text_embeddings(self, captions: list[str], dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt and pooled embeddings with gradients into the text encoders (train.train_text_encoders);
+        a dropped caption is the empty one, as in the cached path."""
+        prompts = ["" if d else c for c, d in zip(captions, dropped.tolist())]
+        embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device,
+                                                    max_sequence_length=self.cfg.data.max_sequence_length)
+        return embeds.to(self.dtype), pooled.to(self.dtype)
 
     def _replace_vae(self, folder: str) -> None:
         from diffusers import AutoencoderKL
@@ -335,6 +394,10 @@ class Trainer:
         from diffusers import FluxPipeline
 
         latent_ids = FluxPipeline._prepare_latent_image_ids(b, gh, gw, self.device, x0.dtype)
+        if batch["prompt_embeds"] is None:  # trained text encoders: encode here, inside autocast and the graph
+            with self.accelerator.autocast():
+                batch["prompt_embeds"], batch["pooled"] = self.text_embeddings(batch["captions"],
+                                                                               batch["caption_dropped"])
         text_ids = torch.zeros(batch["prompt_embeds"].shape[1], 3, device=self.device, dtype=x0.dtype)
         guidance = None
         if getattr(self.unwrapped.config, "guidance_embeds", False):
@@ -381,6 +444,10 @@ class Trainer:
                 losses = self.compute_losses(batch)
                 acc.backward(losses["loss"])
                 if acc.sync_gradients:
+                    if self.text_params and acc.num_processes > 1:  # only the transformer is DDP-wrapped
+                        for p in self.text_params:
+                            if p.grad is not None:
+                                p.grad = acc.reduce(p.grad, "mean")
                     if self.cfg.optim.max_grad_norm > 0:
                         gnorm = float(acc.clip_grad_norm_(self.params, self.cfg.optim.max_grad_norm))
                     else:
@@ -402,8 +469,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        names = {id(p): n for n, p in self.unwrapped.named_parameters()}
-        return {"step": self.step, "trainable": {names[id(p)]: p.detach().cpu().clone() for p in self.params},
+        return {"step": self.step, "trainable": {n: p.detach().cpu().clone() for n, p in self.named_params.items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "data": self.order.state_dict(),
                 "rng": self._gather_rng(), "config": config_to_dict(self.cfg)}
@@ -419,8 +485,8 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
-        named = dict(self.unwrapped.named_parameters())
-        mine = {n for n, p in named.items() if p.requires_grad}
+        named = self.named_params
+        mine = set(named)
         if set(state["trainable"]) != mine:
             raise UserError(f"checkpoint {path} does not match this config's trainable weights "
                             f"({len(state['trainable'])} saved, {len(mine)} here): same mode and adapter settings?")

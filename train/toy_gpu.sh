@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy model's GPU stages inside one fixed time budget (issue 10; for a lent GPU with a hard time limit):
-#   1b. the base continued from stage 1's CPU base with large batches (toy_base_gpu.yaml); a 40-step probe measures
+#   1c. the base continued from stage 1b's CPU base with large batches (toy_base_gpu.yaml); a 40-step probe measures
 #       the step time and the horizon (train.max_steps) is set so the stage ends in time. The probe is the run's own
 #       first 40 steps (inside the warm-up, so their LRs do not depend on the horizon): the resumed run is exactly a
 #       run with that horizon from step 0, and `--set train.max_steps=N` reproduces it.
@@ -27,7 +27,7 @@ mkdir -p "$PACK"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 
-# 1b. the base: the probe (dataset written + encoded once, then 40 steps), then the fitted horizon
+# 1c. the base: the probe (dataset written + encoded once, then 40 steps), then the fitted horizon
 BASE=(python -m train.pretrain --config train/configs/toy_base_gpu.yaml --output-dir "$RUNS/toy_base_gpu"
       --set output.progress=false)
 bounded "$ADAPTER_RESERVE" "${BASE[@]}" --max-steps "$PROBE" --set output.log_every=1 ${BASE_SET:-} \
@@ -39,7 +39,8 @@ log "probe done: ${SPS} s/step -> base horizon ${STEPS} steps"
 bounded $((ADAPTER_RESERVE - 60)) "${BASE[@]}" --resume --set train.max_steps="$STEPS" ${BASE_SET:-} \
   || { log "base cut off or failed"; exit 1; }
 python -m train.assemble_toy --base "$RUNS/toy_base_gpu/pipeline" --out "$RUNS/toy_gpu"
-pack base.tar -C "$RUNS" toy_gpu/transformer toy_base_gpu/metrics.jsonl toy_base_gpu/samples
+pack base.tar -C "$RUNS" toy_gpu/transformer toy_gpu/text_encoder toy_gpu/text_encoder_2 \
+  toy_base_gpu/metrics.jsonl toy_base_gpu/samples
 log "base packed (horizon ${STEPS})"
 
 # 2. the three ablation rows, concurrently (each is small; one GPU has room for all three)

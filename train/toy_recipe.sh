@@ -6,7 +6,7 @@
 #   BASE_SET="--set data.batch_size=128 --set train.max_steps=4000" bash train/toy_recipe.sh   # extra overrides per
 #   stage (BASE_SET, ADAPTER_SET, IPPO_SET), e.g. a larger batch and fewer steps on a GPU
 #   ADAPTER_STEPS=1000 IPPO_SET="--set train.max_steps=20" bash train/toy_recipe.sh   # what assets/toy ships (session 3)
-#   BASE_GPU=1 ...                                 # adds stage 1b (toy_base_gpu.yaml) on a GPU; see train/toy_gpu.sh
+#   BASE_GPU=1 ...                                 # adds stage 1c (toy_base_gpu.yaml) on a GPU; see train/toy_gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${SMOKE:-}" ]; then
@@ -34,12 +34,15 @@ if [ -n "${BASE_HISTORY:-}" ]; then
 fi
 python -m train.pretrain --config train/configs/toy_base.yaml --output-dir "$RUNS/toy_base" --resume \
   $(steps "${BASE_STEPS:-}") "${SMALL[@]}" ${BASE_SET:-}
-START_BASE="$RUNS/toy_base/pipeline"
+# 1b. The base with its text side trained (toy_base_text.yaml: the random frozen T5 was a bag of words).
+python -m train.pretrain --config train/configs/toy_base_text.yaml --output-dir "$RUNS/toy_base_text" --resume \
+  --set "model.name=$RUNS/toy_base/pipeline" $(steps "${BASE_STEPS:-}") "${SMALL[@]}" ${BASE_TEXT_SET:-}
+START_BASE="$RUNS/toy_base_text/pipeline"
 if [ -n "${BASE_GPU:-}" ]; then
-  # 1b. (on a GPU) the base continued at batch 256 (toy_base_gpu.yaml; train/toy_gpu.sh runs 1b-3 inside a time
+  # 1c. (on a GPU) the base continued at batch 256 (toy_base_gpu.yaml; train/toy_gpu.sh runs 1c-3 inside a time
   # budget and fits this stage's horizon to it: pass the horizon it printed, BASE_GPU_SET="--set train.max_steps=N")
   python -m train.pretrain --config train/configs/toy_base_gpu.yaml --output-dir "$RUNS/toy_base_gpu" --resume \
-    "${SMALL[@]}" ${BASE_GPU_SET:-}
+    --set "model.name=$START_BASE" "${SMALL[@]}" ${BASE_GPU_SET:-}
   START_BASE="$RUNS/toy_base_gpu/pipeline"
 fi
 # 2. The ablation rows, all from the same base with the same budget (ADAPTER_STEPS=1000 stops each at step 1000 of
