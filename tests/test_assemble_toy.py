@@ -33,6 +33,7 @@ def test_assemble_then_load_as_toy(parts, tmp_path, monkeypatch):
     assert main(["--out", str(out), "--update", "--adapter", f"ippo={adapters['ippo']}"]) == 0
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["attn_moe", "ippo"]
     assert not list(out.rglob("*.bin")) and (out / "manifest.json").is_file()
+    assert not [f for f in out.rglob("*.json") if "_name_or_path" in f.read_text()]   # no local paths shipped
     monkeypatch.setattr(presets, "TOY_DIR", out)
     pipe = MultiCrafterPipeline.from_pretrained("toy")
     assert pipe.adapter_name == "ippo"                   # the shipped default

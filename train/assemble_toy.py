@@ -30,6 +30,10 @@ def _copy_tree(src: Path, dst: Path) -> None:
             target = dst / p.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(p, target)
+            if p.suffix == ".json":  # save_pretrained records where the weights were loaded from: a local path
+                cfg = json.loads(p.read_text())
+                if isinstance(cfg, dict) and cfg.pop("_name_or_path", None) is not None:
+                    target.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def to_half(folder: Path) -> None:
