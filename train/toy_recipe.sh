@@ -5,7 +5,7 @@
 #   SMOKE=1 bash train/toy_recipe.sh               # a few steps of every stage into runs/toy_smoke (checks the chain)
 #   BASE_SET="--set data.batch_size=128 --set train.max_steps=4000" bash train/toy_recipe.sh   # extra overrides per
 #   stage (BASE_SET, ADAPTER_SET, IPPO_SET), e.g. a larger batch and fewer steps on a GPU
-#   ADAPTER_STEPS=1000 IPPO_SET="--set train.max_steps=20" bash train/toy_recipe.sh   # what assets/toy ships (session 3)
+#   ADAPTER_SET="--set train.max_steps=500" bash train/toy_recipe.sh   # the rows assets/toy ships (session 4)
 #   BASE_GPU=1 ...                                 # adds stage 1c (toy_base_gpu.yaml) on a GPU; see train/toy_gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
