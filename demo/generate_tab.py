@@ -66,8 +66,8 @@ def generate(holder: ModelHolder, output_dir: Path, refs: Any, names: list, kind
     images, names, kinds, notes = collect_references(refs, names, kinds)
     out, used = run_pipeline(holder, images, prompt, seed, steps, float(guidance), h, w, adapter, folder,
                              progress=progress)
-    params = dict(prompt=prompt, seed=seed, num_inference_steps=steps, guidance_scale=float(guidance), height=h,
-                  width=w, model=holder.name, adapter=used, subjects=[dict(name=n, kind=k) for n, k in zip(names, kinds)])
+    params = dict(prompt=prompt, seed=seed, num_inference_steps=steps, guidance_scale=float(guidance),
+                  true_cfg_scale=holder.defaults()["true_cfg"], height=h, width=w, model=holder.name, adapter=used, subjects=[dict(name=n, kind=k) for n, k in zip(names, kinds)])
     path = output_path(Path(output_dir), f"seed{seed}")
     save_generation(out.images[0], path, params)
     lines = [f"Saved `{path.name}` (parameters embedded in the PNG, key `multicrafter`)."]

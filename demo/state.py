@@ -139,6 +139,8 @@ class ModelHolder:
         d.update({k: own[key] for k, key in (("guidance", "guidance_scale"), ("steps", "num_inference_steps"),
                                              ("size", "height"), ("max_sequence_length", "max_sequence_length"))
                   if key in own})
+        # true CFG against the empty prompt (the toy: 3); the pipeline applies it itself, the app only reports it
+        d["true_cfg"] = float(own.get("true_cfg_scale") or 1.0)
         return d
 
     def _folder_sampling_defaults(self) -> dict[str, Any]:

@@ -24,11 +24,19 @@ class TimestepSampling:
     scheme: str = "logit_normal"
     mean: float = 0.0
     std: float = 1.0
-    shift: float = 3.0          # for `shifted`: s' = shift*s / (1 + (shift-1)*s)
+    # `shifted` only (default 3): s' = shift*s / (1 + (shift-1)*s). Refused with other schemes, which would ignore it
+    # (the toy base configs once set it beside logit_normal, believing it did something).
+    shift: float | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in TIMESTEP_SCHEMES:
             raise ValueError(f"timestep scheme must be one of {TIMESTEP_SCHEMES}, got {self.scheme!r}")
+        if self.scheme != "shifted" and self.shift is not None:
+            raise ValueError(f"timesteps.shift applies to scheme: shifted only (scheme {self.scheme} would ignore it)")
+        if self.scheme == "shifted":
+            self.shift = 3.0 if self.shift is None else float(self.shift)
+            if not self.shift > 0:
+                raise ValueError(f"timesteps.shift must be > 0, got {self.shift}")
 
 
 def sample_sigmas(batch: int, cfg: TimestepSampling, generator: torch.Generator | None = None,

@@ -36,7 +36,8 @@ REFERENCE_CONFIG = "multicrafter_references.json"   # optional file in a model f
 # Optional file in a model folder: the sampling arguments the model was trained for. A base trained from scratch with
 # one constant guidance embedding (the toy model: 1.0) only understands that value, unlike guidance-distilled FLUX.1-dev.
 SAMPLING_CONFIG = "multicrafter_sampling.json"
-SAMPLING_KEYS = ("guidance_scale", "num_inference_steps", "height", "width", "max_sequence_length", "true_cfg_scale")
+SAMPLING_KEYS = ("guidance_scale", "num_inference_steps", "height", "width", "max_sequence_length", "true_cfg_scale",
+                 "negative_prompt")
 
 FLUX_SCHEDULER = dict(
     num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,

@@ -1,5 +1,7 @@
 """Assembling the embedded toy model: pipeline + named adapters, loadable as `toy`, within the size budget."""
 
+import json
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ import multicrafter.presets as presets
 from multicrafter import MultiCrafterPipeline
 from multicrafter.adapters import AdapterConfig, add_adapter, save_adapter
 from multicrafter.errors import UserError
-from train.assemble_toy import assemble, main
+from train.assemble_toy import assemble, main, set_true_cfg
 
 
 @pytest.fixture()
@@ -69,3 +71,13 @@ def test_adapters_are_stored_in_half_precision_and_load_back(parts, tmp_path, mo
     a = shipped("a", generator=torch.Generator().manual_seed(0), **kw).images
     b = direct("a", generator=torch.Generator().manual_seed(0), **kw).images
     assert abs(a - b).max() < 1e-3   # fp16 rounding of the adapter only
+
+
+def test_true_cfg_is_written_into_the_sampling_defaults_and_can_be_turned_off(tmp_path):
+    (tmp_path / presets.SAMPLING_CONFIG).write_text(json.dumps({"guidance_scale": 1.0}))
+    set_true_cfg(tmp_path, 3.0)
+    assert presets.sampling_defaults_for(tmp_path) == {"guidance_scale": 1.0, "true_cfg_scale": 3.0, "negative_prompt": ""}
+    set_true_cfg(tmp_path, 1.0)
+    assert presets.sampling_defaults_for(tmp_path) == {"guidance_scale": 1.0}
+    with pytest.raises(UserError, match="--true-cfg must be >= 1"):
+        set_true_cfg(tmp_path, 0.0)

@@ -37,6 +37,21 @@ def test_generate_writes_image_metadata_and_attention(refs, tmp_path):
     assert Image.open(att).width > Image.open(att).height  # image + one panel per subject
 
 
+def test_true_cfg_is_used_and_recorded(refs, tmp_path):
+    """The toy model's own default (true CFG 3 against the empty prompt) reaches the pipeline; --true-cfg 1 turns
+    it off, and the image changes."""
+    outs = {}
+    for flags in ([], ["--true-cfg", "1"]):
+        out = tmp_path / f"cfg{len(flags)}.png"
+        r = run("--ref", str(refs / "a.png"), "--prompt", "a red circle", "--out", str(out), "--steps", "2", *flags)
+        assert r.returncode == 0, r.stderr
+        outs[len(flags)] = (read_generation_params(out), np.asarray(Image.open(out), dtype=float))
+    (guided, a), (plain, b) = outs[0], outs[2]
+    assert guided["true_cfg_scale"] == 3.0 and guided["negative_prompt"] == ""
+    assert plain["true_cfg_scale"] == 1.0 and "negative_prompt" not in plain
+    assert np.abs(a - b).max() > 10
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--ref", "{d}/missing.png"], "not found"),
     (["--ref", "{d}/corrupt.png"], "not a valid image"),
@@ -45,6 +60,7 @@ def test_generate_writes_image_metadata_and_attention(refs, tmp_path):
     (["--height", "50"], "multiple of 16"),
     (["--model", "nobody/unknown-model"], "unavailable"),
     (["--ref", "{d}/a.png", "--ref", "{d}/b.png", "--kind", "face"], "one --kind per --ref"),
+    (["--true-cfg", "0.5"], "--true-cfg must be >= 1"),
 ])
 def test_bad_inputs_one_line_no_traceback(refs, tmp_path, extra, message):
     args = [a.replace("{d}", str(refs)) for a in extra]

@@ -76,3 +76,14 @@ def test_timestep_sampling(scheme):
         assert s1.mean() > 0.6  # shifting moves mass towards high noise
     with pytest.raises(ValueError):
         TimestepSampling(scheme="nope")
+
+
+def test_shift_is_refused_where_it_would_be_ignored():
+    assert TimestepSampling(scheme="shifted").shift == 3.0
+    with pytest.raises(ValueError, match="shifted only"):
+        TimestepSampling(scheme="logit_normal", shift=3.0)
+    with pytest.raises(ValueError, match="> 0"):
+        TimestepSampling(scheme="shifted", shift=0.0)
+    strong = sample_sigmas(4000, TimestepSampling(scheme="shifted", shift=6.0), torch.Generator().manual_seed(0))
+    mild = sample_sigmas(4000, TimestepSampling(scheme="shifted", shift=1.5), torch.Generator().manual_seed(0))
+    assert strong.mean() > mild.mean() + 0.1

@@ -85,6 +85,7 @@ def test_the_encoding_cache_does_not_depend_on_trained_text_weights(tmp_path, wo
 @pytest.mark.parametrize("over, needle", [
     (dict(train__mode="adapter", train__train_text_encoders=True), "train.mode: base"),
     (dict(TEXT, model__t5_relative_buckets=7), "even number"),
+    (dict(TEXT, model__t5_relative_buckets=None, model__t5_local_heads=True), "needs model.t5_relative_buckets"),
 ])
 def test_bad_text_settings_stop_with_one_line(tmp_path, world, over, needle):
     with pytest.raises(UserError) as e:

@@ -40,6 +40,7 @@ def test_ground_truth_row_json_and_table(tmp_path, capsys):
     (["--model", "ground-truth", "--n", "0"], "--n must be"),
     (["--model", "ground-truth", "--n", "2", "--size", "100"], "multiple of 16"),
     (["--model", "toy", "--n", "2", "--adapter", "attn", "--no-adapter"], "not both"),
+    (["--model", "toy", "--n", "2", "--true-cfg", "0.5"], "--true-cfg must be >= 1"),
 ])
 def test_bad_input_one_line(args, message):
     proc = _run(*args)
@@ -86,7 +87,7 @@ def test_no_adapter_reaches_the_loader_as_false(monkeypatch, flags, expected):
 
     seen = []
 
-    def fake_runner(model, adapter, steps, guidance):
+    def fake_runner(model, adapter, steps, guidance, true_cfg=None):
         seen.append(adapter)
         raise UserError("stop here")
 
@@ -94,3 +95,16 @@ def test_no_adapter_reaches_the_loader_as_false(monkeypatch, flags, expected):
     with pytest.raises(UserError, match="stop here"):
         eval_toy_main(["--model", "toy", "--n", "1", *flags])
     assert seen == [expected] and (seen[0] is False) == (expected is False)
+
+
+def test_true_cfg_changes_the_images_and_is_recorded():
+    """--true-cfg > 1 guides against the empty prompt (a second transformer call per step): same seed, other image."""
+    from multicrafter.eval.toy import _model_runner
+    from multicrafter.toyworld import build_sample
+
+    sample = build_sample(0, 0, split="test", size=64, ref_size=32)
+    plain, used_plain = _model_runner("tiny", None, 2, None, 1.0)
+    guided, used_guided = _model_runner("tiny", None, 2, None, 4.0)
+    a, b = (np.asarray(g(sample, [3])[0], dtype=float) for g in (plain, guided))
+    assert used_plain["true_cfg"] == 1.0 and used_guided["true_cfg"] == 4.0
+    assert np.abs(a - b).max() > 10

@@ -85,6 +85,10 @@ class ModelConfig:
     # learn to mix context in 500 steps (the bias moved by ~0.03); local windows tie each word to its phrase at once.
     t5_local_heads: bool = False
 
+    def __post_init__(self) -> None:
+        if self.t5_local_heads and self.t5_relative_buckets is None:
+            raise UserError("model.t5_local_heads needs model.t5_relative_buckets (the windows start a rebuilt bias)")
+
 
 @dataclass
 class MoESection:

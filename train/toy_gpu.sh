@@ -38,7 +38,7 @@ STEPS=$(python -c "print(min($MAX_BASE_STEPS, max($PROBE + 10, int(($(left) - $A
 log "probe done: ${SPS} s/step -> base horizon ${STEPS} steps"
 bounded $((ADAPTER_RESERVE - 60)) "${BASE[@]}" --resume --set train.max_steps="$STEPS" ${BASE_SET:-} \
   || { log "base cut off or failed"; exit 1; }
-python -m train.assemble_toy --base "$RUNS/toy_base_gpu/pipeline" --out "$RUNS/toy_gpu"
+python -m train.assemble_toy --base "$RUNS/toy_base_gpu/pipeline" --out "$RUNS/toy_gpu" --true-cfg 3
 pack base.tar -C "$RUNS" toy_gpu/transformer toy_gpu/text_encoder toy_gpu/text_encoder_2 \
   toy_base_gpu/metrics.jsonl toy_base_gpu/samples
 log "base packed (horizon ${STEPS})"

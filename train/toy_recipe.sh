@@ -53,7 +53,7 @@ for row in baseline attn attn_moe; do
 done
 python -m train.assemble_toy --base "$START_BASE" --out "$OUT" \
   --adapter baseline="$RUNS/toy_adapter_baseline/adapter" --adapter attn="$RUNS/toy_adapter_attn/adapter" \
-  --adapter attn_moe="$RUNS/toy_adapter_attn_moe/adapter"
+  --adapter attn_moe="$RUNS/toy_adapter_attn_moe/adapter" --true-cfg 3
 # 3. IPPO on attn_moe (the default adapter once shipped).
 MULTICRAFTER_TOY_DIR="$OUT" python -m train.ippo --config train/configs/toy_ippo.yaml --output-dir "$RUNS/toy_ippo" \
   --resume $(steps "${IPPO_STEPS:-}") "${SMALL_IPPO[@]}" ${IPPO_SET:-}

@@ -1,4 +1,4 @@
-"""Dispatch `python -m multicrafter.eval {toy,faces,figures,table} ...` to the matching module's `main(argv)`."""
+"""Dispatch `python -m multicrafter.eval {toy,denoise,faces,figures,table} ...` to the matching module's `main(argv)`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 from ..errors import run_cli
 
-USAGE = "usage: python -m multicrafter.eval {toy,faces,figures,table} [options]   (add --help after the mode for its options)"
+USAGE = "usage: python -m multicrafter.eval {toy,denoise,faces,figures,table} [options]   (add --help after the mode for its options)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         print("  toy    score a model (or the ground-truth renders) on held-out ToyWorld scenes")
+        print("  denoise  one-step clean-image predictions per noise level (what the model cannot decide at high noise)")
         print("  faces  Hungarian-matched face similarity of a generated image against reference photos")
         print("  figures  README figures of the toy ablation (contact sheet across adapters, attention with/without Dice)")
         print("  table  the ablation table (mean ± std, seed-std differences) from eval toy --json files")
@@ -21,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     mode, rest = argv[0], argv[1:]
     if mode == "toy":
         from .toy import main as mode_main
+    elif mode == "denoise":
+        from .denoise import main as mode_main
     elif mode == "faces":
         from .faces import main as mode_main
     elif mode == "figures":
@@ -28,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     elif mode == "table":
         from .table import main as mode_main
     else:
-        print(f"error: unknown evaluation mode '{mode}' (expected toy, faces, figures or table)", file=sys.stderr)
+        print(f"error: unknown evaluation mode '{mode}' (expected toy, denoise, faces, figures or table)", file=sys.stderr)
         return 2
     return mode_main(rest) or 0
 

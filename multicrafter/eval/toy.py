@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: the model's own, e.g. 1.0 for toy; else 3.5)")
+    p.add_argument("--true-cfg", type=float, default=None,
+                   help="true classifier-free guidance scale against the empty prompt (default: the model's own, "
+                        "e.g. 3.0 for toy; 1 = off, one transformer call per step)")
     p.add_argument("--size", type=int, default=128, help="scene size (multiple of 16)")
     p.add_argument("--ref-size", type=int, default=64)
     p.add_argument("--similar-prob", type=float, default=0.3)
@@ -56,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_runner(model: str, adapter: str | bool | None, steps: int,
-                  guidance: float | None) -> tuple[Callable[[Any, list[int]], list[Image.Image]], dict]:
+def _model_runner(model: str, adapter: str | bool | None, steps: int, guidance: float | None,
+                  true_cfg: float | None = None) -> tuple[Callable[[Any, list[int]], list[Image.Image]], dict]:
     """Load the pipeline once; returns (generate(sample, generator_seeds) -> one image per seed, sampling used)."""
     try:
         import torch
@@ -75,15 +78,20 @@ def _model_runner(model: str, adapter: str | bool | None, steps: int,
     pipe.set_progress_bar_config(disable=True)  # one bar over all images instead (see main)
     if guidance is None:
         guidance = pipe.sampling_defaults.get("guidance_scale", 3.5)
+    if true_cfg is None:
+        true_cfg = float(pipe.sampling_defaults.get("true_cfg_scale", 1.0))
+    cfg = {"true_cfg_scale": true_cfg, "negative_prompt": pipe.sampling_defaults.get("negative_prompt", "")} \
+        if true_cfg > 1 else {"true_cfg_scale": 1.0}
 
     def generate(sample: Any, seeds: list[int]) -> list[Image.Image]:
         h, w = sample.image.shape[:2]
         out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
                    height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
-                   num_images_per_prompt=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds])
+                   num_images_per_prompt=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],
+                   **cfg)
         return list(out.images)
 
-    return generate, {"steps": steps, "guidance": guidance}
+    return generate, {"steps": steps, "guidance": guidance, "true_cfg": true_cfg}
 
 
 def _aggregate(per: list[dict]) -> dict:
@@ -161,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--size must be a multiple of 16 and >= 32, got {args.size}")
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if args.true_cfg is not None and not (math.isfinite(args.true_cfg) and args.true_cfg >= 1.0):
+        raise UserError(f"--true-cfg must be >= 1 (1 = off), got {args.true_cfg}")
     seeds = args.seeds if args.seeds is not None else [args.seed]
     ground_truth = args.model in ("ground-truth", "gt")
     if ground_truth and (args.adapter or args.no_adapter):
@@ -168,8 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.adapter and args.no_adapter:
         raise UserError("give --adapter NAME or --no-adapter, not both")
     adapter = False if args.no_adapter else args.adapter  # False: not even toy's shipped default
-    generate, used = (None, {"steps": None, "guidance": None}) if ground_truth else \
-        _model_runner(args.model, adapter, args.steps, args.guidance)
+    generate, used = (None, {"steps": None, "guidance": None, "true_cfg": None}) if ground_truth else \
+        _model_runner(args.model, adapter, args.steps, args.guidance, args.true_cfg)
     save_dir = Path(args.save_images) if args.save_images else None
     from tqdm.auto import tqdm
 
@@ -182,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(isinstance(v, float) and not math.isfinite(v) for v in res.values()):
         raise UserError("evaluation produced a non-finite score")
     print(f"ToyWorld held-out: model={args.model}" + (f" adapter={args.adapter}" if args.adapter else "")
-          + f", {args.n} scenes x {len(seeds)} seed(s)" + (f", guidance {used['guidance']}" if used["guidance"] is not None else ""))
+          + f", {args.n} scenes x {len(seeds)} seed(s)" + (f", guidance {used['guidance']}" if used["guidance"] is not None else "")
+          + (f", true CFG {used['true_cfg']:g}" if (used["true_cfg"] or 1.0) > 1 else ""))
     print(markdown_table(res))
     sp = res["similar_pairs"]
     if sp["n"]:
