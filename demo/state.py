@@ -129,7 +129,7 @@ class ModelHolder:
     def defaults(self) -> dict[str, Any]:
         """Sizes and steps that suit the model: tiny/toy are 128 px models, FLUX wants 1024 px and 28 steps."""
         if self.name == "tiny":
-            return dict(size=128, steps=8, guidance=3.5, max_sequence_length=64)
+            return dict(size=128, steps=8, guidance=3.5, max_sequence_length=64, true_cfg=1.0)
         if self.name == "toy":
             d = dict(size=128, steps=20, guidance=1.0, max_sequence_length=64)
         else:

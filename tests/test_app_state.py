@@ -17,3 +17,14 @@ def test_adapter_choices_before_and_after_loading(tmp_path):
     holder._pipe = SimpleNamespace(available_adapters=lambda: ["from-pipeline"])   # loaded: the pipeline decides
     assert holder.adapter_choices() == [NO_ADAPTER, "from-pipeline", FOLDER_ADAPTER]
     assert ModelHolder(str(tmp_path / "missing")).adapter_choices() == [NO_ADAPTER, FOLDER_ADAPTER]
+
+
+def test_defaults_report_the_model_folders_true_cfg(tmp_path):
+    """The toy folder asks for true CFG 3 (its multicrafter_sampling.json); a folder without it, and tiny, for none."""
+    import json
+
+    assert ModelHolder("toy").defaults()["true_cfg"] == 3.0
+    assert ModelHolder("tiny").defaults()["true_cfg"] == 1.0
+    assert ModelHolder(str(tmp_path)).defaults()["true_cfg"] == 1.0
+    (tmp_path / "multicrafter_sampling.json").write_text(json.dumps({"true_cfg_scale": 2.5, "negative_prompt": ""}))
+    assert ModelHolder(str(tmp_path)).defaults()["true_cfg"] == 2.5
