@@ -2,7 +2,8 @@
 
 A rollout samples G images per prompt (one group): the prompt is encoded once per group (the pipeline's own
 `encode_prompt`), the references once per group (`encode_references`), every step is one `predict_velocity` call (the
-model call shared with pre-training and the pipeline's hooks), so an image costs exactly T network evaluations.
+model call shared with pre-training and the pipeline's hooks), so an image costs exactly T network evaluations (2T
+with true CFG against the empty prompt, `true_cfg_scale` > 1).
 Steps outside the MixGRPO window are Euler (ODE) steps; steps inside are Flow-GRPO SDE steps, and only those are
 stored: x_t (in the model dtype, exactly what the model saw), x_{t+1} and log pi_old (both fp32).
 
@@ -44,6 +45,9 @@ class RolloutOptions:
     same_initial_noise: bool = True     # one x_T per group (MixGRPO) or one per image
     micro_batch: int = 0                # images per transformer call (0: the whole group); the update uses the same
     max_sequence_length: int = 512
+    # True CFG against the empty prompt, as the pipeline samples a model whose folder asks for it (the toy: 3). Each
+    # step then costs two network calls, in the rollout and in the update: the policy is the guided sampler.
+    true_cfg_scale: float = 1.0
 
     def __post_init__(self) -> None:
         unit = 16
@@ -54,6 +58,8 @@ class RolloutOptions:
             raise UserError("rollout num_steps and group_size must be >= 1 and micro_batch >= 0")
         if self.noise_level < 0:
             raise UserError(f"rollout noise_level must be >= 0, got {self.noise_level}")
+        if not self.true_cfg_scale >= 1.0:
+            raise UserError(f"rollout true_cfg_scale must be >= 1 (1 = off), got {self.true_cfg_scale}")
 
     def chunks(self) -> list[slice]:
         """The micro-batches of a group, identical in the rollout and the update (equal batches, equal numerics)."""
@@ -72,6 +78,7 @@ class GroupContext:
     refs: PackedReferences
     references: list[PIL.Image.Image]   # the prepared (resized) reference images
     metadata: dict[str, Any] | None
+    negative: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # empty-prompt (embeds, pooled, ids)
 
 
 @dataclass
@@ -90,7 +97,7 @@ class Rollout:
     log_probs: torch.Tensor    # (B, |S|), fp32: log pi_old
     images: list[PIL.Image.Image]
     final_latents: torch.Tensor  # (B, N, C) packed x_0, model dtype
-    network_evals: int         # transformer calls summed over images (T per image)
+    network_evals: int         # transformer calls summed over images (T per image, 2T with true CFG)
 
     @property
     def group_size(self) -> int:
@@ -118,21 +125,34 @@ def encode_group(pipe, group: GroupInput, options: RolloutOptions) -> GroupConte
     embeds, pooled, text_ids = pipe.encode_prompt(prompt=[group.prompt], prompt_2=None, device=device,
                                                   num_images_per_prompt=1,
                                                   max_sequence_length=options.max_sequence_length)
+    negative = pipe.encode_prompt(prompt=[""], prompt_2=None, device=device, num_images_per_prompt=1,
+                                  max_sequence_length=options.max_sequence_length) \
+        if options.true_cfg_scale > 1 else None
     refs_pil = pipe.prepare_references(group.references)
     grid = target_grid(options.height, options.width, pipe.vae_scale_factor)
     refs = encode_references(pipe.vae, refs_pil, grid, 1, device, pipe.transformer.dtype)
     return GroupContext(prompt=group.prompt, prompt_embeds=embeds, pooled_prompt_embeds=pooled, text_ids=text_ids,
-                        refs=refs, references=refs_pil, metadata=group.metadata)
+                        refs=refs, references=refs_pil, metadata=group.metadata, negative=negative)
 
 
 def _velocity(transformer, ctx: GroupContext, latents: torch.Tensor, latent_ids: torch.Tensor,
-              schedule: FlowSchedule, i: int, guidance: float) -> torch.Tensor:
+              schedule: FlowSchedule, i: int, guidance: float, true_cfg: float = 1.0) -> torch.Tensor:
+    """The sampler's velocity: the model's, or with true CFG v_neg + s (v - v_neg) (FluxPipeline's rule; the
+    references condition both calls, as in the pipeline)."""
     n = latents.shape[0]
     g = torch.full((n,), guidance, device=latents.device, dtype=torch.float32) if _guidance_embeds(transformer) \
         else None
-    return predict_velocity(transformer, latents, latent_ids, schedule.model_sigma(i, latents.dtype).to(latents.device),
-                            ctx.prompt_embeds.expand(n, -1, -1), ctx.pooled_prompt_embeds.expand(n, -1),
-                            ctx.text_ids, ctx.refs, guidance=g)
+    sigma = schedule.model_sigma(i, latents.dtype).to(latents.device)
+    v = predict_velocity(transformer, latents, latent_ids, sigma, ctx.prompt_embeds.expand(n, -1, -1),
+                         ctx.pooled_prompt_embeds.expand(n, -1), ctx.text_ids, ctx.refs, guidance=g)
+    if true_cfg <= 1:
+        return v
+    if ctx.negative is None:
+        raise UserError("true CFG needs the group encoded with options.true_cfg_scale > 1 (no empty-prompt embeddings)")
+    neg_embeds, neg_pooled, neg_ids = ctx.negative
+    v_neg = predict_velocity(transformer, latents, latent_ids, sigma, neg_embeds.expand(n, -1, -1),
+                             neg_pooled.expand(n, -1), neg_ids, ctx.refs, guidance=g)
+    return v_neg + true_cfg * (v - v_neg)
 
 
 def _guidance_embeds(transformer) -> bool:
@@ -142,9 +162,9 @@ def _guidance_embeds(transformer) -> bool:
 
 def _window_transition(transformer, ctx: GroupContext, x_t: torch.Tensor, latent_ids: torch.Tensor,
                        schedule: FlowSchedule, i: int, guidance: float, noise_level: float,
-                       x_next: torch.Tensor | None = None, noise: torch.Tensor | None = None):
+                       x_next: torch.Tensor | None = None, noise: torch.Tensor | None = None, true_cfg: float = 1.0):
     """The one SDE window step used by both the rollout (draws x_next from `noise`) and the update (scores x_next)."""
-    v = _velocity(transformer, ctx, x_t, latent_ids, schedule, i, guidance)
+    v = _velocity(transformer, ctx, x_t, latent_ids, schedule, i, guidance, true_cfg)
     return sde_step(x_t, v, schedule.sigmas[i], schedule.sigmas[i + 1], noise_level, schedule.sigma_cap,
                     prev_sample=x_next, noise=noise)
 
@@ -187,15 +207,16 @@ def rollout(pipe, groups: Sequence[GroupInput | GroupContext], window: Sequence[
                 if i in window:
                     noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device)
                     out = _window_transition(transformer, ctx, x, latent_ids, schedule, i, options.guidance_scale,
-                                             options.noise_level, noise=noise)
+                                             options.noise_level, noise=noise, true_cfg=options.true_cfg_scale)
                     xs.append(x)
                     xn.append(out.prev_sample)
                     lps.append(out.log_prob)
                     x = out.prev_sample.to(dtype)
                 else:
-                    v = _velocity(transformer, ctx, x, latent_ids, schedule, i, options.guidance_scale)
+                    v = _velocity(transformer, ctx, x, latent_ids, schedule, i, options.guidance_scale,
+                                  options.true_cfg_scale)
                     x = euler_step(x, v, schedule.sigmas[i], schedule.sigmas[i + 1]).to(dtype)
-                evals += x.shape[0]
+                evals += x.shape[0] * (2 if options.true_cfg_scale > 1 else 1)
             x_t_all.append(torch.stack(xs, 1))
             x_next_all.append(torch.stack(xn, 1))
             logp_all.append(torch.stack(lps, 1))
@@ -242,7 +263,8 @@ def window_log_probs(transformer, ro: Rollout, group: int, samples: slice) -> to
     for j, i in enumerate(ro.window):
         # contiguous like the rollout's own tensors: strided inputs can take other (bf16) kernels and change bits
         step = _window_transition(transformer, ctx, ro.x_t[samples, j].contiguous(), ro.latent_ids, ro.schedule, i,
-                                  ro.guidance, ro.noise_level, x_next=ro.x_next[samples, j].contiguous())
+                                  ro.guidance, ro.noise_level, x_next=ro.x_next[samples, j].contiguous(),
+                                  true_cfg=ro.options.true_cfg_scale)
         out.append(step.log_prob)
     return torch.stack(out, 1)
 

@@ -8,6 +8,7 @@ from PIL import Image
 
 from multicrafter import MultiCrafterPipeline
 from multicrafter.adapters import AdapterConfig, adapter_parameters, add_adapter
+from multicrafter.errors import UserError
 from multicrafter.gspo import gspo_loss
 from multicrafter.moe_lora import MoELoRAConfig
 from multicrafter.rollout import GroupInput, RolloutOptions, encode_group, iter_chunks, rollout, window_log_probs
@@ -46,6 +47,31 @@ def test_zero_noise_rollout_equals_the_pipeline(pipe):
     images = pipe("a red circle", output_type="np", **kw).images
     ours = np.stack([np.asarray(im) for im in ro.images])
     assert np.abs(ours.astype(int) - np.round(images * 255).astype(int)).max() <= 1
+
+
+def test_true_cfg_rollout_equals_the_guided_pipeline(pipe):
+    """With true_cfg_scale > 1 the rollout samples exactly what the pipeline samples with true CFG against ""."""
+    refs = [_ref(6)]
+    opts = _opts(noise_level=0.0, same_initial_noise=False, group_size=2, true_cfg_scale=2.5)
+    ro = rollout(pipe, [GroupInput("a red circle", refs)], range(4), opts, generator=torch.Generator().manual_seed(0),
+                 decode=False)
+    init, _ = pipe.prepare_latents(2, 16, 32, 32, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    kw = dict(num_inference_steps=4, height=32, width=32, max_sequence_length=16, num_images_per_prompt=2,
+              latents=init, reference_images=refs, output_type="latent")
+    guided = pipe("a red circle", true_cfg_scale=2.5, negative_prompt="", **kw).images
+    plain = pipe("a red circle", **kw).images
+    assert torch.allclose(ro.final_latents, guided, atol=1e-5) and not torch.allclose(guided, plain, atol=1e-3)
+    assert ro.network_evals == 2 * 4 * 2   # two calls per step and image
+
+
+def test_true_cfg_first_ratio_is_one(pipe):
+    opts = _opts(micro_batch=2, true_cfg_scale=3.0)
+    ro = rollout(pipe, [GroupInput("a blue square", [_ref(7)])], [1, 2], opts, generator=torch.Generator().manual_seed(5),
+                 decode=False)
+    for g, sl in iter_chunks(ro):
+        assert torch.equal(window_log_probs(pipe.transformer, ro, g, sl).detach(), ro.log_probs[sl])
+    with pytest.raises(UserError, match="true_cfg_scale must be >= 1"):
+        _opts(true_cfg_scale=0.5)
 
 
 def test_window_storage_and_network_evaluations(pipe):
