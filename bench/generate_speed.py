@@ -47,7 +47,8 @@ def toy_sized_pipeline():
 
 def shipped_toy_pipelines():
     """The shipped toy model (trained weights), stock FluxPipeline over the same modules, and the toy with its
-    `attn_moe` adapter (LoRA on attention + MoE-LoRA on the single blocks) loaded as a second pipeline."""
+    `attn_moe` adapter (LoRA on attention + MoE-LoRA on the single blocks) loaded as a second pipeline (None when
+    the toy does not ship that adapter)."""
     from diffusers import FluxPipeline
 
     from multicrafter import MultiCrafterPipeline
@@ -55,9 +56,11 @@ def shipped_toy_pipelines():
     ours = MultiCrafterPipeline.from_pretrained("toy", adapter=False)
     stock = FluxPipeline(**{k: v for k, v in ours.components.items() if k in FluxPipeline._get_signature_keys(
         FluxPipeline)[0]})
-    adapted = MultiCrafterPipeline.from_pretrained("toy", adapter="attn_moe")
+    adapted = MultiCrafterPipeline.from_pretrained("toy", adapter="attn_moe") \
+        if "attn_moe" in ours.available_adapters() else None
     for p in (ours, stock, adapted):
-        p.set_progress_bar_config(disable=True)
+        if p is not None:
+            p.set_progress_bar_config(disable=True)
     return ours, stock, adapted
 
 
@@ -79,19 +82,27 @@ def main() -> None:
     refs = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
     kw = dict(prompt="a red striped circle on the left and a blue dotted square on the right, on a plain grey "
               "background", height=128, width=128, num_inference_steps=args.steps, max_sequence_length=64)
+    # Every pipeline samples the same way: the toy's own defaults (guidance 1.0, true CFG 3 against the empty prompt,
+    # i.e. two transformer calls per step) are passed to stock FluxPipeline too.
+    cfg = {k: v for k, v in ours.sampling_defaults.items() if k in ("guidance_scale", "true_cfg_scale",
+                                                                     "negative_prompt")}
+    kw.update(cfg)
 
     def gen(pipe, **extra):
-        return lambda: pipe(generator=torch.Generator().manual_seed(0), **kw, **extra)
+        return lambda: pipe(generator=torch.Generator().manual_seed(0), **{**kw, **extra})
 
     runs = {"stock FluxPipeline": gen(stock), "ours, no references": gen(ours),
             "ours, 2 references": gen(ours, reference_images=refs),
             "ours, 2 references + attention": gen(ours, reference_images=refs, return_attention=True)}
+    if cfg.get("true_cfg_scale", 1.0) > 1:
+        runs["ours, 2 references, true CFG off"] = gen(ours, reference_images=refs, true_cfg_scale=1.0)
     if adapted is not None:
         runs["ours, 2 references, attn_moe adapter"] = gen(adapted, reference_images=refs)
     med = interleaved_medians(runs, args.repeats)
     base = med["stock FluxPipeline"]
     model = "shipped toy model" if args.toy else "toy-sized model (random weights)"
-    print(f"{model}, 128x128, {args.steps} steps, {args.threads} threads; medians of {args.repeats}")
+    print(f"{model}, 128x128, {args.steps} steps, {args.threads} threads, sampling {cfg or 'FluxPipeline defaults'}; "
+          f"medians of {args.repeats}")
     print("| run | seconds | x stock |\n|---|---|---|")
     for name, t in med.items():
         print(f"| {name} | {t:.3f} | {t / base:.2f} |")
