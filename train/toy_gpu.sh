@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy model's GPU stages inside one fixed time budget (issue 10; for a lent GPU with a hard time limit):
-#   1c. the base continued from stage 1b's CPU base with large batches (toy_base_gpu.yaml); a 40-step probe measures
+#   1c. the base continued from the CPU base (stage 1d) with large batches (toy_base_gpu.yaml); a 40-step probe measures
 #       the step time and the horizon (train.max_steps) is set so the stage ends in time. The probe is the run's own
 #       first 40 steps (inside the warm-up, so their LRs do not depend on the horizon): the resumed run is exactly a
 #       run with that horizon from step 0, and `--set train.max_steps=N` reproduces it.

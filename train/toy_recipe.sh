@@ -37,7 +37,11 @@ python -m train.pretrain --config train/configs/toy_base.yaml --output-dir "$RUN
 # 1b. The base with its text side trained (toy_base_text.yaml: the random frozen T5 was a bag of words).
 python -m train.pretrain --config train/configs/toy_base_text.yaml --output-dir "$RUNS/toy_base_text" --resume \
   --set "model.name=$RUNS/toy_base/pipeline" $(steps "${BASE_STEPS:-}") "${SMALL[@]}" ${BASE_TEXT_SET:-}
-START_BASE="$RUNS/toy_base_text/pipeline"
+# 1d. (CPU; the GPU stage 1c below continues it) High-noise steps emphasised (toy_base_shift.yaml: the stage-1b
+#     base decided silhouettes badly at t > 0.75, see `python -m multicrafter.eval denoise`).
+python -m train.pretrain --config train/configs/toy_base_shift.yaml --output-dir "$RUNS/toy_base_shift" --resume \
+  --set "model.name=$RUNS/toy_base_text/pipeline" $(steps "${BASE_STEPS:-}") "${SMALL[@]}" ${BASE_SHIFT_SET:-}
+START_BASE="$RUNS/toy_base_shift/pipeline"
 if [ -n "${BASE_GPU:-}" ]; then
   # 1c. (on a GPU) the base continued at batch 256 (toy_base_gpu.yaml; train/toy_gpu.sh runs 1c-3 inside a time
   # budget and fits this stage's horizon to it: pass the horizon it printed, BASE_GPU_SET="--set train.max_steps=N")
