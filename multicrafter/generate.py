@@ -50,8 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"{label} must be a positive multiple of 16, got {v}")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be at least 1")
-    if args.true_cfg is not None and not args.true_cfg >= 1.0:
-        raise UserError(f"--true-cfg must be >= 1 (1 = off), got {args.true_cfg}")
+    if args.true_cfg is not None:
+        from .presets import true_cfg_arguments
+
+        true_cfg_arguments(args.true_cfg)  # checked before anything loads
     if args.attention_out and not args.ref:
         raise UserError("--attention-out needs at least one --ref")
 
@@ -79,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from .pipeline import MultiCrafterPipeline
+    from .presets import true_cfg_arguments
     from .render import save_attention_figure, save_generation
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -89,13 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     params = dict(pipe.sampling_defaults, prompt=args.prompt)
     for key, value in (("height", args.height), ("width", args.width), ("guidance_scale", args.guidance),
-                       ("num_inference_steps", args.steps), ("true_cfg_scale", args.true_cfg)):
+                       ("num_inference_steps", args.steps)):
         if value is not None:
             params[key] = value
-    if params.get("true_cfg_scale", 1.0) > 1:
-        params.setdefault("negative_prompt", "")
-    else:
-        params.pop("negative_prompt", None)
+    scale = args.true_cfg if args.true_cfg is not None else params.get("true_cfg_scale", 1.0)
+    params.pop("negative_prompt", None)
+    params.update(true_cfg_arguments(scale, negative_prompt=pipe.sampling_defaults.get("negative_prompt", "")))
     params.setdefault("num_inference_steps", 20 if args.model in ("toy", "tiny") else 28)
     params.setdefault("guidance_scale", 3.5)
     if args.max_sequence_length or args.model in ("toy", "tiny"):

@@ -137,6 +137,16 @@ def sampling_defaults_for(model_dir: str | Path) -> dict[str, Any]:
     return data
 
 
+def true_cfg_arguments(scale: float, label: str = "--true-cfg", negative_prompt: str = "") -> dict[str, Any]:
+    """Pipeline arguments for true CFG against `negative_prompt` (FluxPipeline needs one for a second call);
+    scale 1 = off. One place for the rule the CLIs, the evaluator and the toy assembly share."""
+    import math
+
+    if not (math.isfinite(scale) and scale >= 1.0):
+        raise UserError(f"{label} must be >= 1 (1 = off), got {scale}")
+    return {"true_cfg_scale": float(scale), "negative_prompt": negative_prompt} if scale > 1 else {"true_cfg_scale": 1.0}
+
+
 def reference_options_for(model_dir: str):
     """Reference sizing for a model folder: its `multicrafter_references.json` if present, else UNO's defaults."""
     import json

@@ -66,6 +66,7 @@ def _model_runner(model: str, adapter: str | bool | None, steps: int, guidance: 
         import torch
 
         from .. import MultiCrafterPipeline  # lazy: the core pipeline is heavy and optional for ground truth
+        from ..presets import true_cfg_arguments
     except ImportError as exc:
         raise UserError(f"cannot run model {model!r}: the MultiCrafter pipeline is unavailable ({one_line(exc)})") from None
     try:
@@ -80,8 +81,7 @@ def _model_runner(model: str, adapter: str | bool | None, steps: int, guidance: 
         guidance = pipe.sampling_defaults.get("guidance_scale", 3.5)
     if true_cfg is None:
         true_cfg = float(pipe.sampling_defaults.get("true_cfg_scale", 1.0))
-    cfg = {"true_cfg_scale": true_cfg, "negative_prompt": pipe.sampling_defaults.get("negative_prompt", "")} \
-        if true_cfg > 1 else {"true_cfg_scale": 1.0}
+    cfg = true_cfg_arguments(true_cfg, negative_prompt=pipe.sampling_defaults.get("negative_prompt", ""))
 
     def generate(sample: Any, seeds: list[int]) -> list[Image.Image]:
         h, w = sample.image.shape[:2]
@@ -169,8 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--size must be a multiple of 16 and >= 32, got {args.size}")
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if args.true_cfg is not None and not (math.isfinite(args.true_cfg) and args.true_cfg >= 1.0):
-        raise UserError(f"--true-cfg must be >= 1 (1 = off), got {args.true_cfg}")
+    if args.true_cfg is not None:
+        from ..presets import true_cfg_arguments
+
+        true_cfg_arguments(args.true_cfg)  # checked before anything loads
     seeds = args.seeds if args.seeds is not None else [args.seed]
     ground_truth = args.model in ("ground-truth", "gt")
     if ground_truth and (args.adapter or args.no_adapter):
