@@ -18,7 +18,7 @@ from multicrafter.rewards.base import RewardOutput
 from multicrafter.rewards.toy import ToyReward
 from multicrafter.rollout import GroupInput, RolloutOptions, rollout
 from train.common import load_config, read_metrics
-from train.ippo import IPPOConfig, main, train
+from train.ippo import IPPOConfig, cached_groups, main, train
 from train.ippo_inputs import load_prompts, score
 
 CONFIG = Path(__file__).resolve().parent.parent / "train" / "configs" / "tiny_ippo.yaml"
@@ -223,3 +223,20 @@ def test_shipped_configs_parse(name):
     assert cfg.window_schedule().steps(0) == list(range(cfg.window.size))
     if name == "flux_dev_ippo":   # the paper's settings
         assert (cfg.sampling.num_steps, cfg.window.size, cfg.window.stride) == (16, 2, 1)
+
+
+def test_the_group_cache_never_drops_a_prompt_the_step_needs():
+    """A full cache met a step holding one cached and one new prompt: clearing it dropped the cached one (KeyError in
+    the 36th step of a 2-groups-per-step run on a GPU)."""
+    encoded: list[int] = []
+
+    def encode(i: int) -> str:
+        encoded.append(i)
+        return f"ctx{i}"
+
+    cache: dict = {}
+    for step_ids in ([0, 1], [2, 3], [1, 4], [5, 5], [4, 6]):
+        got = cached_groups(cache, step_ids, encode, limit=4)
+        assert got == [f"ctx{i}" for i in step_ids]
+        assert len(cache) <= 4
+    assert encoded == [0, 1, 2, 3, 4, 5, 6]  # [1, 4] kept 1 when it cleared; [5, 5] encoded 5 once

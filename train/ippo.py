@@ -254,6 +254,20 @@ def pick_groups(n_prompts: int, step: int, per_process: int, seed: int, rank: in
     return chosen[rank * per_process : (rank + 1) * per_process]
 
 
+def cached_groups(cache: dict[int, Any], ids: Sequence[int], encode: Callable[[int], Any],
+                  limit: int = 64) -> list[Any]:
+    """The encoded groups of `ids`, encoding only new prompts. The cache is bounded (FLUX T5 embeddings are ~4 MB per
+    prompt on the GPU); when it is full, every entry except this step's is dropped, never one this step needs."""
+    new = [i for i in dict.fromkeys(ids) if i not in cache]
+    if new and len(cache) + len(new) > limit:
+        keep = {i: cache[i] for i in ids if i in cache}
+        cache.clear()
+        cache.update(keep)
+    for i in new:
+        cache[i] = encode(i)
+    return [cache[i] for i in ids]
+
+
 def image_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
     """Rows of `cols` images (one row per prompt group)."""
     w, h = images[0].size
@@ -336,13 +350,9 @@ def train(cfg: IPPOConfig, output_dir: str | Path | None = None, max_steps: int 
             window = schedule.steps(step - 1)
             ids = pick_groups(len(prompts), step, cfg.train.groups_per_step, cfg.train.seed,
                               accelerator.process_index, accelerator.num_processes)
-            for i in ids:
-                if i not in contexts:
-                    if len(contexts) >= 64:  # FLUX T5 embeddings are ~4 MB per prompt on the GPU
-                        contexts.clear()
-                    contexts[i] = encode_group(pipe, prompts[i], cfg.sampling)
+            groups = cached_groups(contexts, ids, lambda i: encode_group(pipe, prompts[i], cfg.sampling))
             gen = torch.Generator().manual_seed(_seed_for(cfg.train.seed, step, accelerator.process_index))
-            ro = rollout(pipe, [contexts[i] for i in ids], window, cfg.sampling, generator=gen, model=model)
+            ro = rollout(pipe, groups, window, cfg.sampling, generator=gen, model=model)
             t1 = time.perf_counter()
             scores = score(reward_fn, ro, active)
             adv = compute_advantages({k: scores.components[k] for k in active}, active, G,
@@ -414,4 +424,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["GSPOConfig", "IPPOConfig", "ModelConfig", "TrainConfig", "WindowConfig", "policy_update", "setup_adapter",
-           "train", "main"]
+           "train", "main", "cached_groups"]
