@@ -143,6 +143,38 @@ def encode_image(vae: torch.nn.Module, image: Image.Image, device: torch.device 
 
 
 @torch.no_grad()
+def encode_images(vae: torch.nn.Module, images: Sequence[Image.Image], device: torch.device | str,
+                  batch_size: int = 32) -> list[torch.Tensor]:
+    """Posterior modes of many images, normalised as `encode_image`, one (1, C, h, w) each: same-size images share a
+    VAE call (a training set's cache pass encodes thousands; one call per image was most of a GPU run's set-up)."""
+    out: list[torch.Tensor | None] = [None] * len(images)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for k, im in enumerate(images):
+        by_size.setdefault(im.size, []).append(k)
+    for idx in by_size.values():
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s : s + batch_size]
+            x = torch.cat([image_to_tensor(images[k]) for k in chunk]).to(device=device, dtype=vae.dtype)
+            z = (vae.encode(x).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+            for k, zk in zip(chunk, z):
+                out[k] = zk[None]
+    return out  # type: ignore[return-value]
+
+
+def pack_references(latents: Sequence[torch.Tensor], target_hw: tuple[int, int], batch_size: int,
+                    device: torch.device | str, dtype: torch.dtype) -> PackedReferences:
+    """Normalised reference latents (1, C, h, w each) -> the packed reference stream with its UnoPE ids."""
+    packed = [pack_latents(z.to(dtype)) for z in latents]
+    grids = [(z.shape[2] // 2, z.shape[3] // 2) for z in latents]
+    if packed:
+        cat = torch.cat(packed, dim=1).expand(batch_size, -1, -1)
+    else:
+        cat = torch.zeros(batch_size, 0, 0, device=device, dtype=dtype)
+    ids = reference_position_ids(target_hw, grids).to(device=device, dtype=dtype)
+    return PackedReferences(latents=cat, ids=ids, lengths=[p.shape[1] for p in packed], grids=grids)
+
+
+@torch.no_grad()
 def encode_references(
     vae: torch.nn.Module,
     images: Sequence[Image.Image],
@@ -154,19 +186,8 @@ def encode_references(
     sample: bool = False,
 ) -> PackedReferences:
     """VAE-encode prepared references (mode of the posterior by default, as UNO), normalise, pack, give ids."""
-    latents, lengths, grids = [], [], []
-    for img in images:
-        z = encode_image(vae, img, device, generator if sample else None, sample)
-        packed = pack_latents(z.to(dtype))
-        latents.append(packed)
-        grids.append((z.shape[2] // 2, z.shape[3] // 2))
-        lengths.append(packed.shape[1])
-    if latents:
-        cat = torch.cat(latents, dim=1).expand(batch_size, -1, -1)
-    else:
-        cat = torch.zeros(batch_size, 0, 0, device=device, dtype=dtype)
-    ids = reference_position_ids(target_hw, grids).to(device=device, dtype=dtype)
-    return PackedReferences(latents=cat, ids=ids, lengths=lengths, grids=grids)
+    latents = [encode_image(vae, img, device, generator if sample else None, sample) for img in images]
+    return pack_references(latents, target_hw, batch_size, device, dtype)
 
 
 def join_references(hidden_states: torch.Tensor, img_ids: torch.Tensor, refs: PackedReferences | None):

@@ -307,7 +307,27 @@ def test_encoding_on_the_fly_equals_the_cache(tmp_path, world):
         t = _trainer(tmp_path / str(cache), world, data__cache=cache, data__caption_dropout=0.5, adapter__type="lora")
         losses.append([(r["loss_diff"], r["loss_attn"]) for r in (t.train_step() for _ in range(3))])
         assert bool(t.data._cache) == cache
-    assert losses[0] == losses[1]
+    # the cache pass encodes 64 samples per VAE call, the fly a batch: equal up to float rounding
+    flat = [[v for pair in run for v in pair] for run in losses]
+    assert flat[0] == pytest.approx(flat[1], rel=1e-5)
+
+
+def test_batched_encoding_equals_one_sample_at_a_time(tmp_path, world):
+    """The cache pass encodes in chunks (one VAE call per image size, one text call per chunk); every entry must be
+    what encoding that sample alone gives, references, ids and masks included."""
+    t = _trainer(tmp_path, world, adapter__type="lora")
+    batched = dict(t.data._cache)
+    assert len(batched) == len(t.data) > 2
+    t.data._cache = {}
+    for i in range(len(t.data)):
+        one = t.data.encode(i, t.pipe, t.device, t.dtype)
+        for key in ("prompt_embeds", "pooled", "latents", "masks"):
+            torch.testing.assert_close(one[key], batched[i][key], rtol=1e-5, atol=1e-5)
+        assert one["grid"] == batched[i]["grid"]
+        if one["refs"] is not None:
+            torch.testing.assert_close(one["refs"].latents, batched[i]["refs"].latents, rtol=1e-5, atol=1e-5)
+            assert torch.equal(one["refs"].ids, batched[i]["refs"].ids)
+            assert one["refs"].lengths == batched[i]["refs"].lengths and one["refs"].grids == batched[i]["refs"].grids
 
 
 def test_disk_cache_is_reused_and_keyed_by_its_inputs(tmp_path, world, monkeypatch):
@@ -318,7 +338,8 @@ def test_disk_cache_is_reused_and_keyed_by_its_inputs(tmp_path, world, monkeypat
     first = _trainer(tmp_path / "a", world, data__cache_dir=str(cache), adapter__type="lora")
     files = list(cache.glob("encodings-*.pt"))
     assert len(files) == 1
-    monkeypatch.setattr(TrainingSet, "encode", lambda *a, **k: pytest.fail("encoded although the cache was on disk"))
+    monkeypatch.setattr(TrainingSet, "encode_many",
+                        lambda *a, **k: pytest.fail("encoded although the cache was on disk"))
     again = _trainer(tmp_path / "b", world, data__cache_dir=str(cache), adapter__type="lora")
     assert torch.equal(again.data._cache[0]["latents"], first.data._cache[0]["latents"])
     monkeypatch.undo()
