@@ -41,6 +41,7 @@ def test_ground_truth_row_json_and_table(tmp_path, capsys):
     (["--model", "ground-truth", "--n", "2", "--size", "100"], "multiple of 16"),
     (["--model", "toy", "--n", "2", "--adapter", "attn", "--no-adapter"], "not both"),
     (["--model", "toy", "--n", "2", "--true-cfg", "0.5"], "--true-cfg must be >= 1"),
+    (["--model", "ground-truth", "--n", "2", "--no-shape-words"], "ground truth sees none"),
 ])
 def test_bad_input_one_line(args, message):
     proc = _run(*args)
@@ -108,3 +109,29 @@ def test_true_cfg_changes_the_images_and_is_recorded():
     a, b = (np.asarray(g(sample, [3])[0], dtype=float) for g in (plain, guided))
     assert used_plain["true_cfg"] == 1.0 and used_guided["true_cfg"] == 4.0
     assert np.abs(a - b).max() > 10
+
+
+def test_no_shape_words_drops_exactly_the_shape_words_from_what_the_pipeline_sees(monkeypatch):
+    """The probe's prompts are the scene's prompt minus each subject's shape word, and reach the pipeline."""
+    import multicrafter
+    from multicrafter.eval.toy import _model_runner
+    from multicrafter.toyworld import build_sample
+    from multicrafter.toyworld.subjects import SHAPES
+
+    seen: list[str] = []
+    real_call = multicrafter.MultiCrafterPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["prompt"])
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(multicrafter.MultiCrafterPipeline, "__call__", spy)
+    sample = build_sample(0, 1, split="test", size=64, ref_size=32)
+    for shape_words in (True, False):
+        generate, _ = _model_runner("tiny", None, 1, None, 1.0, shape_words)
+        generate(sample, [0])
+    full, probe = seen
+    assert full == sample.prompt
+    dropped = [w for w in full.replace(",", "").split() if w not in probe.replace(",", "").split()]
+    assert dropped and all(w in SHAPES for w in dropped)
+    assert len(dropped) == len(sample.scene["subjects"])  # one shape word per subject, nothing else

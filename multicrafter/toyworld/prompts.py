@@ -32,9 +32,10 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def subject_phrase(subject: dict) -> str:
+def subject_phrase(subject: dict, shape: bool = True) -> str:
+    """'a red-blue striped star'; without `shape`, 'a red-blue striped' (a probe: is shape read from the text?)."""
     body, accent = subject["colours"]
-    return f"{_article(body)} {body}-{accent} {subject['pattern']} {subject['shape']}"
+    return f"{_article(body)} {body}-{accent} {subject['pattern']}" + (f" {subject['shape']}" if shape else "")
 
 
 def background_phrase(background: dict) -> str:
@@ -44,9 +45,9 @@ def background_phrase(background: dict) -> str:
     return f"on {_article(colour)} {colour} {texture} background"
 
 
-def make_prompt(scene: dict) -> str:
+def make_prompt(scene: dict, shapes: bool = True) -> str:
     """'a red-blue striped star on the left and a ... on the right, on a beige dotted background'."""
-    parts = [f"{subject_phrase(s)} {POSITION_PHRASES[s['position']]}" for s in scene["subjects"]]
+    parts = [f"{subject_phrase(s, shapes)} {POSITION_PHRASES[s['position']]}" for s in scene["subjects"]]
     return f"{_join(parts)}, {background_phrase(scene['background'])}"
 
 
