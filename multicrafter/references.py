@@ -146,7 +146,7 @@ def encode_image(vae: torch.nn.Module, image: Image.Image, device: torch.device 
 def encode_images(vae: torch.nn.Module, images: Sequence[Image.Image], device: torch.device | str,
                   batch_size: int = 32) -> list[torch.Tensor]:
     """Posterior modes of many images, normalised as `encode_image`, one (1, C, h, w) each: same-size images share a
-    VAE call (a training set's cache pass encodes thousands; one call per image was most of a GPU run's set-up)."""
+    VAE call (a training set's cache pass encodes thousands of images; on a GPU one call each is launch overhead)."""
     out: list[torch.Tensor | None] = [None] * len(images)
     by_size: dict[tuple[int, int], list[int]] = {}
     for k, im in enumerate(images):
