@@ -88,7 +88,7 @@ def test_no_adapter_reaches_the_loader_as_false(monkeypatch, flags, expected):
 
     seen = []
 
-    def fake_runner(model, adapter, steps, guidance, true_cfg=None):
+    def fake_runner(model, adapter, steps, guidance, true_cfg=None, shape_words=True):
         seen.append(adapter)
         raise UserError("stop here")
 

@@ -189,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ground_truth and args.no_shape_words:
         raise UserError("--no-shape-words changes the prompts a model sees; ground truth sees none")
     generate, used = (None, {"steps": None, "guidance": None, "true_cfg": None}) if ground_truth else \
-        _model_runner(args.model, adapter, args.steps, args.guidance, args.true_cfg, not args.no_shape_words)
+        _model_runner(args.model, adapter, args.steps, args.guidance, args.true_cfg,
+                      shape_words=not args.no_shape_words)
     save_dir = Path(args.save_images) if args.save_images else None
     from tqdm.auto import tqdm
 
