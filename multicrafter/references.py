@@ -138,7 +138,11 @@ def encode_image(vae: torch.nn.Module, image: Image.Image, device: torch.device 
                  generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
     """PIL image -> normalised VAE latents (1, C, h, w): the posterior's mode (or a sample), FLUX's shift and scale."""
     dist = vae.encode(image_to_tensor(image).to(device=device, dtype=vae.dtype)).latent_dist
-    z = dist.sample(generator) if sample else dist.mode()
+    return normalise_latents(vae, dist.sample(generator) if sample else dist.mode())
+
+
+def normalise_latents(vae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latents -> the transformer's latent space (FLUX's shift and scale from the VAE's config)."""
     return (z - vae.config.shift_factor) * vae.config.scaling_factor
 
 
@@ -155,7 +159,7 @@ def encode_images(vae: torch.nn.Module, images: Sequence[Image.Image], device: t
         for s in range(0, len(idx), batch_size):
             chunk = idx[s : s + batch_size]
             x = torch.cat([image_to_tensor(images[k]) for k in chunk]).to(device=device, dtype=vae.dtype)
-            z = (vae.encode(x).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+            z = normalise_latents(vae, vae.encode(x).latent_dist.mode())
             for k, zk in zip(chunk, z):
                 out[k] = zk[None]
     return out  # type: ignore[return-value]
