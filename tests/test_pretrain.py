@@ -443,3 +443,43 @@ def test_final_pipeline_save_swaps_a_complete_folder_in(tmp_path, world, monkeyp
     assert t.save_final() == old
     assert (old / "model_index.json").is_file() and not (old / "marker.txt").exists()
     assert [p.name for p in t.output_dir.iterdir() if "pipeline" in p.name] == ["pipeline"]
+
+
+def test_positions_captions_replace_the_text_not_the_stream(tmp_path, world):
+    """positions_caption_prob = 1: every sample is trained on 'an object on the left, ...' (its own embedding, cached
+    beside the caption's); p = 0 keeps the generator stream, so existing runs are unchanged."""
+    from multicrafter.toyworld.prompts import restyle_prompt
+
+    t = _trainer(tmp_path / "p", world, adapter__type="lora", data__caption_dropout=0.0,
+                 data__positions_caption_prob=1.0)
+    batch = t.data.collate([0, 1], t.pipe, t.device, t.dtype, torch.Generator().manual_seed(0))
+    assert batch["positions_caption"].all()
+    assert batch["captions"] == [restyle_prompt(t.data.items[i].caption, "positions") for i in (0, 1)]
+    assert all("an object" in c for c in batch["captions"])
+    embeds, pooled, _ = t.pipe.encode_prompt(prompt=batch["captions"], prompt_2=None, device=t.device,
+                                             max_sequence_length=t.cfg.data.max_sequence_length)
+    torch.testing.assert_close(batch["prompt_embeds"], embeds.to(t.dtype), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch["pooled"], pooled.to(t.dtype), rtol=1e-5, atol=1e-5)
+    full = t.data._cache[0]["prompt_embeds"]
+    assert not torch.allclose(full, batch["prompt_embeds"][:1])  # the caption's own embedding is a different one
+
+    off = _trainer(tmp_path / "o", world, adapter__type="lora", data__caption_dropout=0.5)
+    g = torch.Generator().manual_seed(3)
+    off.data.collate([0, 1], off.pipe, off.device, off.dtype, g)
+    after = torch.rand(1, generator=g)
+    g2 = torch.Generator().manual_seed(3)
+    torch.rand(2, generator=g2)  # p = 0 draws only the caption-dropout uniforms
+    assert torch.equal(after, torch.rand(1, generator=g2))
+
+
+def test_positions_captions_need_toyworld_captions():
+    from types import SimpleNamespace
+
+    from train.data import DataConfig, positions_caption
+
+    assert positions_caption(SimpleNamespace(caption="a red-blue striped star on the left", line=3)) == \
+        "an object on the left"
+    with pytest.raises(UserError, match=r"metadata.jsonl:7: data.positions_caption_prob needs ToyWorld captions"):
+        positions_caption(SimpleNamespace(caption="a photo of my dog", line=7))
+    with pytest.raises(UserError, match="positions_caption_prob must be in"):
+        DataConfig(dataset="x", positions_caption_prob=1.5)

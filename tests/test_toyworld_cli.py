@@ -42,6 +42,7 @@ def test_ground_truth_row_json_and_table(tmp_path, capsys):
     (["--model", "toy", "--n", "2", "--adapter", "attn", "--no-adapter"], "not both"),
     (["--model", "toy", "--n", "2", "--true-cfg", "0.5"], "--true-cfg must be >= 1"),
     (["--model", "ground-truth", "--n", "2", "--no-shape-words"], "ground truth sees none"),
+    (["--model", "ground-truth", "--n", "2", "--prompts", "positions"], "ground truth sees none"),
 ])
 def test_bad_input_one_line(args, message):
     proc = _run(*args)
@@ -88,7 +89,7 @@ def test_no_adapter_reaches_the_loader_as_false(monkeypatch, flags, expected):
 
     seen = []
 
-    def fake_runner(model, adapter, steps, guidance, true_cfg=None, shape_words=True):
+    def fake_runner(model, adapter, steps, guidance, true_cfg=None, prompt_style="full"):
         seen.append(adapter)
         raise UserError("stop here")
 
@@ -111,7 +112,7 @@ def test_true_cfg_changes_the_images_and_is_recorded():
     assert np.abs(a - b).max() > 10
 
 
-def test_no_shape_words_drops_exactly_the_shape_words_from_what_the_pipeline_sees(monkeypatch):
+def test_prompt_probes_drop_exactly_their_words_from_what_the_pipeline_sees(monkeypatch):
     """The probe's prompts are the scene's prompt minus each subject's shape word, and reach the pipeline."""
     import multicrafter
     from multicrafter.eval.toy import _model_runner
@@ -127,11 +128,17 @@ def test_no_shape_words_drops_exactly_the_shape_words_from_what_the_pipeline_see
 
     monkeypatch.setattr(multicrafter.MultiCrafterPipeline, "__call__", spy)
     sample = build_sample(0, 1, split="test", size=64, ref_size=32)
-    for shape_words in (True, False):
-        generate, _ = _model_runner("tiny", None, 1, None, 1.0, shape_words)
+    for style in ("full", "no-shape", "positions"):
+        generate, _ = _model_runner("tiny", None, 1, None, 1.0, prompt_style=style)
         generate(sample, [0])
-    full, probe = seen
+    full, probe, positions = seen
     assert full == sample.prompt
     dropped = [w for w in full.replace(",", "").split() if w not in probe.replace(",", "").split()]
     assert dropped and all(w in SHAPES for w in dropped)
     assert len(dropped) == len(sample.scene["subjects"])  # one shape word per subject, nothing else
+    # positions: each subject is 'an object <where>'; no colour, pattern or shape word is left, the background stays
+    words = set(positions.replace(",", "").split())
+    for subject in sample.scene["subjects"]:
+        assert not {*subject["colours"], subject["pattern"], subject["shape"]} & words
+    assert positions.count("an object") == len(sample.scene["subjects"])
+    assert positions.endswith(full.split(", ")[-1])

@@ -69,6 +69,9 @@ class DataConfig:
     ref_long_side_single: int | None = None   # reference long side with one subject; None: the model's setting
     ref_long_side_multi: int | None = None    # ... with several subjects (UNO: 512 / 320 on FLUX)
     caption_dropout: float = 0.0      # probability of training a sample on the empty caption
+    positions_caption_prob: float = 0.0  # probability of training a sample on its caption with each subject named
+                                      # only by position ('an object on the left'): identity must then come from the
+                                      # references (ToyWorld captions; toyworld.prompts.restyle_prompt)
     cache: bool = True                # encode text, targets and references once (frozen encoders) and keep them
     cache_dir: str | None = None      # with cache: also keep the encodings in a file here, keyed by the data, the
                                       # encoders' weights and these settings, so a resumed run or a sibling adapter
@@ -82,8 +85,9 @@ class DataConfig:
             raise UserError("data: give exactly one of 'dataset' (a folder) or 'toyworld' (made on the fly)")
         if self.resolution < 16 or self.resolution % 16:
             raise UserError(f"data.resolution must be a positive multiple of 16, got {self.resolution}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise UserError(f"data.caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        for name in ("caption_dropout", "positions_caption_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.batch_size < 1 or self.max_sequence_length < 1:
             raise UserError("data.batch_size and data.max_sequence_length must be >= 1")
 
@@ -119,6 +123,18 @@ def load_samples(root: str | Path):
     if not samples:
         raise UserError(f"dataset {root} is empty: metadata.jsonl lists no samples")
     return samples
+
+
+def positions_caption(sample) -> str:
+    """The sample's caption with its subjects named by position only; a caption outside ToyWorld's vocabulary is
+    refused with its line (the option needs captions whose subjects can be found)."""
+    from multicrafter.toyworld.prompts import restyle_prompt
+
+    try:
+        return restyle_prompt(sample.caption, "positions")
+    except ValueError:
+        raise UserError(f"metadata.jsonl:{sample.line}: data.positions_caption_prob needs ToyWorld captions "
+                        f"('a red-blue striped star on the left, ...'), got {sample.caption[:60]!r}") from None
 
 
 # ------------------------------------------------------------------------------------------------ geometry
@@ -160,6 +176,7 @@ class Item:
     masks: Any                             # list of mask paths
     subject_names: list[str]
     line: int
+    caption_positions: str | None = None   # the caption with subjects named by position only (positions_caption_prob)
 
     @property
     def key(self) -> tuple:
@@ -196,7 +213,8 @@ class TrainingSet:
                     ref_sizes.append(reference_size(im.width, im.height, long_side, self.ref_options.multiple))
             self.items.append(Item(name=s.name, caption=s.caption, size=size, image=s.image, refs=refs,
                                    ref_sizes=ref_sizes, masks=[sub.mask for sub in s.subjects] if refs else [],
-                                   subject_names=[sub.name for sub in s.subjects], line=s.line))
+                                   subject_names=[sub.name for sub in s.subjects], line=s.line,
+                                   caption_positions=positions_caption(s) if cfg.positions_caption_prob else None))
         self._cache: dict[int, dict[str, Any]] = {}
         self._empty_text: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -240,10 +258,12 @@ class TrainingSet:
         if todo:
             items = [self.items[i] for i in todo]
             embeds = pooled = None
-            if not self.text_trainable:
-                embeds, pooled, _ = pipe.encode_prompt(prompt=[it.caption for it in items], prompt_2=None,
+            if not self.text_trainable:  # the positions captions (if any) follow the captions in the same call
+                prompts = [it.caption for it in items] + [it.caption_positions for it in items if it.caption_positions]
+                embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None,
                                                        device=device, max_sequence_length=self.cfg.max_sequence_length)
                 embeds, pooled = embeds.to(dtype), pooled.to(dtype)
+            n_pos = len(items)
             targets = [cover_crop(Image.open(it.image).convert("RGB"), it.size) for it in items]
             refs_pil = [prepare_reference_images(it.refs, self.ref_options) if it.refs else [] for it in items]
             zs = encode_images(pipe.vae, targets + [r for rs in refs_pil for r in rs], device)
@@ -253,9 +273,14 @@ class TrainingSet:
                 ref_z = [next(z_refs) for _ in refs_pil[k]]
                 fresh[i] = {"prompt_embeds": None if embeds is None else embeds[k : k + 1].clone(),
                             "pooled": None if pooled is None else pooled[k : k + 1].clone(),
+                            "positions_embeds": None, "positions_pooled": None,
                             "latents": pack_latents(zs[k].to(dtype)),
                             "refs": pack_references(ref_z, grid, 1, device, dtype) if ref_z else None,
                             "masks": self.mask_grid(i).to(device), "grid": grid}
+                if it.caption_positions and embeds is not None:
+                    fresh[i]["positions_embeds"] = embeds[n_pos : n_pos + 1].clone()
+                    fresh[i]["positions_pooled"] = pooled[n_pos : n_pos + 1].clone()
+                    n_pos += 1
             if self.cfg.cache:
                 self._cache.update(fresh)
         return [self._cache[i] if i in self._cache else fresh[i] for i in indices]
@@ -310,6 +335,8 @@ class TrainingSet:
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
         for it in self.items:
             h.update(f"{it.caption}|{it.size}|{it.ref_sizes}".encode())
+            if it.caption_positions:
+                h.update(f"positions|{it.caption_positions}".encode())
             for f in (it.image, *it.refs, *it.masks):
                 st = os.stat(f)
                 h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -326,15 +353,21 @@ class TrainingSet:
     def collate(self, indices: list[int], pipe, device, dtype, generator: torch.Generator) -> dict[str, Any]:
         """A batch of samples with the same layout: latents (B, T, C), embeddings, references, masks (B, N, T).
 
-        Caption dropout draws one uniform per sample from `generator` (always, so the stream does not depend on p).
+        Caption dropout draws one uniform per sample from `generator` (always, so the stream does not depend on p);
+        positions captions draw a second one, only when enabled (so runs without them keep their stream).
         """
         encs = self.encode_many(list(indices), pipe, device, dtype)
         drop = torch.rand(len(indices), generator=generator) < self.cfg.caption_dropout
+        positions = torch.zeros(len(indices), dtype=torch.bool)
+        if self.cfg.positions_caption_prob:
+            positions = torch.rand(len(indices), generator=generator) < self.cfg.positions_caption_prob
+        captions = [self.items[i].caption_positions if q else self.items[i].caption for i, q in zip(indices, positions)]
         embeds = pooled = None  # trained text encoders: the trainer encodes `captions` with `caption_dropped`
         if not self.text_trainable:
             empty = self.empty_text(pipe, device, dtype)
-            embeds = torch.cat([empty[0] if d else e["prompt_embeds"] for e, d in zip(encs, drop)])
-            pooled = torch.cat([empty[1] if d else e["pooled"] for e, d in zip(encs, drop)])
+            pick = [empty if d else (e["positions_embeds"], e["positions_pooled"]) if q
+                    else (e["prompt_embeds"], e["pooled"]) for e, d, q in zip(encs, drop, positions)]
+            embeds, pooled = torch.cat([e for e, _ in pick]), torch.cat([p for _, p in pick])
         refs = None
         if encs[0]["refs"] is not None:
             r0: PackedReferences = encs[0]["refs"]
@@ -343,8 +376,8 @@ class TrainingSet:
         gh, gw = encs[0]["grid"]
         return {"latents": torch.cat([e["latents"] for e in encs]), "prompt_embeds": embeds, "pooled": pooled,
                 "refs": refs, "masks": torch.stack([e["masks"] for e in encs]), "grid": (gh, gw),
-                "captions": [self.items[i].caption for i in indices], "indices": list(indices),
-                "caption_dropped": drop}
+                "captions": captions, "indices": list(indices), "caption_dropped": drop,
+                "positions_caption": positions}
 
 
 # ------------------------------------------------------------------------------------------------ order

@@ -21,6 +21,7 @@ from PIL import Image
 from ..errors import ArgumentParser, UserError, one_line, run_cli
 from ..io import atomic_write_json, save_image_atomic
 from ..toyworld.evaluate import METRICS  # one definition: the evaluator decides which metrics exist
+from ..toyworld.prompts import PROMPT_STYLES
 
 
 def _seeds(text: str) -> list[int]:
@@ -54,16 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="scene size (multiple of 16)")
     p.add_argument("--ref-size", type=int, default=64)
     p.add_argument("--similar-prob", type=float, default=0.3)
-    p.add_argument("--no-shape-words", action="store_true",
-                   help="prompts without the subjects' shape words (a probe: does shape come from the text or from "
-                        "the references?)")
+    p.add_argument("--prompts", choices=PROMPT_STYLES, default="full",
+                   help="what the prompts state of each subject: full (the training captions), no-shape (no shape "
+                        "word), positions ('an object on the left': every attribute must come from the references)")
+    p.add_argument("--no-shape-words", dest="prompts", action="store_const", const="no-shape",
+                   help="the same as --prompts no-shape")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--save-images", default=None, metavar="DIR", help="also save each scored image")
     return p
 
 
 def _model_runner(model: str, adapter: str | bool | None, steps: int, guidance: float | None,
-                  true_cfg: float | None = None, shape_words: bool = True,
+                  true_cfg: float | None = None, prompt_style: str = "full",
                   ) -> tuple[Callable[[Any, list[int]], list[Image.Image]], dict]:
     """Load the pipeline once; returns (generate(sample, generator_seeds) -> one image per seed, sampling used)."""
     try:
@@ -90,7 +93,7 @@ def _model_runner(model: str, adapter: str | bool | None, steps: int, guidance: 
 
     def generate(sample: Any, seeds: list[int]) -> list[Image.Image]:
         h, w = sample.image.shape[:2]
-        prompt = sample.prompt if shape_words else make_prompt(sample.scene, shapes=False)
+        prompt = sample.prompt if prompt_style == "full" else make_prompt(sample.scene, prompt_style)
         out = pipe(prompt=prompt, reference_images=[Image.fromarray(r) for r in sample.references],
                    height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
                    num_images_per_prompt=len(seeds), generator=[torch.Generator().manual_seed(s) for s in seeds],
@@ -186,11 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.adapter and args.no_adapter:
         raise UserError("give --adapter NAME or --no-adapter, not both")
     adapter = False if args.no_adapter else args.adapter  # False: not even toy's shipped default
-    if ground_truth and args.no_shape_words:
-        raise UserError("--no-shape-words changes the prompts a model sees; ground truth sees none")
+    if ground_truth and args.prompts != "full":
+        raise UserError(f"--prompts {args.prompts} changes the prompts a model sees; ground truth sees none")
     generate, used = (None, {"steps": None, "guidance": None, "true_cfg": None}) if ground_truth else \
         _model_runner(args.model, adapter, args.steps, args.guidance, args.true_cfg,
-                      shape_words=not args.no_shape_words)
+                      prompt_style=args.prompts)
     save_dir = Path(args.save_images) if args.save_images else None
     from tqdm.auto import tqdm
 
@@ -199,13 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    args.similar_prob, save_dir, bar)
     res = summarise(per_seed, args.n)
     res.update({"model": args.model, "adapter": "none" if args.no_adapter else args.adapter, "split": "test", "scene_seed": args.scene_seed,
-                "size": args.size, "prompts": "no shape words" if args.no_shape_words else "full", **used})
+                "size": args.size, "prompts": args.prompts, **used})
     if any(isinstance(v, float) and not math.isfinite(v) for v in res.values()):
         raise UserError("evaluation produced a non-finite score")
     print(f"ToyWorld held-out: model={args.model}" + (f" adapter={args.adapter}" if args.adapter else "")
           + f", {args.n} scenes x {len(seeds)} seed(s)" + (f", guidance {used['guidance']}" if used["guidance"] is not None else "")
           + (f", true CFG {used['true_cfg']:g}" if (used["true_cfg"] or 1.0) > 1 else "")
-          + (", prompts without shape words" if args.no_shape_words else ""))
+          + (f", prompts: {args.prompts}" if args.prompts != "full" else ""))
     print(markdown_table(res))
     sp = res["similar_pairs"]
     if sp["n"]:

@@ -32,10 +32,20 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def subject_phrase(subject: dict, shape: bool = True) -> str:
-    """'a red-blue striped star'; without `shape`, 'a red-blue striped' (a probe: is shape read from the text?)."""
+# How much of each subject a prompt states. `full` is the training caption; the others are probes of what the model
+# reads from the references rather than the text: `no-shape` drops the shape word, `positions` names only where each
+# subject is ("an object on the left"), so every attribute must come from its reference image.
+PROMPT_STYLES = ("full", "no-shape", "positions")
+
+
+def subject_phrase(subject: dict, style: str = "full") -> str:
+    """'a red-blue striped star' (full), 'a red-blue striped' (no-shape) or 'an object' (positions)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+    if style == "positions":
+        return "an object"
     body, accent = subject["colours"]
-    return f"{_article(body)} {body}-{accent} {subject['pattern']}" + (f" {subject['shape']}" if shape else "")
+    return f"{_article(body)} {body}-{accent} {subject['pattern']}" + (f" {subject['shape']}" if style == "full" else "")
 
 
 def background_phrase(background: dict) -> str:
@@ -45,9 +55,9 @@ def background_phrase(background: dict) -> str:
     return f"on {_article(colour)} {colour} {texture} background"
 
 
-def make_prompt(scene: dict, shapes: bool = True) -> str:
-    """'a red-blue striped star on the left and a ... on the right, on a beige dotted background'."""
-    parts = [f"{subject_phrase(s, shapes)} {POSITION_PHRASES[s['position']]}" for s in scene["subjects"]]
+def make_prompt(scene: dict, style: str = "full") -> str:
+    """'a red-blue striped star on the left and a ... on the right, on a beige dotted background' (see PROMPT_STYLES)."""
+    parts = [f"{subject_phrase(s, style)} {POSITION_PHRASES[s['position']]}" for s in scene["subjects"]]
     return f"{_join(parts)}, {background_phrase(scene['background'])}"
 
 
@@ -79,3 +89,12 @@ def parse_prompt(prompt: str) -> dict:
     if bg:
         background = {"colour": bg["colour"], "texture": "plain" if bg["plain"] else (bg["texture"] or "plain")}
     return {"subjects": subjects, "background": background}
+
+
+def restyle_prompt(prompt: str, style: str) -> str:
+    """A ToyWorld prompt restated in another PROMPT_STYLE (training on `positions` captions makes identity come from
+    the references). Raises ValueError for a prompt outside the ToyWorld vocabulary."""
+    scene = parse_prompt(prompt)
+    parts = [f"{subject_phrase(s, style)} {POSITION_PHRASES[s['position']]}" for s in scene["subjects"]]
+    bg = scene["background"]
+    return _join(parts) + (f", {background_phrase(bg)}" if bg else "")
