@@ -57,8 +57,11 @@ def background_phrase(background: dict) -> str:
 
 def make_prompt(scene: dict, style: str = "full") -> str:
     """'a red-blue striped star on the left and a ... on the right, on a beige dotted background' (see PROMPT_STYLES)."""
-    parts = [f"{subject_phrase(s, style)} {POSITION_PHRASES[s['position']]}" for s in scene["subjects"]]
-    return f"{_join(parts)}, {background_phrase(scene['background'])}"
+    return f"{_subjects_clause(scene['subjects'], style)}, {background_phrase(scene['background'])}"
+
+
+def _subjects_clause(subjects: list[dict], style: str) -> str:
+    return _join([f"{subject_phrase(s, style)} {POSITION_PHRASES[s['position']]}" for s in subjects])
 
 
 _ALT = lambda words: "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # noqa: E731
@@ -95,6 +98,5 @@ def restyle_prompt(prompt: str, style: str) -> str:
     """A ToyWorld prompt restated in another PROMPT_STYLE (training on `positions` captions makes identity come from
     the references). Raises ValueError for a prompt outside the ToyWorld vocabulary."""
     scene = parse_prompt(prompt)
-    parts = [f"{subject_phrase(s, style)} {POSITION_PHRASES[s['position']]}" for s in scene["subjects"]]
     bg = scene["background"]
-    return _join(parts) + (f", {background_phrase(bg)}" if bg else "")
+    return _subjects_clause(scene["subjects"], style) + (f", {background_phrase(bg)}" if bg else "")
