@@ -258,12 +258,13 @@ class TrainingSet:
         if todo:
             items = [self.items[i] for i in todo]
             embeds = pooled = None
-            if not self.text_trainable:  # the positions captions (if any) follow the captions in the same call
-                prompts = [it.caption for it in items] + [it.caption_positions for it in items if it.caption_positions]
+            # positions captions are all or none (positions_caption_prob); they follow the captions in the same call
+            with_positions = bool(self.cfg.positions_caption_prob) and not self.text_trainable
+            if not self.text_trainable:
+                prompts = [it.caption for it in items] + ([it.caption_positions for it in items] if with_positions else [])
                 embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None,
                                                        device=device, max_sequence_length=self.cfg.max_sequence_length)
                 embeds, pooled = embeds.to(dtype), pooled.to(dtype)
-            n_pos = len(items)
             targets = [cover_crop(Image.open(it.image).convert("RGB"), it.size) for it in items]
             refs_pil = [prepare_reference_images(it.refs, self.ref_options) if it.refs else [] for it in items]
             zs = encode_images(pipe.vae, targets + [r for rs in refs_pil for r in rs], device)
@@ -277,10 +278,10 @@ class TrainingSet:
                             "latents": pack_latents(zs[k].to(dtype)),
                             "refs": pack_references(ref_z, grid, 1, device, dtype) if ref_z else None,
                             "masks": self.mask_grid(i).to(device), "grid": grid}
-                if it.caption_positions and embeds is not None:
-                    fresh[i]["positions_embeds"] = embeds[n_pos : n_pos + 1].clone()
-                    fresh[i]["positions_pooled"] = pooled[n_pos : n_pos + 1].clone()
-                    n_pos += 1
+                if with_positions:
+                    j = len(items) + k
+                    fresh[i]["positions_embeds"] = embeds[j : j + 1].clone()
+                    fresh[i]["positions_pooled"] = pooled[j : j + 1].clone()
             if self.cfg.cache:
                 self._cache.update(fresh)
         return [self._cache[i] if i in self._cache else fresh[i] for i in indices]
