@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from multicrafter.errors import UserError
 from multicrafter.eval.toy import main as eval_toy_main
@@ -43,12 +44,19 @@ def test_ground_truth_row_json_and_table(tmp_path, capsys):
     (["--model", "toy", "--n", "2", "--true-cfg", "0.5"], "--true-cfg must be >= 1"),
     (["--model", "ground-truth", "--n", "2", "--no-shape-words"], "ground truth sees none"),
     (["--model", "ground-truth", "--n", "2", "--prompts", "positions"], "ground truth sees none"),
+    (["--model", "tiny", "--n", "1", "--device", "gpu0"], "is not a torch device"),
 ])
 def test_bad_input_one_line(args, message):
     proc = _run(*args)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:") and proc.stderr.strip().count("\n") == 0
     assert message in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_line():
+    proc = _run("--model", "tiny", "--n", "1", "--device", "cuda")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "torch sees no CUDA GPU" in proc.stderr
 
 
 def test_unloadable_model_is_a_user_error():
@@ -65,6 +73,7 @@ def test_model_path_runs_on_tiny_pipeline(tmp_path):
     assert res["model"] == "tiny" and res["n"] == 2 and res["n_scenes"] == 1 and 0.0 <= res["overall"] <= 1.0
     assert res["id_sim"] < 0.9  # a random model does not reproduce the subjects
     assert res["guidance"] == 3.5  # tiny has no sampling file: FLUX's default
+    assert res["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto, recorded
     assert sorted(p.name for p in (tmp_path / "imgs").glob("*.png")) == ["seed0_0000.png", "seed1_0000.png"]
 
 
@@ -89,7 +98,7 @@ def test_no_adapter_reaches_the_loader_as_false(monkeypatch, flags, expected):
 
     seen = []
 
-    def fake_runner(model, adapter, steps, guidance, true_cfg=None, prompt_style="full"):
+    def fake_runner(model, adapter, steps, guidance, true_cfg=None, prompt_style="full", device="cpu"):
         seen.append(adapter)
         raise UserError("stop here")
 

@@ -60,15 +60,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "word), positions ('an object on the left': every attribute must come from the references)")
     p.add_argument("--no-shape-words", dest="prompts", action="store_const", const="no-shape",
                    help="the same as --prompts no-shape")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--save-images", default=None, metavar="DIR", help="also save each scored image")
     return p
 
 
+def resolve_device(name: str) -> str:
+    """`auto` -> cuda when torch sees a GPU, else cpu; anything else must be a device torch can use here."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a torch device (try auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: torch sees no CUDA GPU on this machine (use --device cpu)")
+    return name
+
+
 def _model_runner(model: str, adapter: str | bool | None, steps: int, guidance: float | None,
-                  true_cfg: float | None = None, prompt_style: str = "full",
+                  true_cfg: float | None = None, prompt_style: str = "full", device: str = "cpu",
                   ) -> tuple[Callable[[Any, list[int]], list[Image.Image]], dict]:
-    """Load the pipeline once; returns (generate(sample, generator_seeds) -> one image per seed, sampling used)."""
+    """Load the pipeline once; returns (generate(sample, generator_seeds) -> one image per seed, sampling used).
+    Generators stay on the CPU whatever `device` is, so a seed draws the same initial noise everywhere."""
     try:
         import torch
 
@@ -78,7 +96,7 @@ def _model_runner(model: str, adapter: str | bool | None, steps: int, guidance: 
     except ImportError as exc:
         raise UserError(f"cannot run model {model!r}: the MultiCrafter pipeline is unavailable ({one_line(exc)})") from None
     try:
-        pipe = MultiCrafterPipeline.from_pretrained(model, adapter=adapter)
+        pipe = MultiCrafterPipeline.from_pretrained(model, adapter=adapter, device=device)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loading failure is the user's model/adapter choice
@@ -100,7 +118,7 @@ def _model_runner(model: str, adapter: str | bool | None, steps: int, guidance: 
                    **cfg)
         return list(out.images)
 
-    return generate, {"steps": steps, "guidance": guidance, "true_cfg": true_cfg}
+    return generate, {"steps": steps, "guidance": guidance, "true_cfg": true_cfg, "device": device}
 
 
 def _aggregate(per: list[dict]) -> dict:
@@ -191,9 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     adapter = False if args.no_adapter else args.adapter  # False: not even toy's shipped default
     if ground_truth and args.prompts != "full":
         raise UserError(f"--prompts {args.prompts} changes the prompts a model sees; ground truth sees none")
-    generate, used = (None, {"steps": None, "guidance": None, "true_cfg": None}) if ground_truth else \
-        _model_runner(args.model, adapter, args.steps, args.guidance, args.true_cfg,
-                      prompt_style=args.prompts)
+    device = None if ground_truth else resolve_device(args.device)
+    generate, used = (None, {"steps": None, "guidance": None, "true_cfg": None, "device": None}) if ground_truth \
+        else _model_runner(args.model, adapter, args.steps, args.guidance, args.true_cfg,
+                           prompt_style=args.prompts, device=device)
     save_dir = Path(args.save_images) if args.save_images else None
     from tqdm.auto import tqdm
 
@@ -208,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"ToyWorld held-out: model={args.model}" + (f" adapter={args.adapter}" if args.adapter else "")
           + f", {args.n} scenes x {len(seeds)} seed(s)" + (f", guidance {used['guidance']}" if used["guidance"] is not None else "")
           + (f", true CFG {used['true_cfg']:g}" if (used["true_cfg"] or 1.0) > 1 else "")
-          + (f", prompts: {args.prompts}" if args.prompts != "full" else ""))
+          + (f", prompts: {args.prompts}" if args.prompts != "full" else "")
+          + (f", on {used['device']}" if used["device"] not in (None, "cpu") else ""))
     print(markdown_table(res))
     sp = res["similar_pairs"]
     if sp["n"]:

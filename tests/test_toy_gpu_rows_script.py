@@ -1,0 +1,54 @@
+"""train/toy_gpu_rows.sh, the GPU pass that trains several rows at once and scores them: it must end inside its
+budget and leave every row, evaluation and IPPO checkpoint packed (here on CPU, with every stage shrunk)."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_rows_script_trains_scores_and_packs_in_budget(tmp_path):
+    runs, pack, shim = tmp_path / "runs", tmp_path / "pack", tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # the script calls `python`
+    (shim / "python").chmod(0o755)
+    common = (f"--set data.toyworld.n=8 --set data.toyworld.folder={runs}/tw --set data.cache_dir={runs}/cache "
+              "--set data.num_validation=1 --set output.validation_steps=2 --set data.batch_size=2 "
+              "--set train.max_steps=2 --set output.checkpoint_every=1 --set data.positions_caption_prob=0.5")
+    budget = 200
+    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "RUNS": str(runs), "PACK": str(pack),
+           "BUDGET": str(budget), "EVAL_RESERVE": "110", "COMMON_SET": common, "EVAL_BASE": "1",
+           "ROWS": "plain toy_adapter_baseline\n\nr8 toy_adapter_attn --set adapter.lora_rank=8 "
+                   "--set attention_loss.mode=img2ref\n",
+           "EVAL_ARGS": "--n 1 --seeds 0 --steps 2 --true-cfg 1 --prompts positions --device cpu",
+           "IPPO_FROM": "r8",
+           # IPPO gets far more steps than fit: it must be cut off at the budget and still pack a checkpoint
+           "IPPO_SET": (f"--set prompts.toyworld.n=2 --set prompts.toyworld.folder={runs}/twi "
+                        "--set sampling.num_steps=2 --set sampling.group_size=2 --set window.size=1 "
+                        "--set train.max_steps=10000 --set train.groups_per_step=1 --set train.save_every=1 "
+                        "--set train.sample_every=0")}
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", "train/toy_gpu_rows.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=budget + 120)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert elapsed < budget + 15, f"the script ran {elapsed:.0f} s on a {budget} s budget"
+    names = sorted(p.name for p in pack.iterdir())
+    assert names == ["eval_base.json", "eval_plain.json", "eval_r8.json", "ippo.tar", "ippo_checkpoint.tar",
+                     "logs.tar", "row_plain.tar", "row_r8.tar"], names + [proc.stdout[-2000:]]
+    for row in ("plain", "r8"):
+        with tarfile.open(pack / f"row_{row}.tar") as t:
+            assert f"{row}/adapter/adapter_config.json" in t.getnames()
+        res = json.loads((pack / f"eval_{row}.json").read_text())
+        assert res["adapter"] == str(runs / row / "adapter") and res["prompts"] == "positions" and res["n"] == 1
+    config = json.loads((runs / "r8" / "adapter" / "adapter_config.json").read_text())
+    assert config["lora_rank"] == 8  # the row's own --set reached its run
+    assert json.loads((pack / "eval_base.json").read_text())["adapter"] == "none"
+    with tarfile.open(pack / "ippo_checkpoint.tar") as t:
+        assert any(n.endswith("state.pt") for n in t.getnames())
+    assert "ippo stopped (rc 124)" in proc.stdout, "IPPO should have been cut off at the budget"

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Several adapter rows trained at once from the toy base on one GPU, then each scored on held-out scenes on that GPU
+# (issue 10's ablation variants, for a lent GPU with a hard time limit). ROWS holds one row per line:
+#   NAME CONFIG [--set KEY=VALUE ...]
+# Each row runs `python -m train.pretrain --config train/configs/CONFIG.yaml --output-dir $RUNS/NAME --resume
+#   --set model.name=$BASE $COMMON_SET <the row's sets>` (all rows at once; a first 1-step run writes the data and
+# the encoding cache they share), is packed into $PACK/row_NAME.tar as soon as all have ended, and is then scored by
+# `python -m multicrafter.eval toy --model toy --adapter $RUNS/NAME/adapter $EVAL_ARGS --json $PACK/eval_NAME.json`
+# (all at once; EVAL_BASE=1 adds the base, --no-adapter). IPPO_FROM=NAME also runs IPPO (toy_ippo.yaml + $IPPO_SET)
+# from that row's adapter beside the evaluations, cut off at the budget and packed with its last checkpoint.
+# Every stage is bounded by `timeout`, so the script ends by BUDGET seconds and $PACK never holds a half-written file.
+#   BUDGET=480 PACK=/tmp/pack ROWS=$'baseline toy_adapter_baseline\nattn toy_adapter_attn' bash train/toy_gpu_rows.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BUDGET=${BUDGET:-480}; PACK=${PACK:-runs/gpu_pack}; RUNS=${RUNS:-runs}; BASE=${BASE:-toy}
+EVAL_RESERVE=${EVAL_RESERVE:-150}   # seconds kept for the evaluations when the rows train
+EVAL_ARGS=${EVAL_ARGS:---true-cfg 3 --n 200 --seeds 0,1,2 --prompts positions}
+ROWS=${ROWS:?one row per line: NAME CONFIG [--set KEY=VALUE ...]}
+START=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+log() { echo "[toy_gpu_rows +$(($(date +%s) - START))s] $*"; }
+bounded() { local t=$(($(left) - $1)); shift; if [ "$t" -lt 5 ]; then return 124; fi; timeout -k 5 "$t" "$@"; }
+pack() { local name=$1; shift; tar -cf "$PACK/$name.part" "$@" && mv "$PACK/$name.part" "$PACK/$name"; }
+mkdir -p "$PACK" "$RUNS"
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+names=(); sets=()
+while read -r name config rest; do
+  [ -n "$name" ] || continue
+  [ -f "train/configs/$config.yaml" ] || { log "row $name: no train/configs/$config.yaml"; exit 2; }
+  names+=("$name"); sets+=("--config train/configs/$config.yaml --output-dir $RUNS/$name $rest")
+done <<< "$ROWS"
+[ "${#names[@]}" -gt 0 ] || { log "ROWS names no row"; exit 2; }
+
+# the data and the encoding cache, written once (a 1-step run of the first row), then every row at once
+# shellcheck disable=SC2086  # the sets are words on purpose
+bounded "$EVAL_RESERVE" python -m train.pretrain ${sets[0]} --output-dir "$RUNS/_prepare" --max-steps 1 \
+  --set "model.name=$BASE" --set output.progress=false ${COMMON_SET:-} > "$RUNS/_prepare.log" 2>&1 \
+  || { log "preparing the data failed (rc $?)"; tail -5 "$RUNS/_prepare.log"; exit 1; }
+log "data and encodings ready"
+pids=()
+for i in "${!names[@]}"; do
+  # shellcheck disable=SC2086
+  OMP_NUM_THREADS=2 bounded "$EVAL_RESERVE" python -m train.pretrain ${sets[$i]} --resume --set "model.name=$BASE" \
+    --set output.progress=false ${COMMON_SET:-} > "$RUNS/${names[$i]}.log" 2>&1 &
+  pids+=($!)
+done
+for i in "${!pids[@]}"; do wait "${pids[$i]}" || log "row ${names[$i]} stopped early (rc $?)"; done
+done_rows=()
+for name in "${names[@]}"; do
+  what=adapter
+  [ -f "$RUNS/$name/adapter/adapter_config.json" ] || what=$(basename "$(ls -d "$RUNS/$name"/checkpoint-* 2>/dev/null \
+    | sort -t- -k2 -n | tail -1)")
+  pack "row_$name.tar" -C "$RUNS" "$name/$what" "$name/metrics.jsonl" "$name.log" && log "packed $name ($what)"
+  [ "$what" = adapter ] && done_rows+=("$name")
+done
+
+# the evaluations (and IPPO) at once, in what is left
+pids=()
+if [ "${IPPO_FROM:-}" ] && [ -f "$RUNS/$IPPO_FROM/adapter/adapter_config.json" ]; then
+  # shellcheck disable=SC2086
+  bounded 15 python -m train.ippo --config train/configs/toy_ippo.yaml --output-dir "$RUNS/ippo_$IPPO_FROM" --resume \
+    --set "model.adapter=$RUNS/$IPPO_FROM/adapter" ${IPPO_SET:-} > "$RUNS/ippo_$IPPO_FROM.log" 2>&1 &
+  ippo_pid=$!
+fi
+[ "${EVAL_BASE:-0}" = 1 ] && { bounded 15 python -m multicrafter.eval toy --model toy --no-adapter $EVAL_ARGS \
+  --json "$PACK/eval_base.json" > "$RUNS/eval_base.log" 2>&1 & pids+=($!); }
+for name in "${done_rows[@]}"; do
+  # shellcheck disable=SC2086
+  bounded 15 python -m multicrafter.eval toy --model toy --adapter "$RUNS/$name/adapter" $EVAL_ARGS \
+    --json "$PACK/eval_$name.json" > "$RUNS/eval_$name.log" 2>&1 &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p" || log "an evaluation stopped early (rc $?)"; done
+log "evaluations: $(ls "$PACK" | grep -c '^eval_.*json$') written"
+if [ -n "${ippo_pid:-}" ]; then
+  wait "$ippo_pid" || log "ippo stopped (rc $?)"
+  last=$(ls -d "$RUNS/ippo_$IPPO_FROM"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
+  pack ippo.tar -C "$RUNS" --exclude='checkpoint-*' "ippo_$IPPO_FROM" "ippo_$IPPO_FROM.log" && log "ippo packed"
+  [ -n "$last" ] && pack ippo_checkpoint.tar -C "$RUNS" "ippo_$IPPO_FROM/$(basename "$last")"
+fi
+pack logs.tar -C "$RUNS" $(cd "$RUNS" && ls -- *.log)
+log "done"
