@@ -6,8 +6,8 @@
 #   --set model.name=$BASE $COMMON_SET <the row's sets>` (all rows at once; a first 1-step run writes the data and
 # the encoding cache they share), is packed into $PACK/row_NAME.tar as soon as all have ended, and is then scored by
 # `python -m multicrafter.eval toy --model toy --adapter $RUNS/NAME/adapter $EVAL_ARGS --json $PACK/eval_NAME.json`
-# (all at once; EVAL_BASE=1 adds the base, --no-adapter). IPPO_FROM=NAME also runs IPPO (toy_ippo.yaml + $IPPO_SET)
-# from that row's adapter beside the evaluations, cut off at the budget and packed with its last checkpoint.
+# (all at once; EVAL_BASE=1 adds the base, --no-adapter). IPPO_FROM=NAME then runs IPPO (toy_ippo.yaml + $IPPO_SET)
+# from that row's adapter in the time left, cut off at the budget and packed with its last checkpoint.
 # Every stage is bounded by `timeout`, so the script ends by BUDGET seconds and $PACK never holds a half-written file.
 #   BUDGET=480 PACK=/tmp/pack ROWS=$'baseline toy_adapter_baseline\nattn toy_adapter_attn' bash train/toy_gpu_rows.sh
 set -uo pipefail
@@ -55,14 +55,8 @@ for name in "${names[@]}"; do
   [ "$what" = adapter ] && done_rows+=("$name")
 done
 
-# the evaluations (and IPPO) at once, in what is left
+# the evaluations at once, then IPPO in what is left
 pids=()
-if [ "${IPPO_FROM:-}" ] && [ -f "$RUNS/$IPPO_FROM/adapter/adapter_config.json" ]; then
-  # shellcheck disable=SC2086
-  bounded 15 python -m train.ippo --config train/configs/toy_ippo.yaml --output-dir "$RUNS/ippo_$IPPO_FROM" --resume \
-    --set "model.adapter=$RUNS/$IPPO_FROM/adapter" ${IPPO_SET:-} > "$RUNS/ippo_$IPPO_FROM.log" 2>&1 &
-  ippo_pid=$!
-fi
 [ "${EVAL_BASE:-0}" = 1 ] && { bounded 15 python -m multicrafter.eval toy --model toy --no-adapter $EVAL_ARGS \
   --json "$PACK/eval_base.json" > "$RUNS/eval_base.log" 2>&1 & pids+=($!); }
 for name in "${done_rows[@]}"; do
@@ -73,8 +67,11 @@ for name in "${done_rows[@]}"; do
 done
 for p in "${pids[@]}"; do wait "$p" || log "an evaluation stopped early (rc $?)"; done
 log "evaluations: $(ls "$PACK" | grep -c '^eval_.*json$') written"
-if [ -n "${ippo_pid:-}" ]; then
-  wait "$ippo_pid" || log "ippo stopped (rc $?)"
+if [ "${IPPO_FROM:-}" ] && [ -f "$RUNS/$IPPO_FROM/adapter/adapter_config.json" ] && [ "$(left)" -gt 45 ]; then
+  # shellcheck disable=SC2086
+  bounded 15 python -m train.ippo --config train/configs/toy_ippo.yaml --output-dir "$RUNS/ippo_$IPPO_FROM" --resume \
+    --set "model.adapter=$RUNS/$IPPO_FROM/adapter" ${IPPO_SET:-} > "$RUNS/ippo_$IPPO_FROM.log" 2>&1 \
+    || log "ippo stopped (rc $?)"
   last=$(ls -d "$RUNS/ippo_$IPPO_FROM"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
   pack ippo.tar -C "$RUNS" --exclude='checkpoint-*' "ippo_$IPPO_FROM" "ippo_$IPPO_FROM.log" && log "ippo packed"
   [ -n "$last" ] && pack ippo_checkpoint.tar -C "$RUNS" "ippo_$IPPO_FROM/$(basename "$last")"
