@@ -29,8 +29,11 @@ def test_ground_truth_row_json_and_table(tmp_path, capsys):
     assert res["n"] == 12 and res["seeds"] == [0, 1] and res["split"] == "test"
     assert res["id_sim"] >= 0.95 and res["leakage"] <= 0.05 and res["layout"] >= 0.95
     assert set(res["attribute_accuracy"]) == {"shape", "colour", "pattern"}
+    groups = res["by_subjects"]  # the same scenes split by how many subjects they hold
+    assert set(groups) <= {"1", "2", "3"} and len(groups) >= 2 and sum(g["n"] for g in groups.values()) == 12
+    assert abs(sum(g["id_sim"] * g["n"] for g in groups.values()) / 12 - res["id_sim"]) < 1e-9
     table = capsys.readouterr().out
-    assert "| id_sim |" in table and "seed 1" in table
+    assert "| id_sim |" in table and "seed 1" in table and "by subjects: " in table
     # fixed seeds: a rerun gives the same numbers, another seed other scenes
     again = tmp_path / "again.json"
     eval_toy_main(["--model", "ground-truth", "--n", "6", "--seeds", "0,1", "--json", str(again)])

@@ -126,6 +126,11 @@ def _aggregate(per: list[dict]) -> dict:
     sim = [r for r in per if r["similar"]]
     out["similar_pairs"] = {"n": len(sim), "id_sim": float(np.mean([r["id_sim"] for r in sim])) if sim else None,
                             "leakage": float(np.mean([r["leakage"] for r in sim])) if sim else None}
+    out["by_subjects"] = {}  # 1, 2, 3 subjects: where the Dice loss should help is where there is more than one
+    for k in sorted({r["n_subjects"] for r in per}):
+        group = [r for r in per if r["n_subjects"] == k]
+        out["by_subjects"][str(k)] = {"n": len(group), **{m: float(np.mean([r[m] for r in group]))
+                                                           for m in ("id_sim", "leakage", "overall")}}
     out["notes"] = sorted({note for r in per for note in r["notes"]})[:20]
     return out
 
@@ -151,7 +156,7 @@ def evaluate_scenes(n: int, seeds: list[int], generate: Callable[[Any, list[int]
             if save_dir is not None:
                 pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
                 save_image_atomic(pil, save_dir / f"seed{s}_{i:04d}.png")
-            per[s].append(dict(result, similar=sample.scene["similar"]))
+            per[s].append(dict(result, similar=sample.scene["similar"], n_subjects=len(sample.references)))
         if progress is not None:
             progress.update(len(seeds))
     return {s: _aggregate(per[s]) for s in seeds}
@@ -173,6 +178,12 @@ def summarise(per_seed: dict[int, dict], n: int) -> dict:
         "id_sim": sum(p["id_sim"] * p["n"] for p in sim) / total if total else None,
         "leakage": sum(p["leakage"] * p["n"] for p in sim) / total if total else None,
     }
+    res["by_subjects"] = {}
+    for k in sorted({k for s in seeds for k in per_seed[s]["by_subjects"]}):
+        groups = [per_seed[s]["by_subjects"][k] for s in seeds if k in per_seed[s]["by_subjects"]]
+        total = sum(g["n"] for g in groups)
+        res["by_subjects"][k] = {"n": total, **{m: sum(g[m] * g["n"] for g in groups) / total
+                                                for m in ("id_sim", "leakage", "overall")}}
     res["notes"] = sorted({note for s in seeds for note in per_seed[s]["notes"]})[:20]
     return res
 
@@ -233,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sp = res["similar_pairs"]
     if sp["n"]:
         print(f"similar-pair scenes ({sp['n']}): id_sim {sp['id_sim']:.3f}, leakage {sp['leakage']:.3f}")
+    print("by subjects: " + "; ".join(f"{k}: id_sim {g['id_sim']:.3f}, leakage {g['leakage']:.3f} (n {g['n']})"
+                                      for k, g in res["by_subjects"].items()))
     if args.json:
         atomic_write_json(args.json, res)
     return 0
