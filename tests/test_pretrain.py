@@ -171,6 +171,18 @@ def test_lambda_zero_is_plain_flow_matching(tmp_path, world):
     assert r2["loss_diff"] == recs[0]["loss_diff"] and r2["loss_attn"] > 0 and r2["loss"] > r2["loss_diff"]
 
 
+def test_dice_only_below_max_sigma(tmp_path, world):
+    """attention_loss.max_sigma: samples noised above it take no Dice loss; at 1 every sample does (the default)."""
+    kw = dict(attention_loss__weight=1.0, data__caption_dropout=0.0, adapter__type="lora")
+    every = _trainer(tmp_path / "a", world, **kw).train_step()
+    all_kept = _trainer(tmp_path / "b", world, attention_loss__max_sigma=1.0, **kw).train_step()
+    none_kept = _trainer(tmp_path / "c", world, attention_loss__max_sigma=1e-6, **kw).train_step()
+    assert every["loss_attn"] > 0 and all_kept["loss_attn"] == every["loss_attn"]
+    assert none_kept["loss_attn"] == 0.0 and none_kept["loss_diff"] == every["loss_diff"]
+    with pytest.raises(UserError, match="max_sigma"):
+        _trainer(tmp_path / "d", world, attention_loss__max_sigma=1.5, **kw)
+
+
 def test_attention_loss_decreases_when_overfitting_one_sample(tmp_path):
     t = _trainer(tmp_path, None, data__toyworld__n=1, data__toyworld__subjects=[2], data__caption_dropout=0.0,
                  adapter__type="lora", optim__lr=1e-2, optim__warmup_steps=0, attention_loss__weight=1.0,

@@ -20,9 +20,9 @@ def test_rows_script_trains_scores_and_packs_in_budget(tmp_path):
     common = (f"--set data.toyworld.n=8 --set data.toyworld.folder={runs}/tw --set data.cache_dir={runs}/cache "
               "--set data.num_validation=1 --set output.validation_steps=2 --set data.batch_size=2 "
               "--set train.max_steps=2 --set output.checkpoint_every=1 --set data.positions_caption_prob=0.5")
-    budget = 200
+    budget = 150
     env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "RUNS": str(runs), "PACK": str(pack),
-           "BUDGET": str(budget), "EVAL_RESERVE": "110", "COMMON_SET": common, "EVAL_BASE": "1",
+           "BUDGET": str(budget), "EVAL_RESERVE": "70", "SPLIT_MB": "1", "COMMON_SET": common, "EVAL_BASE": "1",
            "ROWS": "plain toy_adapter_baseline\n\nr8 toy_adapter_attn --set adapter.lora_rank=8 "
                    "--set attention_loss.mode=img2ref\n",
            "EVAL_ARGS": "--n 1 --seeds 0 --steps 2 --true-cfg 1 --prompts positions --device cpu",
@@ -39,16 +39,25 @@ def test_rows_script_trains_scores_and_packs_in_budget(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert elapsed < budget + 15, f"the script ran {elapsed:.0f} s on a {budget} s budget"
     names = sorted(p.name for p in pack.iterdir())
-    assert names == ["eval_base.json", "eval_plain.json", "eval_r8.json", "ippo.tar", "ippo_checkpoint.tar",
-                     "logs.tar", "row_plain.tar", "row_r8.tar"], names + [proc.stdout[-2000:]]
+    parts = [n for n in names if n.startswith("rows.tar.")]  # rows.tar is over SPLIT_MB: cut in parts
+    assert names == ["evals.tar", "ippo.tar", "ippo_checkpoint.tar", *parts] and len(parts) >= 2, \
+        names + [proc.stdout[-2000:]]
+    assert parts == [f"rows.tar.{k:02d}" for k in range(len(parts))]
+    assert all((pack / n).stat().st_size <= 2**20 for n in parts)
+    rows = tmp_path / "rows.tar"
+    rows.write_bytes(b"".join((pack / n).read_bytes() for n in parts))
+    with tarfile.open(rows) as t:
+        got = t.getnames()
     for row in ("plain", "r8"):
-        with tarfile.open(pack / f"row_{row}.tar") as t:
-            assert f"{row}/adapter/adapter_config.json" in t.getnames()
-        res = json.loads((pack / f"eval_{row}.json").read_text())
+        assert f"{row}/adapter/adapter_config.json" in got and f"{row}/metrics.jsonl" in got and f"{row}.log" in got
+    with tarfile.open(pack / "evals.tar") as t:
+        t.extractall(tmp_path / "evals", filter="data")
+    for row in ("plain", "r8"):
+        res = json.loads((tmp_path / "evals" / "evals" / f"eval_{row}.json").read_text())
         assert res["adapter"] == str(runs / row / "adapter") and res["prompts"] == "positions" and res["n"] == 1
+    assert json.loads((tmp_path / "evals" / "evals" / "eval_base.json").read_text())["adapter"] == "none"
     config = json.loads((runs / "r8" / "adapter" / "adapter_config.json").read_text())
     assert config["lora_rank"] == 8  # the row's own --set reached its run
-    assert json.loads((pack / "eval_base.json").read_text())["adapter"] == "none"
     with tarfile.open(pack / "ippo_checkpoint.tar") as t:
         assert any(n.endswith("state.pt") for n in t.getnames())
     assert "ippo stopped (rc 124)" in proc.stdout, "IPPO should have been cut off at the budget"

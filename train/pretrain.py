@@ -126,6 +126,9 @@ class AttentionLossConfig:
     recompute: bool = False              # recompute the map slice in backward instead of storing it
     eps: float = 1.0                     # Dice smoothing
     normalize: bool = True               # peak-normalise maps before the Dice loss (as the pipeline reports them)
+    # only samples noised to sigma <= max_sigma take the Dice loss (mean over those samples); None: every sample.
+    # Near pure noise the target's masks are not yet decided by anything the model sees (our extension).
+    max_sigma: float | None = None
 
 
 @dataclass
@@ -251,6 +254,9 @@ class Trainer:
         self.lam = cfg.attention_loss.weight
         if self.lam < 0:
             raise UserError(f"attention_loss.weight must be >= 0, got {self.lam}")
+        max_sigma = cfg.attention_loss.max_sigma
+        if max_sigma is not None and not 0 < max_sigma <= 1:
+            raise UserError(f"attention_loss.max_sigma must be in (0, 1] (or null for every sample), got {max_sigma}")
         self.accelerator = acc = setup_accelerator(cfg.train)
         self.device = acc.device
         seed_everything(cfg.train.seed)
@@ -456,7 +462,15 @@ class Trainer:
             maps = self.capture.aggregate(self.cfg.attention_loss.blocks)
             if self.cfg.attention_loss.normalize:
                 maps = normalize_maps(maps)
-            loss_attn = dice_loss(maps, batch["masks"].to(maps.device), eps=self.cfg.attention_loss.eps)
+            masks = batch["masks"].to(maps.device)
+            max_sigma = self.cfg.attention_loss.max_sigma
+            if max_sigma is None:
+                loss_attn = dice_loss(maps, masks, eps=self.cfg.attention_loss.eps)
+            else:  # the samples above max_sigma leave the graph through a zero term (DDP sees every parameter)
+                keep = sigmas.to(maps.device) <= max_sigma
+                loss_attn = maps.sum() * 0.0
+                if keep.any():
+                    loss_attn = loss_attn + dice_loss(maps[keep], masks[keep], eps=self.cfg.attention_loss.eps)
             loss = loss + self.lam * loss_attn
         out = {"loss_diff": loss_diff, "loss_attn": loss_attn}
         if moe_modules(self.unwrapped):
