@@ -50,6 +50,9 @@ class AttentionCapture:
     mode: str = "ref2img"
     recompute: bool = False          # recompute the map slice in backward instead of storing it
     head_chunk: int = 8              # heads per chunk when forming the (l x L) slice
+    # True: the maps are formed from the block's inputs detached, so a loss on them trains only the block's query/key
+    # projections (its routing), never the hidden states that carry identity into the values (our extension)
+    routing_only: bool = False
     enabled: bool = True
     layout: CaptureLayout | None = None
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (B, N, n_target), current forward
@@ -138,11 +141,33 @@ def img2ref_maps(query: torch.Tensor, key: torch.Tensor, layout: CaptureLayout) 
     return mass.float().mean(1).transpose(1, 2)
 
 
+def _joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+               image_rotary_emb=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[text | image] queries, keys and values of a double-stream block, normalised and rotated as FLUX does."""
+    query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states
+    )
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+    encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+    encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+    query = torch.cat([encoder_query, query], dim=1)
+    key = torch.cat([encoder_key, key], dim=1)
+    value = torch.cat([encoder_value, value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    return query, key, value
+
+
 class CaptureAttnProcessor(FluxAttnProcessor):
     """FluxAttnProcessor that also records the subject attention map of its block.
 
     The body mirrors diffusers' FluxAttnProcessor for the double-stream case (same helpers, same SDPA call), so the
-    block output is unchanged; the only addition is the `_record` call on the post-RoPE queries and keys.
+    block output is unchanged; the only addition is the `_record` call on the post-RoPE queries and keys (recomputed
+    from detached inputs when `capture.routing_only`).
     """
 
     def __init__(self, capture: AttentionCapture, block_index: int):
@@ -165,23 +190,12 @@ class CaptureAttnProcessor(FluxAttnProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is None or not self.capture.active:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-        encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-        encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-        query = torch.cat([encoder_query, query], dim=1)
-        key = torch.cat([encoder_key, key], dim=1)
-        value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        self._record(query, key)
+        query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        if self.capture.routing_only and torch.is_grad_enabled():
+            self._record(*_joint_qkv(attn, hidden_states.detach(), encoder_hidden_states.detach(),
+                                     image_rotary_emb)[:2])
+        else:
+            self._record(query, key)
 
         out = dispatch_attention_fn(
             query, key, value, attn_mask=attention_mask, backend=self._attention_backend,

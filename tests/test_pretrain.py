@@ -183,6 +183,27 @@ def test_dice_only_below_max_sigma(tmp_path, world):
         _trainer(tmp_path / "d", world, attention_loss__max_sigma=1.5, **kw)
 
 
+def test_routing_only_dice_reaches_only_query_and_key_projections(tmp_path, world):
+    """attention_loss.routing_only: the same maps and loss, but the Dice gradient stops at each block's q/k."""
+    grads = {}
+    for routing_only in (False, True):
+        t = _trainer(tmp_path / str(routing_only), world, attention_loss__weight=1.0, data__caption_dropout=0.0,
+                     adapter__type="lora", attention_loss__routing_only=routing_only)
+        batch = t.data.collate(t.order.next(), t.pipe, "cpu", t.dtype, t.noise_gen)
+        losses = t.compute_losses(batch)
+        named = [(n, p) for n, p in t.transformer.named_parameters() if p.requires_grad]
+        g = torch.autograd.grad(losses["loss_attn"], [p for _, p in named], allow_unused=True)
+        grads[routing_only] = ({n: (x is not None and float(x.abs().sum()) > 0) for (n, _), x in zip(named, g)},
+                               float(losses["loss_attn"].detach()), float(losses["loss_diff"].detach()))
+    plain, routed = grads[False], grads[True]
+    assert routed[1:] == plain[1:]  # the forward is unchanged: same Dice and flow-matching losses
+    qk = ("to_q", "to_k", "add_q_proj", "add_k_proj")
+    reached = {n for n, hit in routed[0].items() if hit}
+    assert reached and all(any(f".attn.{m}." in n for m in qk) for n in reached), sorted(reached)
+    # without the option the Dice gradient also reaches value/output projections upstream
+    assert any(hit and not any(f".attn.{m}." in n for m in qk) for n, hit in plain[0].items())
+
+
 def test_attention_loss_decreases_when_overfitting_one_sample(tmp_path):
     t = _trainer(tmp_path, None, data__toyworld__n=1, data__toyworld__subjects=[2], data__caption_dropout=0.0,
                  adapter__type="lora", optim__lr=1e-2, optim__warmup_steps=0, attention_loss__weight=1.0,

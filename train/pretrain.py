@@ -129,6 +129,9 @@ class AttentionLossConfig:
     # only samples noised to sigma <= max_sigma take the Dice loss (mean over those samples); None: every sample.
     # Near pure noise the target's masks are not yet decided by anything the model sees (our extension).
     max_sigma: float | None = None
+    # True: the Dice loss trains only each captured block's query/key projections (maps from detached block inputs),
+    # not the hidden states upstream that also carry identity (our extension)
+    routing_only: bool = False
 
 
 @dataclass
@@ -312,7 +315,8 @@ class Trainer:
         if self.lam > 0:
             from multicrafter.attention import AttentionCapture, install_capture
 
-            self.capture = AttentionCapture(mode=cfg.attention_loss.mode, recompute=cfg.attention_loss.recompute)
+            self.capture = AttentionCapture(mode=cfg.attention_loss.mode, recompute=cfg.attention_loss.recompute,
+                                            routing_only=cfg.attention_loss.routing_only)
             install_capture(tr, self.capture, cfg.attention_loss.blocks)
 
         # data (after the model: the reference sizes are the model's unless the config sets them)
