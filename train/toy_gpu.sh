@@ -15,14 +15,7 @@ cd "$(dirname "$0")/.."
 BUDGET=${BUDGET:-480}; PACK=${PACK:-runs/gpu_pack}; RUNS=${RUNS:-runs}
 ADAPTER_RESERVE=${ADAPTER_RESERVE:-240}   # seconds kept for stages 2-3 when the base horizon is set
 PROBE=${PROBE:-40}; MAX_BASE_STEPS=${MAX_BASE_STEPS:-20000}
-START=$(date +%s)
-left() { echo $((BUDGET - ($(date +%s) - START))); }
-log() { echo "[toy_gpu +$(($(date +%s) - START))s] $*"; }
-# bounded SECONDS_KEPT CMD...: run CMD until only SECONDS_KEPT of the budget are left (rc 124 when cut off)
-bounded() { local t=$(($(left) - $1)); shift; if [ "$t" -lt 5 ]; then return 124; fi; timeout -k 5 "$t" "$@"; }
-# pack NAME TAR-ARGS...: a tar written beside and renamed, so $PACK never holds a half-written file
-pack() { local name=$1; shift; tar -cf "$PACK/$name.part" "$@" && mv "$PACK/$name.part" "$PACK/$name"; }
-latest() { ls -d "$1"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1; }
+LOG_TAG=toy_gpu; source train/gpu_budget.sh   # START, left, log, bounded, pack, latest
 mkdir -p "$PACK"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"

@@ -9,8 +9,8 @@
 # (toy_ippo.yaml + $IPPO_SET) from that row's adapter in the time left. Rerunning continues every row (`--resume`).
 # Every stage is bounded by `timeout`, so the script ends by BUDGET seconds, and each stage is packed into $PACK as it
 # ends: rows.tar (each row's adapter, or its last checkpoint if cut off, metrics and log), evals.tar (eval_NAME.json),
-# ippo.tar and ippo_checkpoint.tar; a tar over SPLIT_MB is cut into NAME.00, NAME.01, ... (`cat NAME.* | tar -x`),
-# since a lent GPU hands back at most 8 files of 16 MiB. $PACK never holds a half-written file.
+# ippo.tar and ippo_checkpoint.tar; a tar over SPLIT_MB is cut into NAME.00, NAME.01, ... (`cat NAME.* | tar -x`;
+# train/gpu_budget.sh). $PACK never holds a half-written file.
 # Measured on one H200 (16 cores): 8 rows at once ran each 2-4x slower than 5 rows at once (the host, not the GPU);
 # 8 evaluations of 200 scenes x 3 seeds at once took ~2 minutes.
 #   BUDGET=480 PACK=/tmp/pack ROWS=$'baseline toy_adapter_baseline\nattn toy_adapter_attn' bash train/toy_gpu_rows.sh
@@ -20,20 +20,7 @@ BUDGET=${BUDGET:-480}; PACK=${PACK:-runs/gpu_pack}; RUNS=${RUNS:-runs}; BASE=${B
 EVAL_RESERVE=${EVAL_RESERVE:-150}   # seconds kept for the evaluations when the rows train
 EVAL_ARGS=${EVAL_ARGS:---true-cfg 3 --n 200 --seeds 0,1,2 --prompts positions}
 ROWS=${ROWS:?one row per line: NAME CONFIG [--set KEY=VALUE ...]}
-START=$(date +%s)
-left() { echo $((BUDGET - ($(date +%s) - START))); }
-log() { echo "[toy_gpu_rows +$(($(date +%s) - START))s] $*"; }
-bounded() { local t=$(($(left) - $1)); shift; if [ "$t" -lt 5 ]; then return 124; fi; timeout -k 5 "$t" "$@"; }
-SPLIT_MB=${SPLIT_MB:-15}
-# pack NAME TAR-ARGS...: written beside, then renamed (or split into NAME.00, NAME.01, ... if over SPLIT_MB)
-pack() {
-  local name=$1 tmp; shift; tmp=$(mktemp -d "$PACK/.pack.XXXX")
-  tar -cf "$tmp/$name" "$@" || { rm -rf "$tmp"; return 1; }
-  if [ "$(stat -c %s "$tmp/$name")" -gt $((SPLIT_MB * 1048576)) ]; then
-    split -b "${SPLIT_MB}M" -d "$tmp/$name" "$tmp/$name." && rm "$tmp/$name"
-  fi
-  mv "$tmp"/* "$PACK/" && rmdir "$tmp"
-}
+LOG_TAG=toy_gpu_rows; source train/gpu_budget.sh   # START, left, log, bounded, pack, latest
 mkdir -p "$PACK" "$RUNS"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
@@ -63,8 +50,7 @@ for i in "${!pids[@]}"; do wait "${pids[$i]}" || log "row ${names[$i]} stopped e
 done_rows=(); members=()
 for name in "${names[@]}"; do
   what=adapter
-  [ -f "$RUNS/$name/adapter/adapter_config.json" ] || what=$(basename "$(ls -d "$RUNS/$name"/checkpoint-* 2>/dev/null \
-    | sort -t- -k2 -n | tail -1)")
+  [ -f "$RUNS/$name/adapter/adapter_config.json" ] || what=$(basename "$(latest "$RUNS/$name")")
   [ -n "$what" ] && members+=("$name/$what"); [ -f "$RUNS/$name/metrics.jsonl" ] && members+=("$name/metrics.jsonl")
   log "row $name: ${what:-nothing saved}"
   [ "$what" = adapter ] && done_rows+=("$name")
@@ -89,7 +75,7 @@ if [ "${IPPO_FROM:-}" ] && [ -f "$RUNS/$IPPO_FROM/adapter/adapter_config.json" ]
   bounded 15 python -m train.ippo --config train/configs/toy_ippo.yaml --output-dir "$RUNS/ippo_$IPPO_FROM" --resume \
     --set "model.adapter=$RUNS/$IPPO_FROM/adapter" ${IPPO_SET:-} > "$RUNS/ippo_$IPPO_FROM.log" 2>&1 \
     || log "ippo stopped (rc $?)"
-  last=$(ls -d "$RUNS/ippo_$IPPO_FROM"/checkpoint-* 2>/dev/null | sort -t- -k2 -n | tail -1)
+  last=$(latest "$RUNS/ippo_$IPPO_FROM")
   pack ippo.tar -C "$RUNS" --exclude='checkpoint-*' "ippo_$IPPO_FROM" "ippo_$IPPO_FROM.log" && log "ippo packed"
   [ -n "$last" ] && pack ippo_checkpoint.tar -C "$RUNS" "ippo_$IPPO_FROM/$(basename "$last")"
 fi
