@@ -4,6 +4,7 @@ Pre-training objective: L = L_diff + lambda * L_attn.
   L_diff: x_t = (1 - s) x_0 + s * eps, the transformer predicts v = eps - x_0, mean squared error.
   L_attn: sum over subjects i of 1 - (2 sum_j M^_ij M_ij + e) / (sum_j M^_ij + sum_j M_ij + e), with M^ the
           normalised attention map and M the subject mask area-resized to the packed latent grid.
+          (`bleed_loss` is our alternative: only the share of each map on the other subjects.)
 """
 
 from __future__ import annotations
@@ -86,3 +87,20 @@ def dice_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1.0,
         valid = target.sum(-1) > 0
     per_subject = per_subject * valid.to(per_subject.dtype)
     return per_subject.sum(-1).mean()
+
+
+def bleed_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention bleeding alone (our extension): the share of subject i's map that lies on the *other* subjects.
+
+    Of the map's mass inside any subject's mask, the fraction inside masks other than i's own, summed over subjects
+    and averaged over the batch. The background is free (unlike Dice, which also asks for zero there), a lone subject
+    costs nothing, and the ratio ignores the map's scale. pred, target: (B, N, T) as for `dice_loss`.
+    """
+    pred, target = pred.float(), target.float()
+    others = (target.sum(1, keepdim=True) - target).clamp(0, 1) * (1 - target).clamp(0, 1)
+    on_own, on_others = (pred * target).sum(-1), (pred * others).sum(-1)
+    per_subject = on_others / (on_own + on_others + eps)
+    if valid is None:
+        valid = target.sum(-1) > 0
+    return (per_subject * valid.to(per_subject.dtype)).sum(-1).mean()

@@ -5,6 +5,7 @@ import torch
 
 from multicrafter.losses import (
     TimestepSampling,
+    bleed_loss,
     dice_loss,
     flow_matching_loss,
     masks_to_grid,
@@ -87,3 +88,18 @@ def test_shift_is_refused_where_it_would_be_ignored():
     strong = sample_sigmas(4000, TimestepSampling(scheme="shifted", shift=6.0), torch.Generator().manual_seed(0))
     mild = sample_sigmas(4000, TimestepSampling(scheme="shifted", shift=1.5), torch.Generator().manual_seed(0))
     assert strong.mean() > mild.mean() + 0.1
+
+
+def test_bleed_counts_only_mass_on_the_other_subjects():
+    """Two subjects on a 1x4 grid: [own a | own b | background | both]. Background is free; the overlap is each one's own."""
+    masks = torch.tensor([[[1.0, 0, 0, 1], [0, 1.0, 0, 1]]])
+    clean = torch.tensor([[[1.0, 0, 5.0, 1], [0, 1.0, 5.0, 0]]])   # mass on own region and background only
+    assert bleed_loss(clean, masks).item() == pytest.approx(0.0, abs=1e-6)
+    swapped = torch.tensor([[[0, 1.0, 0, 0], [1.0, 0, 0, 0]]])      # each map entirely on the other subject
+    assert bleed_loss(swapped, masks).item() == pytest.approx(2.0, abs=1e-5)
+    half = torch.tensor([[[1.0, 1.0, 0, 0], [0, 1.0, 0, 0]]])       # subject 0: half its subject mass on b
+    assert bleed_loss(half, masks).item() == pytest.approx(0.5, abs=1e-5)
+    assert bleed_loss(7 * half, masks).item() == pytest.approx(0.5, abs=1e-5)   # scale-free
+    lone = torch.tensor([[[0.2, 0.9, 0.4, 0.1], [0.0, 0.0, 0.0, 0.0]]])
+    lone_masks = torch.tensor([[[1.0, 0, 0, 0], [0, 0, 0, 0]]])    # one subject (+ padding): nothing to bleed into
+    assert bleed_loss(lone, lone_masks).item() == 0.0

@@ -183,6 +183,16 @@ def test_dice_only_below_max_sigma(tmp_path, world):
         _trainer(tmp_path / "d", world, attention_loss__max_sigma=1.5, **kw)
 
 
+def test_bleed_loss_option(tmp_path, world):
+    """attention_loss.loss: bleed replaces Dice in the step (same forward); an unknown name is one line."""
+    kw = dict(attention_loss__weight=1.0, data__caption_dropout=0.0, adapter__type="lora")
+    dice = _trainer(tmp_path / "a", world, **kw).train_step()
+    bleed = _trainer(tmp_path / "b", world, attention_loss__loss="bleed", **kw).train_step()
+    assert bleed["loss_diff"] == dice["loss_diff"] and 0 <= bleed["loss_attn"] != dice["loss_attn"]
+    with pytest.raises(UserError, match="attention_loss.loss"):
+        _trainer(tmp_path / "c", world, attention_loss__loss="focal", **kw)
+
+
 def test_routing_only_dice_reaches_only_query_and_key_projections(tmp_path, world):
     """attention_loss.routing_only: the same maps and loss, but the Dice gradient stops at each block's q/k."""
     grads = {}

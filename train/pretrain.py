@@ -29,7 +29,14 @@ from typing import Any
 import torch
 
 from multicrafter.errors import UserError, run_cli
-from multicrafter.losses import TimestepSampling, dice_loss, flow_matching_loss, noisy_latents, sample_sigmas
+from multicrafter.losses import (
+    TimestepSampling,
+    bleed_loss,
+    dice_loss,
+    flow_matching_loss,
+    noisy_latents,
+    sample_sigmas,
+)
 
 from .common import (
     EMA,
@@ -56,6 +63,7 @@ from .common import (
 from .data import BatchOrder, DataConfig, TrainingSet, ensure_toyworld, load_samples
 
 MODES = ("base", "adapter")
+ATTENTION_LOSSES = {"dice": dice_loss, "bleed": bleed_loss}
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -132,6 +140,7 @@ class AttentionLossConfig:
     # True: the Dice loss trains only each captured block's query/key projections (maps from detached block inputs),
     # not the hidden states upstream that also carry identity (our extension)
     routing_only: bool = False
+    loss: str = "dice"                   # dice (paper) | bleed (our extension: only the share on the other subjects)
 
 
 @dataclass
@@ -257,6 +266,9 @@ class Trainer:
         self.lam = cfg.attention_loss.weight
         if self.lam < 0:
             raise UserError(f"attention_loss.weight must be >= 0, got {self.lam}")
+        if cfg.attention_loss.loss not in ATTENTION_LOSSES:
+            raise UserError(f"attention_loss.loss must be one of {sorted(ATTENTION_LOSSES)}, "
+                            f"got {cfg.attention_loss.loss!r}")
         max_sigma = cfg.attention_loss.max_sigma
         if max_sigma is not None and not 0 < max_sigma <= 1:
             raise UserError(f"attention_loss.max_sigma must be in (0, 1] (or null for every sample), got {max_sigma}")
@@ -467,14 +479,14 @@ class Trainer:
             if self.cfg.attention_loss.normalize:
                 maps = normalize_maps(maps)
             masks = batch["masks"].to(maps.device)
-            max_sigma = self.cfg.attention_loss.max_sigma
+            max_sigma, attn_loss = self.cfg.attention_loss.max_sigma, ATTENTION_LOSSES[self.cfg.attention_loss.loss]
             if max_sigma is None:
-                loss_attn = dice_loss(maps, masks, eps=self.cfg.attention_loss.eps)
+                loss_attn = attn_loss(maps, masks, eps=self.cfg.attention_loss.eps)
             else:  # the samples above max_sigma leave the graph through a zero term (DDP sees every parameter)
                 keep = sigmas.to(maps.device) <= max_sigma
                 loss_attn = maps.sum() * 0.0
                 if keep.any():
-                    loss_attn = loss_attn + dice_loss(maps[keep], masks[keep], eps=self.cfg.attention_loss.eps)
+                    loss_attn = loss_attn + attn_loss(maps[keep], masks[keep], eps=self.cfg.attention_loss.eps)
             loss = loss + self.lam * loss_attn
         out = {"loss_diff": loss_diff, "loss_attn": loss_attn}
         if moe_modules(self.unwrapped):
