@@ -162,6 +162,13 @@ def evaluate_scenes(n: int, seeds: list[int], generate: Callable[[Any, list[int]
     return {s: _aggregate(per[s]) for s in seeds}
 
 
+def _pooled(groups: list[dict], metrics: Sequence[str]) -> dict:
+    """Per-seed group means -> one mean over all their scenes (weighted by each group's n; None when empty)."""
+    groups = [g for g in groups if g["n"]]
+    total = sum(g["n"] for g in groups)
+    return {"n": total, **{m: sum(g[m] * g["n"] for g in groups) / total if total else None for m in metrics}}
+
+
 def summarise(per_seed: dict[int, dict], n: int) -> dict:
     seeds = list(per_seed)
     res: dict[str, Any] = {"n": n * len(seeds), "n_scenes": n, "seeds": seeds, "per_seed": {}, "std": {}}
@@ -171,19 +178,10 @@ def summarise(per_seed: dict[int, dict], n: int) -> dict:
         res["per_seed"][m] = vals
         res["std"][m] = float(np.std(vals)) if len(vals) > 1 else 0.0
     res["attribute_accuracy"] = {a: res[f"acc_{a}"] for a in ("shape", "colour", "pattern")}
-    sim = [per_seed[s]["similar_pairs"] for s in seeds if per_seed[s]["similar_pairs"]["n"]]
-    total = sum(p["n"] for p in sim)
-    res["similar_pairs"] = {
-        "n": total,
-        "id_sim": sum(p["id_sim"] * p["n"] for p in sim) / total if total else None,
-        "leakage": sum(p["leakage"] * p["n"] for p in sim) / total if total else None,
-    }
-    res["by_subjects"] = {}
-    for k in sorted({k for s in seeds for k in per_seed[s]["by_subjects"]}):
-        groups = [per_seed[s]["by_subjects"][k] for s in seeds if k in per_seed[s]["by_subjects"]]
-        total = sum(g["n"] for g in groups)
-        res["by_subjects"][k] = {"n": total, **{m: sum(g[m] * g["n"] for g in groups) / total
-                                                for m in ("id_sim", "leakage", "overall")}}
+    res["similar_pairs"] = _pooled([per_seed[s]["similar_pairs"] for s in seeds], ("id_sim", "leakage"))
+    res["by_subjects"] = {k: _pooled([per_seed[s]["by_subjects"].get(k, {"n": 0}) for s in seeds],
+                                     ("id_sim", "leakage", "overall"))
+                          for k in sorted({k for s in seeds for k in per_seed[s]["by_subjects"]})}
     res["notes"] = sorted({note for s in seeds for note in per_seed[s]["notes"]})[:20]
     return res
 
