@@ -40,6 +40,16 @@ def test_ground_truth_row_json_and_table(tmp_path, capsys):
     assert json.loads(again.read_text())["per_seed"] == res["per_seed"]
 
 
+def test_subjects_and_similar_prob_choose_the_held_out_scenes(tmp_path):
+    out = tmp_path / "three.json"
+    assert eval_toy_main(["--model", "ground-truth", "--n", "5", "--subjects", "3", "--similar-prob", "1",
+                          "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["by_subjects"]) == ["3"] and res["by_subjects"]["3"]["n"] == 5
+    assert res["similar_pairs"]["n"] == 5  # every scene holds a similar pair
+    assert res["subjects"] == [3] and res["similar_prob"] == 1.0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "ground-truth", "--n", "0"], "--n must be"),
     (["--model", "ground-truth", "--n", "2", "--size", "100"], "multiple of 16"),
@@ -48,6 +58,8 @@ def test_ground_truth_row_json_and_table(tmp_path, capsys):
     (["--model", "ground-truth", "--n", "2", "--no-shape-words"], "ground truth sees none"),
     (["--model", "ground-truth", "--n", "2", "--prompts", "positions"], "ground truth sees none"),
     (["--model", "tiny", "--n", "1", "--device", "gpu0"], "is not a torch device"),
+    (["--model", "ground-truth", "--n", "2", "--subjects", "5"], "between 1 and 4"),
+    (["--model", "ground-truth", "--n", "2", "--similar-prob", "1.5"], "--similar-prob must be in [0, 1]"),
 ])
 def test_bad_input_one_line(args, message):
     proc = _run(*args)

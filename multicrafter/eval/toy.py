@@ -22,6 +22,7 @@ from ..errors import ArgumentParser, UserError, one_line, run_cli
 from ..io import atomic_write_json, save_image_atomic
 from ..toyworld.evaluate import METRICS  # one definition: the evaluator decides which metrics exist
 from ..toyworld.prompts import PROMPT_STYLES
+from ..toyworld.scenes import subject_counts
 
 
 def _seeds(text: str) -> list[int]:
@@ -54,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. 3.0 for toy; 1 = off, one transformer call per step)")
     p.add_argument("--size", type=int, default=128, help="scene size (multiple of 16)")
     p.add_argument("--ref-size", type=int, default=64)
-    p.add_argument("--similar-prob", type=float, default=0.3)
+    p.add_argument("--similar-prob", type=float, default=0.3,
+                   help="probability that a multi-subject scene contains a similar pair (1: every one does)")
+    p.add_argument("--subjects", type=subject_counts, default=(2, 3),
+                   help="subject counts the held-out scenes are drawn from (default 2,3; e.g. 3 for the scenes "
+                        "where leakage is highest)")
     p.add_argument("--prompts", choices=PROMPT_STYLES, default="full",
                    help="what the prompts state of each subject: full (the training captions), no-shape (no shape "
                         "word), positions ('an object on the left': every attribute must come from the references)")
@@ -137,14 +142,16 @@ def _aggregate(per: list[dict]) -> dict:
 
 def evaluate_scenes(n: int, seeds: list[int], generate: Callable[[Any, list[int]], list] | None,
                     scene_seed: int = 0, size: int = 128, ref_size: int = 64, similar_prob: float = 0.3,
-                    save_dir: Path | None = None, progress: Any = None) -> dict[int, dict]:
-    """Score n held-out scenes once per seed; `generate=None` scores the ground-truth renders. Returns per-seed
-    aggregates."""
+                    save_dir: Path | None = None, progress: Any = None,
+                    subjects: tuple[int, ...] = (2, 3)) -> dict[int, dict]:
+    """Score n held-out scenes (each with one of `subjects` subjects) once per seed; `generate=None` scores the
+    ground-truth renders. Returns per-seed aggregates."""
     from ..toyworld import build_sample, evaluate_image
 
     per: dict[int, list[dict]] = {s: [] for s in seeds}
     for i in range(n):
-        sample = build_sample(scene_seed, i, split="test", size=size, ref_size=ref_size, similar_prob=similar_prob)
+        sample = build_sample(scene_seed, i, split="test", size=size, ref_size=ref_size, similar_prob=similar_prob,
+                              n_subjects=subjects)
         refs = [Image.fromarray(r) for r in sample.references]
         if generate is None:  # the render is the same for every seed: score it once
             result = evaluate_image(sample.image, refs, scene=sample.scene)
@@ -205,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--size must be a multiple of 16 and >= 32, got {args.size}")
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if not 0.0 <= args.similar_prob <= 1.0:
+        raise UserError(f"--similar-prob must be in [0, 1], got {args.similar_prob}")
     if args.true_cfg is not None:
         from ..presets import true_cfg_arguments
 
@@ -227,9 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tqdm(total=args.n * len(seeds), desc="eval toy", unit="img", disable=ground_truth) as bar:
         per_seed = evaluate_scenes(args.n, seeds, generate, args.scene_seed, args.size, args.ref_size,
-                                   args.similar_prob, save_dir, bar)
+                                   args.similar_prob, save_dir, bar, args.subjects)
     res = summarise(per_seed, args.n)
-    res.update({"model": args.model, "adapter": "none" if args.no_adapter else args.adapter, "split": "test", "scene_seed": args.scene_seed,
+    res.update({"model": args.model, "adapter": "none" if args.no_adapter else args.adapter, "split": "test",
+                "scene_seed": args.scene_seed, "subjects": list(args.subjects), "similar_prob": args.similar_prob,
                 "size": args.size, "prompts": args.prompts, **used})
     if any(isinstance(v, float) and not math.isfinite(v) for v in res.values()):
         raise UserError("evaluation produced a non-finite score")

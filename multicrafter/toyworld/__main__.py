@@ -7,16 +7,7 @@ from collections.abc import Sequence
 
 from ..errors import ArgumentParser, UserError, run_cli
 from ..io import save_image_atomic
-
-
-def _counts(text: str) -> tuple[int, ...]:
-    try:
-        counts = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated counts like 2,3, got {text!r}") from None
-    if not counts or any(c < 1 or c > 4 for c in counts):
-        raise argparse.ArgumentTypeError(f"subject counts must be between 1 and 4, got {text!r}")
-    return counts
+from .scenes import subject_counts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="identity split: test identities never appear in train scenes")
     p.add_argument("--size", type=int, default=128, help="scene size in pixels (multiple of 16)")
     p.add_argument("--ref-size", type=int, default=64, help="reference size in pixels")
-    p.add_argument("--subjects", type=_counts, default=(2, 3), help="subject counts to draw from, e.g. 2,3 or 1,2,3,4")
+    p.add_argument("--subjects", type=subject_counts, default=(2, 3), help="subject counts to draw from, e.g. 2,3 or 1,2,3,4")
     p.add_argument("--similar-prob", type=float, default=0.3,
                    help="probability that a scene contains a similar pair (same shape+pattern or same colours)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")

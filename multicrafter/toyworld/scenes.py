@@ -7,6 +7,8 @@ numpy Generator (SeedSequence([seed, index])), so a dataset of 10 scenes is a pr
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 
 from .prompts import make_prompt
@@ -29,6 +31,17 @@ SCENE_ROTATION = 6.0             # degrees, scenes
 REF_ROTATION = 12.0              # degrees, references
 REF_RADIUS = (0.30, 0.40)        # fraction of the reference size
 REF_OFFSET = 0.07                # fraction of the reference size
+
+
+def subject_counts(text: str) -> tuple[int, ...]:
+    """argparse type for `--subjects 2,3`: the subject counts a scene is drawn from (each a count with layouts)."""
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated counts like 2,3, got {text!r}") from None
+    if not counts or any(c not in LAYOUTS_BY_COUNT for c in counts):
+        raise argparse.ArgumentTypeError(f"subject counts must be between 1 and 4, got {text!r}")
+    return counts
 
 
 def layout_of_positions(positions: list[str] | tuple[str, ...]) -> str | None:
