@@ -1,4 +1,5 @@
-"""Attention capture for the double-stream blocks: how much each reference subject attends to each target position.
+"""Attention capture for the double-stream blocks (and, our extension, single-stream ones): how much each reference
+subject attends to each target position.
 
 Paper: in double block k, m_k^i = Softmax(Q_{k,i} K^T / sqrt(d)), Q_{k,i} = queries of subject i's reference tokens,
 K = all keys (text + target + references). We keep the target-key columns, average over subject i's queries and
@@ -141,21 +142,23 @@ def img2ref_maps(query: torch.Tensor, key: torch.Tensor, layout: CaptureLayout) 
     return mass.float().mean(1).transpose(1, 2)
 
 
-def _joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+def _joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
                image_rotary_emb=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[text | image] queries, keys and values of a double-stream block, normalised and rotated as FLUX does."""
+    """[text | image] queries, keys and values, normalised and rotated as FLUX does. A double-stream block gets the
+    two streams apart; a single-stream block gets them already joined (`encoder_hidden_states` None)."""
     query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
         attn, hidden_states, encoder_hidden_states
     )
     query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
     key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
     value = value.unflatten(-1, (-1, attn.head_dim))
-    encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-    encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-    encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-    query = torch.cat([encoder_query, query], dim=1)
-    key = torch.cat([encoder_key, key], dim=1)
-    value = torch.cat([encoder_value, value], dim=1)
+    if encoder_query is not None:
+        encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+        encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+        encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+        query = torch.cat([encoder_query, query], dim=1)
+        key = torch.cat([encoder_key, key], dim=1)
+        value = torch.cat([encoder_value, value], dim=1)
     if image_rotary_emb is not None:
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -165,9 +168,10 @@ def _joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.T
 class CaptureAttnProcessor(FluxAttnProcessor):
     """FluxAttnProcessor that also records the subject attention map of its block.
 
-    The body mirrors diffusers' FluxAttnProcessor for the double-stream case (same helpers, same SDPA call), so the
-    block output is unchanged; the only addition is the `_record` call on the post-RoPE queries and keys (recomputed
-    from detached inputs when `capture.routing_only`).
+    The body mirrors diffusers' FluxAttnProcessor (same helpers, same SDPA call; double-stream blocks pass the text
+    stream apart, single-stream blocks pass one joined sequence), so the block output is unchanged; the only addition
+    is the `_record` call on the post-RoPE queries and keys (recomputed from detached inputs when
+    `capture.routing_only`).
     """
 
     def __init__(self, capture: AttentionCapture, block_index: int):
@@ -188,12 +192,12 @@ class CaptureAttnProcessor(FluxAttnProcessor):
         cap.maps[self.block_index] = maps
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if encoder_hidden_states is None or not self.capture.active:
+        if not self.capture.active:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         query, key, value = _joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         if self.capture.routing_only and torch.is_grad_enabled():
-            self._record(*_joint_qkv(attn, hidden_states.detach(), encoder_hidden_states.detach(),
-                                     image_rotary_emb)[:2])
+            detached = encoder_hidden_states.detach() if encoder_hidden_states is not None else None
+            self._record(*_joint_qkv(attn, hidden_states.detach(), detached, image_rotary_emb)[:2])
         else:
             self._record(query, key)
 
@@ -202,30 +206,43 @@ class CaptureAttnProcessor(FluxAttnProcessor):
             parallel_config=self._parallel_config,
         )
         out = out.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:  # single-stream block: its caller projects and splits
+            return out
         encoder_out, out = out.split_with_sizes([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
         encoder_out = attn.to_add_out(encoder_out.contiguous())
         return out, encoder_out
 
 
-def install_capture(transformer: torch.nn.Module, capture: AttentionCapture, blocks: Iterable[int] | None = None):
-    """Swap the capture processor into the chosen double-stream blocks (all by default), UNO-style processor swap."""
+def install_capture(transformer: torch.nn.Module, capture: AttentionCapture, blocks: Iterable[int] | None = None,
+                    single_blocks: Iterable[int] | None = None) -> list[int]:
+    """Swap the capture processor into the chosen double-stream blocks (all by default) and, optionally, into
+    single-stream blocks (our extension; none by default), UNO-style processor swap. Returns the capture keys: a
+    double block's own index, single block i as n_double + i (the order the blocks run in)."""
     n = len(transformer.transformer_blocks)
     chosen = list(range(n)) if blocks is None else sorted({b % n for b in blocks})
     for i in chosen:
         transformer.transformer_blocks[i].attn.set_processor(CaptureAttnProcessor(capture, i))
+    singles = getattr(transformer, "single_transformer_blocks", [])
+    for i in sorted({b % len(singles) for b in single_blocks}) if single_blocks and len(singles) else []:
+        singles[i].attn.set_processor(CaptureAttnProcessor(capture, n + i))
+        chosen.append(n + i)
     return chosen
 
 
+def _all_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    return [*transformer.transformer_blocks, *getattr(transformer, "single_transformer_blocks", [])]
+
+
 def remove_capture(transformer: torch.nn.Module) -> None:
-    """Put diffusers' stock processor back into every double-stream block."""
-    for block in transformer.transformer_blocks:
+    """Put diffusers' stock processor back into every block that has a capture processor."""
+    for block in _all_blocks(transformer):
         if isinstance(block.attn.processor, CaptureAttnProcessor):
             block.attn.set_processor(FluxAttnProcessor())
 
 
 def find_capture(transformer: torch.nn.Module) -> AttentionCapture | None:
-    for block in transformer.transformer_blocks:
+    for block in _all_blocks(transformer):
         if isinstance(block.attn.processor, CaptureAttnProcessor):
             return block.attn.processor.capture
     return None

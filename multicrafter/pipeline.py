@@ -231,7 +231,8 @@ class MultiCrafterPipeline(FluxPipeline):
     @torch.no_grad()
     def generate(self, prompt: str | list[str] | None = None, reference_images: Sequence[Any] | None = None, *,
                  return_attention: bool = False, attention_mode: str = "ref2img",
-                 attention_blocks: Iterable[int] | None = None, use_adapter: bool = True,
+                 attention_blocks: Iterable[int] | None = None,
+                 attention_single_blocks: Iterable[int] | None = None, use_adapter: bool = True,
                  reference_options: ReferenceOptions | None = None, **kwargs: Any):
         """Generate with reference subjects. Accepts every FluxPipeline.__call__ argument through **kwargs.
 
@@ -262,7 +263,7 @@ class MultiCrafterPipeline(FluxPipeline):
         saved_capture = (capture.enabled, capture.layout, capture.mode) if capture is not None else None
         if return_attention and capture is None:
             capture, installed = AttentionCapture(mode=attention_mode), True
-            install_capture(self.transformer, capture, attention_blocks)
+            install_capture(self.transformer, capture, attention_blocks, attention_single_blocks)
         if capture is not None:
             capture.clear()
             capture.mode, capture.enabled = attention_mode, return_attention

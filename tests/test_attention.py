@@ -46,10 +46,10 @@ def make_inputs(batch=2, n_text=N_TEXT, grid=GRID, ref_grids=REF_GRIDS, seed=0):
 
 
 def block_outputs(transformer, kw):
-    """Outputs of every double block, recorded with forward hooks."""
+    """Outputs of every block (double, then single), recorded with forward hooks."""
     outs = []
     hooks = [b.register_forward_hook(lambda m, a, o: outs.append(tuple(t.clone() for t in o)))
-             for b in transformer.transformer_blocks]
+             for b in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]]
     final = transformer(**kw)[0]
     for h in hooks:
         h.remove()
@@ -70,6 +70,33 @@ def test_block_outputs_unchanged_and_map_shapes(transformer, mode):
     assert cap.aggregate().shape == (2, 2, 16)
     remove_capture(transformer)
     assert all(type(b.attn.processor) is FluxAttnProcessor for b in transformer.transformer_blocks)
+
+
+@pytest.mark.parametrize("mode", ["ref2img", "img2ref"])
+def test_single_blocks_capture_exact_maps_without_changing_outputs(transformer, mode):
+    kw, layout = make_inputs()
+    stock_blocks, stock_final = block_outputs(transformer, kw)
+    cap = AttentionCapture(mode=mode, layout=layout, head_chunk=1)
+    n_double, n_single = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
+    keys = install_capture(transformer, cap, blocks=[], single_blocks=[-1])
+    assert keys == [n_double + n_single - 1]
+    proc = transformer.single_transformer_blocks[-1].attn.processor
+    seen, original = {}, proc._record
+
+    def spy(q, k):
+        seen["qk"] = (q.detach(), k.detach())
+        original(q, k)
+
+    proc._record = spy
+    ours_blocks, ours_final = block_outputs(transformer, kw)
+    for a, b in zip(stock_blocks, ours_blocks):
+        assert all((x - y).abs().max() <= 1e-5 for x, y in zip(a, b))
+    assert (stock_final - ours_final).abs().max() <= 1e-5
+    assert list(cap.maps) == keys  # the double blocks kept the stock processor
+    assert torch.allclose(cap.maps[keys[0]], brute_force(*seen["qk"], layout, mode), atol=1e-6)
+    remove_capture(transformer)
+    assert all(type(b.attn.processor) is FluxAttnProcessor
+               for b in [*transformer.transformer_blocks, *transformer.single_transformer_blocks])
 
 
 def brute_force(q, k, layout, mode):

@@ -68,3 +68,23 @@ def test_attention_figure_on_tiny_with_two_adapters(tmp_path, capsys):
         assert 0.0 < v["own"] < 1.0 and 0.0 < v["other"] < 1.0 and v["own"] + v["other"] <= 1.0 + 1e-6
     assert got[folders[0]] != got[folders[1]]  # the two adapters attend differently
 
+
+
+def test_attention_stats_per_block_with_single_blocks_and_img2ref(tmp_path, capsys):
+    from multicrafter import MultiCrafterPipeline
+
+    pipe = MultiCrafterPipeline.from_pretrained("tiny")
+    n_double, n_single = len(pipe.transformer.transformer_blocks), len(pipe.transformer.single_transformer_blocks)
+    stats = tmp_path / "stats.json"
+    assert main(["--model", "tiny", "--attention-adapters", "none", "--size", "64", "--ref-size", "32",
+                 "--steps", "1", "--attention-stats", "2", "--attention-mode", "img2ref", "--single-blocks",
+                 "--json", str(stats)]) == 0
+    got = json.loads(stats.read_text())["none"]
+    expected = [f"double {i}" for i in range(n_double)] + [f"single {i}" for i in range(n_single)]
+    assert got["mode"] == "img2ref" and list(got["blocks"]) == expected
+    for b in got["blocks"].values():
+        assert 0.0 <= b["own"] <= 1.0 and 0.0 <= b["other"] <= 1.0 and b["own"] + b["other"] <= 1.0 + 1e-6
+    # the overall map is the mean of the blocks' maps (each peak-normalised), so its shares lie within theirs
+    owns = [b["own"] for b in got["blocks"].values()]
+    assert min(owns) - 1e-6 <= got["own"] <= max(owns) + 1e-6
+    assert "| none | single 0 |" in capsys.readouterr().out

@@ -193,6 +193,20 @@ def test_bleed_loss_option(tmp_path, world):
         _trainer(tmp_path / "c", world, attention_loss__loss="focal", **kw)
 
 
+def test_single_blocks_join_the_attention_loss(tmp_path, world):
+    """attention_loss.single_blocks: the maps of those single-stream blocks are captured and averaged into the loss;
+    choosing no block at all is one line."""
+    kw = dict(attention_loss__weight=1.0, data__caption_dropout=0.0, adapter__type="lora")
+    double = _trainer(tmp_path / "a", world, **kw)
+    both = _trainer(tmp_path / "b", world, attention_loss__single_blocks=[0], **kw)
+    n = len(both.transformer.transformer_blocks)
+    assert both.capture_keys == [*double.capture_keys, n]
+    a, b = double.train_step(), both.train_step()
+    assert a["loss_diff"] == b["loss_diff"] and a["loss_attn"] != b["loss_attn"]
+    with pytest.raises(UserError, match="choose no block"):
+        _trainer(tmp_path / "c", world, attention_loss__blocks=[], **kw)
+
+
 def test_routing_only_dice_reaches_only_query_and_key_projections(tmp_path, world):
     """attention_loss.routing_only: the same maps and loss, but the Dice gradient stops at each block's q/k."""
     grads = {}

@@ -130,6 +130,9 @@ class AdapterSection:
 class AttentionLossConfig:
     weight: float = 0.0                  # λ; 0 = plain flow matching, no capture installed
     blocks: list[int] | None = None      # double-stream blocks whose maps are averaged; None: all
+    # single-stream blocks whose maps are averaged in too (our extension: in the toy the baseline localises there);
+    # None: none, as in the paper
+    single_blocks: list[int] | None = None
     mode: str = "ref2img"                # ref2img (paper) | img2ref
     recompute: bool = False              # recompute the map slice in backward instead of storing it
     eps: float = 1.0                     # Dice smoothing
@@ -329,7 +332,10 @@ class Trainer:
 
             self.capture = AttentionCapture(mode=cfg.attention_loss.mode, recompute=cfg.attention_loss.recompute,
                                             routing_only=cfg.attention_loss.routing_only)
-            install_capture(tr, self.capture, cfg.attention_loss.blocks)
+            self.capture_keys = install_capture(tr, self.capture, cfg.attention_loss.blocks,
+                                                cfg.attention_loss.single_blocks)
+            if not self.capture_keys:
+                raise UserError("attention_loss.weight > 0 but attention_loss.blocks and single_blocks choose no block")
 
         # data (after the model: the reference sizes are the model's unless the config sets them)
         self.data = TrainingSet(samples, cfg.data, self.pipe.reference_options, self.pipe.vae_scale_factor,
@@ -475,7 +481,7 @@ class Trainer:
         if use_capture:
             from multicrafter.attention import normalize_maps
 
-            maps = self.capture.aggregate(self.cfg.attention_loss.blocks)
+            maps = self.capture.aggregate(self.capture_keys)
             if self.cfg.attention_loss.normalize:
                 maps = normalize_maps(maps)
             masks = batch["masks"].to(maps.device)
@@ -683,7 +689,8 @@ class Trainer:
                 if capture is not None:
                     from multicrafter.attention import install_capture
 
-                    install_capture(self.unwrapped, capture, self.cfg.attention_loss.blocks)
+                    install_capture(self.unwrapped, capture, self.cfg.attention_loss.blocks,
+                                    self.cfg.attention_loss.single_blocks)
             return target
 
     # -------------------------------------------------------------------------------------------- loop

@@ -41,10 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenes", type=int, default=8, help="rows of the sheet (held-out scenes 0..N-1)")
     p.add_argument("--seed", type=int, default=0, help="generator seed whose images the sheet shows")
     p.add_argument("--attention", default=None, metavar="PNG", help="write the attention comparison here")
-    p.add_argument("--attention-adapters", type=_names, default=["baseline", "attn"])
+    p.add_argument("--attention-adapters", type=_names, default=["baseline", "attn"],
+                   help="adapters (names or folders) for --attention/--attention-stats; none = the base alone")
     p.add_argument("--attention-stats", type=int, default=0, metavar="N",
                    help="also measure, over the first N held-out scenes with several subjects, the mean share of "
                         "each subject's map inside its own region and inside the other subjects' regions")
+    p.add_argument("--attention-mode", choices=("ref2img", "img2ref"), default="ref2img",
+                   help="which attention map: ref2img (each reference's queries over the image, the paper's) or "
+                        "img2ref (each image position's attention mass on each reference)")
+    p.add_argument("--single-blocks", action="store_true",
+                   help="--attention-stats also captures the single-stream blocks (per-block shares in the JSON)")
     p.add_argument("--json", default=None, help="write the --attention-stats numbers here")
     p.add_argument("--model", default="toy", help="model for --attention (default toy)")
     p.add_argument("--steps", type=int, default=20)
@@ -111,14 +117,27 @@ def attention_share(amap: np.ndarray, mask: np.ndarray) -> float:
     return float((amap * grid).sum() / total) if total > 0 else 0.0
 
 
-def _generate_with_maps(pipe, args: argparse.Namespace, sample: Any, seed: int) -> tuple[Image.Image, np.ndarray]:
-    """One held-out scene generated with its references; the image and the (refs, h, w) ref2img maps."""
+def _generate_with_maps(pipe, args: argparse.Namespace, sample: Any, seed: int,
+                        ) -> tuple[Image.Image, np.ndarray, dict[int, np.ndarray]]:
+    """One held-out scene generated with its references; the image, the (refs, h, w) maps (--attention-mode) and
+    each captured block's maps (single-stream block i keyed n_double + i)."""
     import torch
 
+    singles = range(len(pipe.transformer.single_transformer_blocks)) if getattr(args, "single_blocks", False) else None
     out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
                height=args.size, width=args.size, num_inference_steps=args.steps, return_attention=True,
+               attention_mode=getattr(args, "attention_mode", "ref2img"), attention_single_blocks=singles,
                generator=torch.Generator().manual_seed(seed))
-    return out.images[0], out.attention_maps.float().numpy()
+    per_block = {k: v.float().numpy() for k, v in (out.attention_per_block or {}).items()}
+    return out.images[0], out.attention_maps.float().numpy(), per_block
+
+
+def _use_adapter(pipe, name: str) -> None:
+    """Load adapter `name` (a name or folder), or unload any for `none` (the base alone)."""
+    if name == "none":
+        pipe.unload_adapter()
+    else:
+        pipe.load_adapter(name)
 
 
 def attention_comparison(args: argparse.Namespace) -> tuple[Image.Image, dict[str, list[float]]]:
@@ -136,8 +155,8 @@ def attention_comparison(args: argparse.Namespace) -> tuple[Image.Image, dict[st
     pipe = MultiCrafterPipeline.from_pretrained(args.model, adapter=False)
     rows, shares = [], {}
     for name in args.attention_adapters:
-        pipe.load_adapter(name)
-        image, maps = _generate_with_maps(pipe, args, sample, args.seed)
+        _use_adapter(pipe, name)
+        image, maps, _ = _generate_with_maps(pipe, args, sample, args.seed)
         shares[name] = [attention_share(maps[k], sample.masks[k]) for k in range(len(sample.references))]
         rows.append((name, image, maps))
     n = len(sample.references)
@@ -164,9 +183,14 @@ def attention_comparison(args: argparse.Namespace) -> tuple[Image.Image, dict[st
     return Image.fromarray(np.asarray(canvas.buffer_rgba())[:, :, :3].copy()), shares
 
 
-def attention_stats(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Per adapter: mean share of each subject's ref2img map inside its own ground-truth region ("own") and inside
-    the other subjects' regions ("other", where leakage starts), over the first N multi-subject held-out scenes."""
+def _block_name(key: int, n_double: int) -> str:
+    return f"double {key}" if key < n_double else f"single {key - n_double}"
+
+
+def attention_stats(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Per adapter: mean share of each subject's map inside its own ground-truth region ("own") and inside the other
+    subjects' regions ("other", where leakage starts), over the first N multi-subject held-out scenes; the same per
+    captured block under "blocks" (where in the network each reference is routed to its place)."""
     from tqdm.auto import tqdm
 
     from .. import MultiCrafterPipeline
@@ -179,20 +203,25 @@ def attention_stats(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             samples.append(x)
     pipe = MultiCrafterPipeline.from_pretrained(args.model, adapter=False)
     pipe.set_progress_bar_config(disable=True)  # one bar over all images below, not one per image
+    n_double = len(pipe.transformer.transformer_blocks)
     stats = {}
     with tqdm(total=len(samples) * len(args.attention_adapters), desc="attention stats", unit="img") as bar:
         for name in args.attention_adapters:
-            pipe.load_adapter(name)
-            own, other = [], []
+            _use_adapter(pipe, name)
+            shares: dict[str, dict[str, list[float]]] = {}  # "all" or block name -> own/other shares
             for j, sample in enumerate(samples):
-                _, maps = _generate_with_maps(pipe, args, sample, args.seed + j)
+                _, maps, per_block = _generate_with_maps(pipe, args, sample, args.seed + j)
+                views = {"all": maps, **{_block_name(b, n_double): m for b, m in sorted(per_block.items())}}
                 for k in range(len(sample.references)):
                     rest = np.any([m for q, m in enumerate(sample.masks) if q != k], axis=0)
-                    own.append(attention_share(maps[k], sample.masks[k]))
-                    other.append(attention_share(maps[k], rest))
+                    for view, m in views.items():
+                        got = shares.setdefault(view, {"own": [], "other": []})
+                        got["own"].append(attention_share(m[k], sample.masks[k]))
+                        got["other"].append(attention_share(m[k], rest))
                 bar.update(1)
-            stats[name] = {"own": float(np.mean(own)), "other": float(np.mean(other)), "maps": len(own),
-                           "scenes": len(samples)}
+            mean = {view: {key: float(np.mean(v)) for key, v in got.items()} for view, got in shares.items()}
+            stats[name] = {**mean.pop("all"), "maps": len(shares["all"]["own"]), "scenes": len(samples),
+                           "mode": args.attention_mode, "blocks": mean}
     return stats
 
 
@@ -223,11 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..io import atomic_write_text
 
         stats = attention_stats(args)
-        print(f"ref2img attention over {args.attention_stats} held-out multi-subject scenes "
+        print(f"{args.attention_mode} attention over {args.attention_stats} held-out multi-subject scenes "
               "(share of each subject's map inside its own region / inside the other subjects' regions):")
-        print("| adapter | own region | other subjects' regions |\n|---|---|---|")
+        print("| adapter | block | own region | other subjects' regions |\n|---|---|---|---|")
         for name, v in stats.items():
-            print(f"| {name} | {100 * v['own']:.1f}% | {100 * v['other']:.1f}% |")
+            for block, b in [("all captured", v), *v["blocks"].items()]:
+                print(f"| {name} | {block} | {100 * b['own']:.1f}% | {100 * b['other']:.1f}% |")
         if args.json:
             atomic_write_text(args.json, json.dumps(stats, indent=2) + "\n")
     return 0
