@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from multicrafter.errors import UserError
-from multicrafter.eval.figures import attention_share, main
+from multicrafter.eval.figures import attention_share, attention_stats_plot, main
 from multicrafter.eval.toy import main as eval_toy_main
 
 
@@ -78,8 +78,9 @@ def test_attention_stats_per_block_with_single_blocks_and_img2ref(tmp_path, caps
     stats = tmp_path / "stats.json"
     assert main(["--model", "tiny", "--attention-adapters", "none", "--size", "64", "--ref-size", "32",
                  "--steps", "1", "--attention-stats", "2", "--attention-mode", "img2ref", "--single-blocks",
-                 "--json", str(stats)]) == 0
+                 "--json", str(stats), "--stats-plot", str(tmp_path / "blocks.png")]) == 0
     got = json.loads(stats.read_text())["none"]
+    assert Image.open(tmp_path / "blocks.png").size[0] > 400
     expected = [f"double {i}" for i in range(n_double)] + [f"single {i}" for i in range(n_single)]
     assert got["mode"] == "img2ref" and list(got["blocks"]) == expected
     for b in got["blocks"].values():
@@ -88,3 +89,5 @@ def test_attention_stats_per_block_with_single_blocks_and_img2ref(tmp_path, caps
     owns = [b["own"] for b in got["blocks"].values()]
     assert min(owns) - 1e-6 <= got["own"] <= max(owns) + 1e-6
     assert "| none | single 0 |" in capsys.readouterr().out
+    with pytest.raises(UserError, match="no per-block"):
+        attention_stats_plot({"a": {"blocks": {}}})

@@ -6,7 +6,9 @@
   baseline and attn: without and with the Dice loss); each subject's ref2img map over the image, titled with the
   share of that map inside the subject's own region of the ground-truth layout.
 - `--attention-stats N`: the same shares averaged over N held-out multi-subject scenes per adapter (a number for
-  how well the Dice loss pins each reference's attention to its subject, beside the picture).
+  how well the Dice loss pins each reference's attention to its subject, beside the picture), per captured block too
+  (`--single-blocks` adds the single-stream blocks, `--attention-mode img2ref` the other view); `--stats-plot PNG`
+  draws those per-block shares as bars.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-blocks", action="store_true",
                    help="--attention-stats also captures the single-stream blocks (per-block shares in the JSON)")
     p.add_argument("--json", default=None, help="write the --attention-stats numbers here")
+    p.add_argument("--stats-plot", default=None, metavar="PNG",
+                   help="draw the --attention-stats per-block shares (own region vs other subjects) here")
     p.add_argument("--model", default="toy", help="model for --attention (default toy)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--scene-seed", type=int, default=0, help="held-out scene set (as in eval toy)")
@@ -225,6 +229,39 @@ def attention_stats(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return stats
 
 
+def attention_stats_plot(stats: dict[str, dict[str, Any]], title: str = "") -> Image.Image:
+    """Per-block bars from `attention_stats`: share of each map inside its own subject (solid) and inside the other
+    subjects (hatched), one colour per adapter, blocks in the order they run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(stats)
+    blocks = list(next(iter(stats.values()))["blocks"]) if names else []
+    if not blocks:
+        raise UserError("no per-block attention shares to plot")
+    fig = Figure(figsize=(1.1 * len(blocks) + 2.5, 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / len(names)
+    x = np.arange(len(blocks))
+    for i, name in enumerate(names):
+        own = [100 * stats[name]["blocks"][b]["own"] for b in blocks]
+        other = [100 * stats[name]["blocks"][b]["other"] for b in blocks]
+        pos = x - 0.4 + width * (i + 0.5)
+        label = Path(name).parent.name if name.endswith("/adapter") else name
+        bars = ax.bar(pos - width / 4, own, width / 2, label=label)
+        ax.bar(pos + width / 4, other, width / 2, color="white", edgecolor=bars.patches[0].get_facecolor(),
+               hatch="////")
+    ax.bar([0], [0], 0, color="white", edgecolor="grey", hatch="////", label="hatched: on the other subjects")
+    ax.set_xticks(x, blocks, fontsize=8)
+    ax.set_ylabel("% of each subject's map")
+    ax.legend(fontsize=7, ncol=2, frameon=False)
+    ax.set_title(title or f"{stats[names[0]].get('mode', '')} attention per block", fontsize=9)
+    fig.tight_layout()
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ..io import save_image_atomic
 
@@ -260,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"| {name} | {block} | {100 * b['own']:.1f}% | {100 * b['other']:.1f}% |")
         if args.json:
             atomic_write_text(args.json, json.dumps(stats, indent=2) + "\n")
+        if args.stats_plot:
+            save_image_atomic(attention_stats_plot(stats), args.stats_plot)
+            print(f"wrote {args.stats_plot}")
     return 0
 
 
