@@ -127,10 +127,10 @@ def _generate_with_maps(pipe, args: argparse.Namespace, sample: Any, seed: int,
     each captured block's maps (single-stream block i keyed n_double + i)."""
     import torch
 
-    singles = range(len(pipe.transformer.single_transformer_blocks)) if getattr(args, "single_blocks", False) else None
+    singles = range(len(pipe.transformer.single_transformer_blocks)) if args.single_blocks else None
     out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
                height=args.size, width=args.size, num_inference_steps=args.steps, return_attention=True,
-               attention_mode=getattr(args, "attention_mode", "ref2img"), attention_single_blocks=singles,
+               attention_mode=args.attention_mode, attention_single_blocks=singles,
                generator=torch.Generator().manual_seed(seed))
     per_block = {k: v.float().numpy() for k, v in (out.attention_per_block or {}).items()}
     return out.images[0], out.attention_maps.float().numpy(), per_block
