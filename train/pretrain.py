@@ -135,7 +135,7 @@ class AttentionLossConfig:
     single_blocks: list[int] | None = None
     mode: str = "ref2img"                # ref2img (paper) | img2ref
     recompute: bool = False              # recompute the map slice in backward instead of storing it
-    eps: float = 1.0                     # Dice smoothing
+    eps: float = 1.0                     # smoothing of the loss ratio (Dice; bleed too: not exactly scale-free then)
     normalize: bool = True               # peak-normalise maps before the Dice loss (as the pipeline reports them)
     # only samples noised to sigma <= max_sigma take the Dice loss (mean over those samples); None: every sample.
     # Near pure noise the target's masks are not yet decided by anything the model sees (our extension).
