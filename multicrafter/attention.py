@@ -54,6 +54,9 @@ class AttentionCapture:
     # True: the maps are formed from the block's inputs detached, so a loss on them trains only the block's query/key
     # projections (its routing), never the hidden states that carry identity into the values (our extension)
     routing_only: bool = False
+    # heads whose maps are formed (then averaged); None: every head, as in the paper. Pinning a subset leaves the
+    # other heads free to read the references from anywhere (our extension)
+    heads: list[int] | None = None
     enabled: bool = True
     layout: CaptureLayout | None = None
     maps: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> (B, N, n_target), current forward
@@ -181,6 +184,9 @@ class CaptureAttnProcessor(FluxAttnProcessor):
 
     def _record(self, query: torch.Tensor, key: torch.Tensor) -> None:
         cap, layout = self.capture, self.capture.layout
+        if cap.heads is not None:  # (B, L, H, d): keep the chosen heads only
+            index = torch.tensor(sorted(set(cap.heads)), device=query.device)
+            query, key = query.index_select(2, index), key.index_select(2, index)
         if cap.mode == "ref2img":
             fn = lambda q, k: ref2img_maps(q, k, layout, cap.head_chunk)  # noqa: E731
         else:

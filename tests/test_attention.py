@@ -99,6 +99,31 @@ def test_single_blocks_capture_exact_maps_without_changing_outputs(transformer, 
                for b in [*transformer.transformer_blocks, *transformer.single_transformer_blocks])
 
 
+@pytest.mark.parametrize("mode", ["ref2img", "img2ref"])
+def test_head_subset_maps_are_the_chosen_heads_only(transformer, mode):
+    """AttentionCapture.heads: maps averaged over the chosen heads alone; the block outputs stay stock."""
+    kw, layout = make_inputs()
+    stock_blocks, stock_final = block_outputs(transformer, kw)
+    cap = AttentionCapture(mode=mode, layout=layout, head_chunk=1, heads=[1])
+    install_capture(transformer, cap, blocks=[0])
+    proc = transformer.transformer_blocks[0].attn.processor
+    seen, original = {}, proc._record
+
+    def spy(q, k):
+        seen["qk"] = (q.detach(), k.detach())
+        original(q, k)
+
+    proc._record = spy
+    ours_blocks, ours_final = block_outputs(transformer, kw)
+    assert (stock_final - ours_final).abs().max() <= 1e-5
+    q, k = seen["qk"]
+    assert q.shape[2] > 1  # the tiny model has several heads, so a subset differs from all of them
+    one = brute_force(q[:, :, 1:2], k[:, :, 1:2], layout, mode)
+    assert torch.allclose(cap.maps[0], one, atol=1e-6)
+    assert not torch.allclose(cap.maps[0], brute_force(q, k, layout, mode), atol=1e-4)
+    remove_capture(transformer)
+
+
 def brute_force(q, k, layout, mode):
     """The paper's definition with the full L x L attention matrix (test only)."""
     probs = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5, -1).mean(1)  # (B, L, L)

@@ -207,6 +207,21 @@ def test_single_blocks_join_the_attention_loss(tmp_path, world):
         _trainer(tmp_path / "c", world, attention_loss__blocks=[], **kw)
 
 
+def test_attention_loss_on_a_head_subset(tmp_path, world):
+    """attention_loss.heads: the loss sees only those heads' maps (a different value, same flow-matching loss);
+    a head the model lacks, or an empty list, is one line."""
+    kw = dict(attention_loss__weight=1.0, data__caption_dropout=0.0, adapter__type="lora")
+    every = _trainer(tmp_path / "a", world, **kw)
+    first = _trainer(tmp_path / "b", world, attention_loss__heads=[0], **kw)
+    assert first.capture.heads == [0] and every.capture.heads is None
+    a, b = every.train_step(), first.train_step()
+    assert a["loss_diff"] == b["loss_diff"] and a["loss_attn"] != b["loss_attn"]
+    n = first.transformer.config.num_attention_heads
+    for bad in ([n], []):
+        with pytest.raises(UserError, match="attention_loss.heads"):
+            _trainer(tmp_path / f"c{len(bad)}", world, attention_loss__heads=bad, **kw)
+
+
 def test_routing_only_dice_reaches_only_query_and_key_projections(tmp_path, world):
     """attention_loss.routing_only: the same maps and loss, but the Dice gradient stops at each block's q/k."""
     grads = {}

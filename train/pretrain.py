@@ -144,6 +144,9 @@ class AttentionLossConfig:
     # not the hidden states upstream that also carry identity (our extension)
     routing_only: bool = False
     loss: str = "dice"                   # dice (paper) | bleed (our extension: only the share on the other subjects)
+    # attention heads whose maps take the loss (the same in every chosen block); None: all heads, as in the paper.
+    # The heads left out stay free to read the references from anywhere (our extension)
+    heads: list[int] | None = None
 
 
 @dataclass
@@ -330,8 +333,13 @@ class Trainer:
         if self.lam > 0:
             from multicrafter.attention import AttentionCapture, install_capture
 
+            heads, n_heads = cfg.attention_loss.heads, tr.config.num_attention_heads
+            if heads is not None and (not heads or any(not 0 <= h < n_heads for h in heads)):
+                raise UserError(f"attention_loss.heads must list heads in 0..{n_heads - 1} (or be null for all), "
+                                f"got {heads}")
             self.capture = AttentionCapture(mode=cfg.attention_loss.mode, recompute=cfg.attention_loss.recompute,
-                                            routing_only=cfg.attention_loss.routing_only)
+                                            routing_only=cfg.attention_loss.routing_only,
+                                            heads=cfg.attention_loss.heads)
             self.capture_keys = install_capture(tr, self.capture, cfg.attention_loss.blocks,
                                                 cfg.attention_loss.single_blocks)
             if not self.capture_keys:
