@@ -23,6 +23,17 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type for comma-separated integers ("0,1,2"); at least one."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+    return values
+
+
 def one_line(exc: BaseException) -> str:
     """Collapse an exception to one line (first line of its message, with its type when not a UserError)."""
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

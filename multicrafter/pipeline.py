@@ -232,7 +232,8 @@ class MultiCrafterPipeline(FluxPipeline):
     def generate(self, prompt: str | list[str] | None = None, reference_images: Sequence[Any] | None = None, *,
                  return_attention: bool = False, attention_mode: str = "ref2img",
                  attention_blocks: Iterable[int] | None = None,
-                 attention_single_blocks: Iterable[int] | None = None, use_adapter: bool = True,
+                 attention_single_blocks: Iterable[int] | None = None,
+                 attention_heads: Iterable[int] | None = None, use_adapter: bool = True,
                  reference_options: ReferenceOptions | None = None, **kwargs: Any):
         """Generate with reference subjects. Accepts every FluxPipeline.__call__ argument through **kwargs.
 
@@ -262,7 +263,11 @@ class MultiCrafterPipeline(FluxPipeline):
         capture, installed = find_capture(self.transformer), False
         saved_capture = (capture.enabled, capture.layout, capture.mode) if capture is not None else None
         if return_attention and capture is None:
-            capture, installed = AttentionCapture(mode=attention_mode), True
+            heads = None if attention_heads is None else sorted(set(attention_heads))
+            n_heads = self.transformer.config.num_attention_heads
+            if heads is not None and (not heads or heads[0] < 0 or heads[-1] >= n_heads):
+                raise UserError(f"attention_heads must list heads in 0..{n_heads - 1}, got {heads}")
+            capture, installed = AttentionCapture(mode=attention_mode, heads=heads), True
             install_capture(self.transformer, capture, attention_blocks, attention_single_blocks)
         if capture is not None:
             capture.clear()

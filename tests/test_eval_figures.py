@@ -91,3 +91,24 @@ def test_attention_stats_per_block_with_single_blocks_and_img2ref(tmp_path, caps
     assert "| none | single 0 |" in capsys.readouterr().out
     with pytest.raises(UserError, match="no per-block"):
         attention_stats_plot({"a": {"blocks": {}}})
+
+
+def test_attention_stats_of_one_head(tmp_path):
+    """--attention-heads: the maps of the chosen heads alone (other shares than the mean over all heads), recorded
+    in the JSON; a head the model lacks is one line from the pipeline."""
+    from multicrafter import MultiCrafterPipeline
+
+    common = ["--model", "tiny", "--attention-adapters", "none", "--size", "64", "--ref-size", "32", "--steps", "1",
+              "--attention-stats", "2", "--attention-mode", "img2ref"]
+    got = {}
+    for name, extra in (("all", []), ("head1", ["--attention-heads", "1"])):
+        assert main([*common, *extra, "--json", str(tmp_path / f"{name}.json")]) == 0
+        got[name] = json.loads((tmp_path / f"{name}.json").read_text())["none"]
+    assert got["all"]["heads"] is None and got["head1"]["heads"] == [1]
+    assert got["all"]["blocks"]["double 0"]["own"] != pytest.approx(got["head1"]["blocks"]["double 0"]["own"])
+    pipe = MultiCrafterPipeline.from_pretrained("tiny")
+    n = pipe.transformer.config.num_attention_heads
+    ref = Image.new("RGB", (32, 32), "red")
+    with pytest.raises(UserError, match="attention_heads"):
+        pipe("a red circle", [ref], height=64, width=64, num_inference_steps=1, return_attention=True,
+             attention_heads=[n])

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..errors import ArgumentParser, UserError, run_cli
+from ..errors import ArgumentParser, UserError, int_list, run_cli
 
 
 def _names(text: str) -> list[str]:
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "img2ref (each image position's attention mass on each reference)")
     p.add_argument("--single-blocks", action="store_true",
                    help="--attention-stats also captures the single-stream blocks (per-block shares in the JSON)")
+    p.add_argument("--attention-heads", type=int_list, default=None, metavar="H,H",
+                   help="form the maps from these attention heads only (default: the mean over all heads)")
     p.add_argument("--json", default=None, help="write the --attention-stats numbers here")
     p.add_argument("--stats-plot", default=None, metavar="PNG",
                    help="draw the --attention-stats per-block shares (own region vs other subjects) here")
@@ -131,6 +133,7 @@ def _generate_with_maps(pipe, args: argparse.Namespace, sample: Any, seed: int,
     out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
                height=args.size, width=args.size, num_inference_steps=args.steps, return_attention=True,
                attention_mode=args.attention_mode, attention_single_blocks=singles,
+               attention_heads=args.attention_heads,
                generator=torch.Generator().manual_seed(seed))
     per_block = {k: v.float().numpy() for k, v in (out.attention_per_block or {}).items()}
     return out.images[0], out.attention_maps.float().numpy(), per_block
@@ -225,7 +228,7 @@ def attention_stats(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 bar.update(1)
             mean = {view: {key: float(np.mean(v)) for key, v in got.items()} for view, got in shares.items()}
             stats[name] = {**mean.pop("all"), "maps": len(shares["all"]["own"]), "scenes": len(samples),
-                           "mode": args.attention_mode, "blocks": mean}
+                           "mode": args.attention_mode, "heads": args.attention_heads, "blocks": mean}
     return stats
 
 

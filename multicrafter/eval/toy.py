@@ -18,21 +18,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import ArgumentParser, UserError, one_line, run_cli
+from ..errors import ArgumentParser, UserError, int_list, one_line, run_cli
 from ..io import atomic_write_json, save_image_atomic
 from ..toyworld.evaluate import METRICS  # one definition: the evaluator decides which metrics exist
 from ..toyworld.prompts import PROMPT_STYLES
 from ..toyworld.scenes import subject_counts
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
-    return seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the base alone (without it, `toy` loads its shipped default adapter, ippo)")
     p.add_argument("--n", type=int, default=64, help="held-out scenes (prompts), each generated once per seed")
     p.add_argument("--seed", type=int, default=0, help="generator seed (ignored with --seeds)")
-    p.add_argument("--seeds", type=_seeds, default=None, help="several generator seeds, e.g. 0,1,2")
+    p.add_argument("--seeds", type=int_list, default=None, help="several generator seeds, e.g. 0,1,2")
     p.add_argument("--scene-seed", type=int, default=0, help="which held-out scene set (default 0)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--guidance", type=float, default=None,
