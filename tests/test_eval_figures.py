@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from multicrafter.errors import UserError
-from multicrafter.eval.figures import attention_share, attention_stats_plot, main
+from multicrafter.eval.figures import attention_share, attention_stats_plot, main, near_share
 from multicrafter.eval.toy import main as eval_toy_main
 
 
@@ -29,6 +29,20 @@ def test_sheet_from_saved_eval_images(tmp_path):
         main(["--images", str(tmp_path), "--adapters", "a", "--scenes", "3", "--sheet", str(out)])
     with pytest.raises(UserError, match="nothing to do"):
         main(["--images", str(tmp_path)])
+
+
+def test_near_share_is_the_ring_around_the_subject_minus_other_subjects():
+    """On a 4x4 map of an 8x8 image: the subject covers cell (1, 1); the ring is its 8 neighbours, one of which the
+    other subject covers; mass placed on each kind of cell lands in the right share."""
+    mask = np.zeros((8, 8), bool)
+    mask[2:4, 2:4] = True                     # cell (1, 1)
+    rest = np.zeros((8, 8), bool)
+    rest[0:2, 0:2] = True                     # cell (0, 0): a ring cell another subject covers
+    amap = np.zeros((4, 4), np.float32)
+    amap[1, 1], amap[0, 0], amap[2, 2], amap[3, 3] = 4, 1, 2, 3   # own, other, ring, far
+    assert near_share(amap, mask, rest) == pytest.approx(2 / 10)
+    assert attention_share(amap, mask) == pytest.approx(4 / 10)
+    assert near_share(np.zeros((4, 4), np.float32), mask, rest) == 0.0
 
 
 def test_attention_share():
@@ -85,6 +99,7 @@ def test_attention_stats_per_block_with_single_blocks_and_img2ref(tmp_path, caps
     assert got["mode"] == "img2ref" and list(got["blocks"]) == expected
     for b in got["blocks"].values():
         assert 0.0 <= b["own"] <= 1.0 and 0.0 <= b["other"] <= 1.0 and b["own"] + b["other"] <= 1.0 + 1e-6
+        assert 0.0 <= b["near"] and b["own"] + b["other"] + b["near"] <= 1.0 + 1e-6
     # the overall map is the mean of the blocks' maps (each peak-normalised), so its shares lie within theirs
     owns = [b["own"] for b in got["blocks"].values()]
     assert min(owns) - 1e-6 <= got["own"] <= max(owns) + 1e-6

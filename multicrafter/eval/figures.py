@@ -115,12 +115,27 @@ def contact_sheet(args: argparse.Namespace) -> Image.Image:
     return Image.fromarray(np.concatenate([header, *rows], axis=0))
 
 
+def _on_grid(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) boolean mask -> (h, w) area fractions."""
+    h, w = shape
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.BOX), np.float32) / 255.0
+
+
 def attention_share(amap: np.ndarray, mask: np.ndarray) -> float:
     """Share of one subject's (h, w) attention map inside its (H, W) layout mask, mask area-averaged to the grid."""
-    h, w = amap.shape
-    grid = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.BOX), np.float32) / 255.0
     total = float(amap.sum())
-    return float((amap * grid).sum() / total) if total > 0 else 0.0
+    return float((amap * _on_grid(mask, amap.shape)).sum() / total) if total > 0 else 0.0
+
+
+def near_share(amap: np.ndarray, mask: np.ndarray, rest: np.ndarray) -> float:
+    """Share of the map on the one-token ring just outside the subject (grid cells its mask does not touch but a
+    neighbour cell does), minus whatever of that ring other subjects cover: the background next to the subject."""
+    from scipy.ndimage import binary_dilation
+
+    own = _on_grid(mask, amap.shape) > 0
+    ring = (binary_dilation(own, structure=np.ones((3, 3), bool)) & ~own) * (1.0 - _on_grid(rest, amap.shape))
+    total = float(amap.sum())
+    return float((amap * ring).sum() / total) if total > 0 else 0.0
 
 
 def _generate_with_maps(pipe, args: argparse.Namespace, sample: Any, seed: int,
@@ -196,7 +211,8 @@ def _block_name(key: int, n_double: int) -> str:
 
 def attention_stats(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Per adapter: mean share of each subject's map inside its own ground-truth region ("own") and inside the other
-    subjects' regions ("other", where leakage starts), over the first N multi-subject held-out scenes; the same per
+    subjects' regions ("other", where leakage starts) and on the background within one token of it ("near"), over
+    the first N multi-subject held-out scenes; the same per
     captured block under "blocks" (where in the network each reference is routed to its place)."""
     from tqdm.auto import tqdm
 
@@ -222,9 +238,10 @@ def attention_stats(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                 for k in range(len(sample.references)):
                     rest = np.any([m for q, m in enumerate(sample.masks) if q != k], axis=0)
                     for view, m in views.items():
-                        got = shares.setdefault(view, {"own": [], "other": []})
+                        got = shares.setdefault(view, {"own": [], "other": [], "near": []})
                         got["own"].append(attention_share(m[k], sample.masks[k]))
                         got["other"].append(attention_share(m[k], rest))
+                        got["near"].append(near_share(m[k], sample.masks[k], rest))
                 bar.update(1)
             mean = {view: {key: float(np.mean(v)) for key, v in got.items()} for view, got in shares.items()}
             stats[name] = {**mean.pop("all"), "maps": len(shares["all"]["own"]), "scenes": len(samples),
@@ -293,11 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         stats = attention_stats(args)
         print(f"{args.attention_mode} attention over {args.attention_stats} held-out multi-subject scenes "
-              "(share of each subject's map inside its own region / inside the other subjects' regions):")
-        print("| adapter | block | own region | other subjects' regions |\n|---|---|---|---|")
+              "(share of each subject's map inside its own region / inside the other subjects' regions / on the "
+              "background within one token of it):")
+        print("| adapter | block | own region | other subjects' regions | background next to it |\n|---|---|---|---|---|")
         for name, v in stats.items():
             for block, b in [("all captured", v), *v["blocks"].items()]:
-                print(f"| {name} | {block} | {100 * b['own']:.1f}% | {100 * b['other']:.1f}% |")
+                print(f"| {name} | {block} | {100 * b['own']:.1f}% | {100 * b['other']:.1f}% | {100 * b['near']:.1f}% |")
         if args.json:
             atomic_write_text(args.json, json.dumps(stats, indent=2) + "\n")
         if args.stats_plot:
