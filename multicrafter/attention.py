@@ -28,6 +28,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from torch.utils.checkpoint import checkpoint
 
+from .errors import UserError
+
 MODES = ("ref2img", "img2ref")
 
 
@@ -97,6 +99,16 @@ class AttentionCapture:
     def per_block(self) -> dict[int, torch.Tensor]:
         """Mean over steps of each block's map."""
         return {k: v / max(len(self.per_step), 1) for k, v in sorted(self.per_block_sum.items())}
+
+
+def chosen_heads(heads: Iterable[int] | None, n_heads: int, what: str = "attention heads") -> list[int] | None:
+    """Sorted distinct head indices, checked against the model's head count (None: every head)."""
+    if heads is None:
+        return None
+    chosen = sorted(set(heads))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= n_heads:
+        raise UserError(f"{what} must list heads in 0..{n_heads - 1} (or be null for all), got {list(heads)}")
+    return chosen
 
 
 def normalize_maps(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -185,7 +197,7 @@ class CaptureAttnProcessor(FluxAttnProcessor):
     def _record(self, query: torch.Tensor, key: torch.Tensor) -> None:
         cap, layout = self.capture, self.capture.layout
         if cap.heads is not None:  # (B, L, H, d): keep the chosen heads only
-            index = torch.tensor(sorted(set(cap.heads)), device=query.device)
+            index = torch.tensor(cap.heads, device=query.device)
             query, key = query.index_select(2, index), key.index_select(2, index)
         if cap.mode == "ref2img":
             fn = lambda q, k: ref2img_maps(q, k, layout, cap.head_chunk)  # noqa: E731

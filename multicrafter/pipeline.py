@@ -23,7 +23,15 @@ from diffusers import FluxPipeline
 from diffusers.utils import BaseOutput
 
 from . import presets
-from .attention import AttentionCapture, CaptureLayout, find_capture, install_capture, normalize_maps, remove_capture
+from .attention import (
+    AttentionCapture,
+    CaptureLayout,
+    chosen_heads,
+    find_capture,
+    install_capture,
+    normalize_maps,
+    remove_capture,
+)
 from .errors import UserError, one_line
 from .ref_timestep import find_ref_timestep, install_ref_timestep
 from .references import (
@@ -263,10 +271,7 @@ class MultiCrafterPipeline(FluxPipeline):
         capture, installed = find_capture(self.transformer), False
         saved_capture = (capture.enabled, capture.layout, capture.mode) if capture is not None else None
         if return_attention and capture is None:
-            heads = None if attention_heads is None else sorted(set(attention_heads))
-            n_heads = self.transformer.config.num_attention_heads
-            if heads is not None and (not heads or heads[0] < 0 or heads[-1] >= n_heads):
-                raise UserError(f"attention_heads must list heads in 0..{n_heads - 1}, got {heads}")
+            heads = chosen_heads(attention_heads, self.transformer.config.num_attention_heads, "attention_heads")
             capture, installed = AttentionCapture(mode=attention_mode, heads=heads), True
             install_capture(self.transformer, capture, attention_blocks, attention_single_blocks)
         if capture is not None:

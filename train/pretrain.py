@@ -331,15 +331,12 @@ class Trainer:
         # attention capture (only when λ > 0: λ = 0 is exactly plain flow matching)
         self.capture = None
         if self.lam > 0:
-            from multicrafter.attention import AttentionCapture, install_capture
+            from multicrafter.attention import AttentionCapture, chosen_heads, install_capture
 
-            heads, n_heads = cfg.attention_loss.heads, tr.config.num_attention_heads
-            if heads is not None and (not heads or any(not 0 <= h < n_heads for h in heads)):
-                raise UserError(f"attention_loss.heads must list heads in 0..{n_heads - 1} (or be null for all), "
-                                f"got {heads}")
+            heads = chosen_heads(cfg.attention_loss.heads, tr.config.num_attention_heads, "attention_loss.heads")
             self.capture = AttentionCapture(mode=cfg.attention_loss.mode, recompute=cfg.attention_loss.recompute,
                                             routing_only=cfg.attention_loss.routing_only,
-                                            heads=cfg.attention_loss.heads)
+                                            heads=heads)
             self.capture_keys = install_capture(tr, self.capture, cfg.attention_loss.blocks,
                                                 cfg.attention_loss.single_blocks)
             if not self.capture_keys:
