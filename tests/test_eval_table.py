@@ -5,7 +5,7 @@ import json
 import pytest
 
 from multicrafter.errors import UserError
-from multicrafter.eval.table import load_result, main, spread_units, table
+from multicrafter.eval.table import load_result, load_results, main, spread_units, table
 from multicrafter.eval.toy import main as eval_toy_main
 
 
@@ -43,3 +43,41 @@ def test_bad_inputs_are_one_line_errors(gt_json, tmp_path):
         load_result(tmp_path / "missing.json")
     with pytest.raises(UserError, match="no row of that name"):
         table([load_result(gt_json)], against="nope")
+
+
+def test_rows_file_partial_rows_and_tradeoff_plot(gt_json, tmp_path, capsys):
+    """A `{"rows": [...]}` file holds several rows; metrics a row lacks print as "-"; the plot draws every row."""
+    res = json.loads(gt_json.read_text())
+    partial = {"name": "partial", "id_sim": 0.4, "leakage": 0.2, "std": {"id_sim": 0.01, "leakage": 0.02},
+               "seeds": [0, 1], "n_scenes": 50}
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps({"rows": [res, partial]}))
+    plot = tmp_path / "tradeoff.png"
+    assert main([str(rows), "--against", "no adapter", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("| partial | 50 x 2 |"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[2:5] == ["0.400 ± 0.010", "0.200 ± 0.020", "-"]
+    diff = [x for x in out.splitlines() if x.startswith("| partial |")][-1]
+    assert [c.strip() for c in diff.split("|")[2:5]] == [f"{(0.4 - res['id_sim']) / 0.01:+.1f}",
+                                                        f"{(0.2 - res['leakage']) / 0.02:+.1f}", "-"]
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(plot).convert("RGB")).astype(int)
+    assert img.shape[0] > 300 and img.shape[1] > 500
+    # the cross-hairs and points are drawn: some pixels are neither white nor grey
+    assert (np.ptp(img, axis=2) > 60).sum() > 50
+
+
+def test_rows_file_errors(tmp_path):
+    (tmp_path / "empty.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(UserError, match="has no rows"):
+        load_results(tmp_path / "empty.json")
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"id_sim": 0.4}]}))
+    with pytest.raises(UserError, match="row 0 is not an `eval toy --json` result"):
+        load_results(tmp_path / "bad.json")
+    two = {"id_sim": 0.4, "leakage": 0.1, "std": {}, "seeds": [0], "n_scenes": 1}
+    (tmp_path / "two.json").write_text(json.dumps({"rows": [two, two]}))
+    with pytest.raises(UserError, match="holds 2 rows, not one"):
+        load_result(tmp_path / "two.json")
