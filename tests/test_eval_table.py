@@ -5,7 +5,7 @@ import json
 import pytest
 
 from multicrafter.errors import UserError
-from multicrafter.eval.table import load_result, load_results, main, spread_units, table
+from multicrafter.eval.table import load_result, load_results, main, paired_differences, spread_units, table
 from multicrafter.eval.toy import main as eval_toy_main
 
 
@@ -81,3 +81,19 @@ def test_rows_file_errors(tmp_path):
     (tmp_path / "two.json").write_text(json.dumps({"rows": [two, two]}))
     with pytest.raises(UserError, match="holds 2 rows, not one"):
         load_result(tmp_path / "two.json")
+
+
+def test_paired_differences_per_seed(gt_json, tmp_path, capsys):
+    """Per-seed gaps only between rows scored on the same scenes and seeds; printed in the --against table."""
+    res = json.loads(gt_json.read_text())
+    assert len(res["per_seed"]["id_sim"]) == 2
+    shifted = dict(res, adapter="shifted",
+                   per_seed=dict(res["per_seed"], id_sim=[v - d for v, d in zip(res["per_seed"]["id_sim"], (0.01, 0.03))]))
+    assert paired_differences(shifted, res, "id_sim") == pytest.approx([-0.01, -0.03])
+    assert paired_differences(dict(shifted, prompts="positions" if res.get("prompts") != "positions" else "full"),
+                              res, "id_sim") is None
+    assert paired_differences(dict(shifted, seeds=[0, 2]), res, "id_sim") is None
+    (tmp_path / "shifted.json").write_text(json.dumps(shifted))
+    assert main([str(gt_json), str(tmp_path / "shifted.json"), "--against", "no adapter"]) == 0
+    diff = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| shifted |")][-1]
+    assert [c.strip() for c in diff.split("|")[-3:-1]] == ["-0.010 / -0.030", "+0.000 / +0.000"]

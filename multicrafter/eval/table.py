@@ -23,6 +23,8 @@ from ..errors import ArgumentParser, UserError, run_cli
 
 HEADLINE = ("id_sim", "leakage", "layout", "quality", "overall")
 ACCURACY = ("acc_shape", "acc_colour", "acc_pattern")
+PAIRED = ("id_sim", "leakage")
+SAME_SCENES = ("seeds", "n_scenes", "scene_seed", "prompts", "subjects", "similar_prob", "size", "ref_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +88,20 @@ def _mean_std(r: dict, m: str) -> str:
     return f"{r[m]:.3f} ± {r['std'][m]:.3f}" if m in r["std"] else f"{r[m]:.3f}"
 
 
+def paired_differences(row: dict, ref: dict, metric: str) -> list[float] | None:
+    """row - ref per generator seed (the same held-out scenes drawn with the same noise move together, so the paired
+    gap is the sharper test); None unless both rows kept per-seed values of the same scenes and seeds."""
+    a, b = row.get("per_seed", {}).get(metric), ref.get("per_seed", {}).get(metric)
+    if a is None or b is None or any(row.get(k) != ref.get(k) for k in SAME_SCENES):
+        return None
+    return [x - y for x, y in zip(a, b, strict=True)]
+
+
+def _paired_cell(row: dict, ref: dict, metric: str) -> str:
+    d = paired_differences(row, ref, metric)
+    return "-" if d is None else " / ".join(f"{x:+.3f}" for x in d)
+
+
 def _units(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:+.1f}"
 
@@ -108,14 +124,15 @@ def table(results: list[dict], against: str | None = None) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if ref is not None:
         lines.append("")
-        lines.append(f"Difference to `{ref['name']}` in seed-std units (|x| > 1: beyond the seed-to-seed spread):")
+        lines.append(f"Difference to `{ref['name']}` in seed-std units (|x| > 1: beyond the seed-to-seed spread), "
+                     "and per generator seed where both rows were scored with the same seeds (paired):")
         lines.append("")
-        lines.append("| row | " + " | ".join(HEADLINE) + " |")
-        lines.append("|" + "---|" * (len(HEADLINE) + 1))
+        lines.append("| row | " + " | ".join(HEADLINE) + " | " + " | ".join(f"{m} per seed" for m in PAIRED) + " |")
+        lines.append("|" + "---|" * (len(HEADLINE) + len(PAIRED) + 1))
         for r in results:
             if r is not ref:
                 lines.append(f"| {r['name']} | " + " | ".join(_units(spread_units(r, ref, m)) for m in HEADLINE)
-                             + " |")
+                             + " | " + " | ".join(_paired_cell(r, ref, m) for m in PAIRED) + " |")
     return "\n".join(lines)
 
 
