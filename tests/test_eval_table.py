@@ -97,3 +97,9 @@ def test_paired_differences_per_seed(gt_json, tmp_path, capsys):
     assert main([str(gt_json), str(tmp_path / "shifted.json"), "--against", "no adapter"]) == 0
     diff = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| shifted |")][-1]
     assert [c.strip() for c in diff.split("|")[-3:-1]] == ["-0.010 / -0.030", "+0.000 / +0.000"]
+
+
+def test_eval_toy_reports_the_decoy_leakage_per_seed(gt_json):
+    res = json.loads(gt_json.read_text())
+    assert len(res["per_seed"]["leakage_decoy"]) == 2 and res["std"]["leakage_decoy"] == 0.0  # renders: seed-free
+    assert 0.0 <= res["leakage_decoy"] <= 0.05

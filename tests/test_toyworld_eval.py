@@ -163,3 +163,37 @@ def test_toy_reward_components(samples):
     assert out.components["text"][0] == 1.0 and out.components["text"][1] == 1.0
     assert out.components["aes"][0] > 0.95
     assert any(n.startswith("sample 2") for n in out.notes)
+
+
+def test_decoy_keeps_each_relation_to_own_and_is_not_other():
+    from multicrafter.toyworld import catalogue
+    from multicrafter.toyworld.evaluate import decoy_identity
+
+    rng = np.random.default_rng(0)
+    pool = catalogue()
+    for _ in range(300):
+        own, other = (pool[int(i)] for i in rng.choice(len(pool), 2, replace=False))
+        d = decoy_identity(own, other, rng)
+        assert d != other and d.body != d.accent
+        for attr in ("shape", "pattern"):
+            same = getattr(other, attr) == getattr(own, attr)
+            assert (getattr(d, attr) == getattr(own, attr)) == same
+            if not same:
+                assert getattr(d, attr) != getattr(other, attr)
+        assert set(d.colours) & set(own.colours) == set(other.colours) & set(own.colours)
+        assert not (set(d.colours) - set(own.colours)) & set(other.colours)
+
+
+def test_decoy_leakage_is_the_chance_level_and_blending_rises_above_it():
+    """Clean renders: both ~0. Blended attributes: leakage far above its decoy level (the decoys did not blend)."""
+    for s in _distinct_samples(9, 4):
+        scene = copy.deepcopy(s.scene)
+        a, b = scene["subjects"]
+        ta, tb = s.scene["subjects"]
+        a["colours"], a["pattern"] = [ta["colours"][0], tb["colours"][0]], tb["pattern"]
+        b["colours"], b["pattern"] = [tb["colours"][0], ta["colours"][0]], ta["pattern"]
+        blended = evaluate_image(render_scene(scene)[0], s.references, s.scene)
+        clean = evaluate_image(s.image, s.references, s.scene)
+        assert clean["leakage_decoy"] <= 0.05
+        assert blended["leakage"] >= 0.3 and blended["leakage"] - blended["leakage_decoy"] >= 0.2
+    assert evaluate_image(s.image, s.references)["leakage_decoy"] is None  # no scene: no identities to mirror

@@ -11,6 +11,10 @@ Definitions (per image):
 - leakage: for each subject matched to reference a (similarity >= MATCH_MIN), and each other reference b: the mean
   over attributes where a and b differ of how much of b shows in the subject (colour: mass of b's colours absent
   from a, relative to their mass in b; shape/pattern: the subject's similarity to b); max over b, mean over subjects.
+- leakage_decoy (with a scene spec; else None): the same leakage measured against decoys instead of the other
+  references, each decoy related to a as b is (the same attribute where b shares a's, a third value where b differs)
+  but absent from the scene. It is what the leakage metric reads from a subject's own rendering errors, by chance;
+  leakage above it is the other subjects' attributes actually bleeding in.
 - layout: fraction of correct statements of the prompt: each stated subject (found by its stated attributes,
   Hungarian) nearest its named slot (within 0.25 of the size), the background colour and the background texture.
   acc_shape/colour/pattern: fraction of stated subjects found with exactly that attribute. Both need a scene spec or
@@ -38,7 +42,7 @@ from .detect import PRESENCE, Region, classify_background, describe_image, descr
 from .prompts import POSITION_PHRASES, parse_prompt
 from .render import BACKGROUNDS, TEXTURES, render_reference
 from .scenes import slot_centres
-from .subjects import COLOUR_ARRAY, Identity, by_id
+from .subjects import COLOUR_ARRAY, COLOUR_NAMES, PATTERNS, SHAPES, Identity, by_id
 
 MATCH_MIN = 0.3          # a match below this similarity counts as a missing subject for leakage/layout/accuracy
 SLOT_TOLERANCE = 0.25    # fraction of the image size
@@ -86,6 +90,36 @@ def leakage_of(subject: Region, own: Region, others: Sequence[Region]) -> float:
         if parts:
             worst = max(worst, float(np.mean(parts)))
     return worst
+
+
+def decoy_identity(own: Identity, other: Identity, rng: np.random.Generator) -> Identity:
+    """An identity related to `own` as `other` is (each shape/pattern/colour `other` shares with `own` kept, each it
+    does not share replaced by a value neither has) but, unless `other` equals `own`, never `other` itself."""
+    def pick(options: Sequence[str], avoid: set[str]) -> str:
+        return str(rng.choice(sorted(set(options) - avoid)))
+
+    shape = own.shape if other.shape == own.shape else pick(SHAPES, {own.shape, other.shape})
+    pattern = own.pattern if other.pattern == own.pattern else pick(PATTERNS, {own.pattern, other.pattern})
+    used = set(own.colours) | set(other.colours)
+    colours: list[str] = []
+    for c in other.colours:
+        colours.append(c if c in own.colours else pick(COLOUR_NAMES, used | set(colours)))
+    return Identity(shape=shape, body=colours[0], accent=colours[1], pattern=pattern)
+
+
+def _decoy_leakage(found: dict[int, Region], refs: list[Region | None], scene: dict) -> float | None:
+    """Mean over matched subjects of the leakage against decoys of the other references (see module docstring)."""
+    ids = [Identity.from_dict(x) for x in scene["subjects"]]
+    if not found or len(ids) != len(refs):
+        return None
+    rng = np.random.default_rng(int.from_bytes(hashlib.blake2b("|".join(i.id for i in ids).encode(),
+                                                               digest_size=8).digest(), "big"))
+    leaks = []
+    for i in sorted(found):
+        decoys = [_canonical_reference(decoy_identity(ids[i], ids[k], rng))
+                  for k in range(len(ids)) if k != i and refs[k] is not None]
+        leaks.append(leakage_of(found[i], refs[i], [d for d in decoys if d is not None]))
+    return float(np.mean(leaks))
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -194,7 +228,7 @@ def _layout(truth: dict, found: dict[int, Region], size: tuple[int, int], bg: di
 
 
 def _empty_result(n_refs: int, notes: list[str]) -> dict:
-    return {"id_sim": 0.0, "leakage": 0.0, "layout": 0.0, "quality": 0.0, "overall": overall_score(0, 0, 0, 0),
+    return {"id_sim": 0.0, "leakage": 0.0, "leakage_decoy": None, "layout": 0.0, "quality": 0.0, "overall": overall_score(0, 0, 0, 0),
             "acc_shape": 0.0, "acc_colour": 0.0, "acc_pattern": 0.0, "n_refs": n_refs, "n_found": 0,
             "matches": [], "per_reference": [0.0] * n_refs, "background": None, "layout_checks": {}, "notes": notes}
 
@@ -273,6 +307,7 @@ def evaluate_image(image: Any, references: Sequence[Any], scene: dict | None = N
     quality = quality_score(img, tones)
     return {
         "id_sim": match.score, "leakage": leakage, "layout": layout, "quality": quality,
+        "leakage_decoy": _decoy_leakage(found, refs, truth) if scene is not None and truth is not None else None,
         "overall": overall_score(match.score, leakage, layout, quality),
         **{f"acc_{k}": float(np.mean(v)) if v else 0.0 for k, v in acc.items()},
         "n_refs": n_refs, "n_found": len(regions),
