@@ -182,6 +182,12 @@ def test_decoy_keeps_each_relation_to_own_and_is_not_other():
                 assert getattr(d, attr) != getattr(other, attr)
         assert set(d.colours) & set(own.colours) == set(other.colours) & set(own.colours)
         assert not (set(d.colours) - set(own.colours)) & set(other.colours)
+        # in a scene, a differing shape or pattern is also none of the other subjects' (enough values are left)
+        third = pool[int(rng.integers(len(pool)))]
+        d = decoy_identity(own, other, rng, scene=(own, other, third))
+        for attr in ("shape", "pattern"):
+            if getattr(other, attr) != getattr(own, attr):
+                assert getattr(d, attr) not in {getattr(x, attr) for x in (own, other, third)}
 
 
 def test_decoy_leakage_is_the_chance_level_and_blending_rises_above_it():

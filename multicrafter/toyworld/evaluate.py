@@ -12,8 +12,8 @@ Definitions (per image):
   over attributes where a and b differ of how much of b shows in the subject (colour: mass of b's colours absent
   from a, relative to their mass in b; shape/pattern: the subject's similarity to b); max over b, mean over subjects.
 - leakage_decoy (with a scene spec; else None): the same leakage measured against decoys instead of the other
-  references, each decoy related to a as b is (the same attribute where b shares a's, a third value where b differs)
-  but absent from the scene. It is what the leakage metric reads from a subject's own rendering errors, by chance;
+  references, each decoy related to a as b is (the same attribute where b shares a's, where b differs a value no
+  subject of the scene has, if one is left). It is what the leakage metric reads from a subject's own rendering errors, by chance;
   leakage above it is the other subjects' attributes actually bleeding in.
 - layout: fraction of correct statements of the prompt: each stated subject (found by its stated attributes,
   Hungarian) nearest its named slot (within 0.25 of the size), the background colour and the background texture.
@@ -92,18 +92,24 @@ def leakage_of(subject: Region, own: Region, others: Sequence[Region]) -> float:
     return worst
 
 
-def decoy_identity(own: Identity, other: Identity, rng: np.random.Generator) -> Identity:
-    """An identity related to `own` as `other` is (each shape/pattern/colour `other` shares with `own` kept, each it
-    does not share replaced by a value neither has) but, unless `other` equals `own`, never `other` itself."""
-    def pick(options: Sequence[str], avoid: set[str]) -> str:
-        return str(rng.choice(sorted(set(options) - avoid)))
+def decoy_identity(own: Identity, other: Identity, rng: np.random.Generator,
+                   scene: Sequence[Identity] = ()) -> Identity:
+    """An identity related to `own` as `other` is: each shape/pattern/colour `other` shares with `own` kept, each it
+    does not share replaced by a value neither has, and none that any identity of `scene` has where enough values
+    are left (so a decoy never catches another subject's attribute bleeding in)."""
+    def pick(options: Sequence[str], avoid: set[str], scene_values: set[str]) -> str:
+        free = sorted(set(options) - avoid - scene_values) or sorted(set(options) - avoid)
+        return str(rng.choice(free))
 
-    shape = own.shape if other.shape == own.shape else pick(SHAPES, {own.shape, other.shape})
-    pattern = own.pattern if other.pattern == own.pattern else pick(PATTERNS, {own.pattern, other.pattern})
+    shape = own.shape if other.shape == own.shape else pick(SHAPES, {own.shape, other.shape},
+                                                            {i.shape for i in scene})
+    pattern = own.pattern if other.pattern == own.pattern else pick(PATTERNS, {own.pattern, other.pattern},
+                                                                    {i.pattern for i in scene})
     used = set(own.colours) | set(other.colours)
+    scene_colours = {c for i in scene for c in i.colours}
     colours: list[str] = []
     for c in other.colours:
-        colours.append(c if c in own.colours else pick(COLOUR_NAMES, used | set(colours)))
+        colours.append(c if c in own.colours else pick(COLOUR_NAMES, used | set(colours), scene_colours))
     return Identity(shape=shape, body=colours[0], accent=colours[1], pattern=pattern)
 
 
@@ -116,7 +122,7 @@ def _decoy_leakage(found: dict[int, Region], refs: list[Region | None], scene: d
                                                                digest_size=8).digest(), "big"))
     leaks = []
     for i in sorted(found):
-        decoys = [_canonical_reference(decoy_identity(ids[i], ids[k], rng))
+        decoys = [_canonical_reference(decoy_identity(ids[i], ids[k], rng, ids))
                   for k in range(len(ids)) if k != i and refs[k] is not None]
         leaks.append(leakage_of(found[i], refs[i], [d for d in decoys if d is not None]))
     return float(np.mean(leaks))
