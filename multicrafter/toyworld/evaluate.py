@@ -11,10 +11,12 @@ Definitions (per image):
 - leakage: for each subject matched to reference a (similarity >= MATCH_MIN), and each other reference b: the mean
   over attributes where a and b differ of how much of b shows in the subject (colour: mass of b's colours absent
   from a, relative to their mass in b; shape/pattern: the subject's similarity to b); max over b, mean over subjects.
-- leakage_decoy (with a scene spec; else None): the same leakage measured against decoys instead of the other
-  references, each decoy related to a as b is (the same attribute where b shares a's, where b differs a value no
-  subject of the scene has, if one is left). It is what the leakage metric reads from a subject's own rendering errors, by chance;
-  leakage above it is the other subjects' attributes actually bleeding in.
+- leakage_real / leakage_decoy (with a scene spec; else None): the decoy control. leakage_real is the leakage against
+  canonical renders of the other subjects; leakage_decoy the same against decoys, each related to a as b is (the
+  same attribute where b shares a's; where b differs, a value no subject of the scene has, if one is left).
+  leakage_decoy is what the metric reads from a subject's own rendering errors, by chance; leakage_real above it
+  is the other subjects' attributes actually bleeding in (with errors unrelated to the other subjects the two
+  agree; both read canonical renders so that only whose attributes they look for differs).
 - layout: fraction of correct statements of the prompt: each stated subject (found by its stated attributes,
   Hungarian) nearest its named slot (within 0.25 of the size), the background colour and the background texture.
   acc_shape/colour/pattern: fraction of stated subjects found with exactly that attribute. Both need a scene spec or
@@ -113,19 +115,22 @@ def decoy_identity(own: Identity, other: Identity, rng: np.random.Generator,
     return Identity(shape=shape, body=colours[0], accent=colours[1], pattern=pattern)
 
 
-def _decoy_leakage(found: dict[int, Region], refs: list[Region | None], scene: dict) -> float | None:
-    """Mean over matched subjects of the leakage against decoys of the other references (see module docstring)."""
+def decoy_control(found: dict[int, Region], refs: list[Region | None], scene: dict) -> dict[str, float | None]:
+    """Leakage against the other subjects and against their decoys, both read from canonical renders so that the
+    two differ only in whose attributes they look for (see module docstring); None without a matched subject."""
     ids = [Identity.from_dict(x) for x in scene["subjects"]]
     if not found or len(ids) != len(refs):
-        return None
+        return {"leakage_real": None, "leakage_decoy": None}
     rng = np.random.default_rng(int.from_bytes(hashlib.blake2b("|".join(i.id for i in ids).encode(),
                                                                digest_size=8).digest(), "big"))
-    leaks = []
+    real, decoy = [], []
     for i in sorted(found):
-        decoys = [_canonical_reference(decoy_identity(ids[i], ids[k], rng, ids))
-                  for k in range(len(ids)) if k != i and refs[k] is not None]
-        leaks.append(leakage_of(found[i], refs[i], [d for d in decoys if d is not None]))
-    return float(np.mean(leaks))
+        others = [k for k in range(len(ids)) if k != i and refs[k] is not None]
+        real_refs = [_canonical_reference(ids[k]) for k in others]
+        decoy_refs = [_canonical_reference(decoy_identity(ids[i], ids[k], rng, ids)) for k in others]
+        real.append(leakage_of(found[i], refs[i], [d for d in real_refs if d is not None]))
+        decoy.append(leakage_of(found[i], refs[i], [d for d in decoy_refs if d is not None]))
+    return {"leakage_real": float(np.mean(real)), "leakage_decoy": float(np.mean(decoy))}
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -234,7 +239,7 @@ def _layout(truth: dict, found: dict[int, Region], size: tuple[int, int], bg: di
 
 
 def _empty_result(n_refs: int, notes: list[str]) -> dict:
-    return {"id_sim": 0.0, "leakage": 0.0, "leakage_decoy": None, "layout": 0.0, "quality": 0.0, "overall": overall_score(0, 0, 0, 0),
+    return {"id_sim": 0.0, "leakage": 0.0, "leakage_real": None, "leakage_decoy": None, "layout": 0.0, "quality": 0.0, "overall": overall_score(0, 0, 0, 0),
             "acc_shape": 0.0, "acc_colour": 0.0, "acc_pattern": 0.0, "n_refs": n_refs, "n_found": 0,
             "matches": [], "per_reference": [0.0] * n_refs, "background": None, "layout_checks": {}, "notes": notes}
 
@@ -313,7 +318,8 @@ def evaluate_image(image: Any, references: Sequence[Any], scene: dict | None = N
     quality = quality_score(img, tones)
     return {
         "id_sim": match.score, "leakage": leakage, "layout": layout, "quality": quality,
-        "leakage_decoy": _decoy_leakage(found, refs, truth) if scene is not None and truth is not None else None,
+        **(decoy_control(found, refs, truth) if scene is not None and truth is not None
+           else {"leakage_real": None, "leakage_decoy": None}),
         "overall": overall_score(match.score, leakage, layout, quality),
         **{f"acc_{k}": float(np.mean(v)) if v else 0.0 for k, v in acc.items()},
         "n_refs": n_refs, "n_found": len(regions),
