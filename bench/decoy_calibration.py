@@ -42,7 +42,7 @@ def _gap(n: int, subjects: int, seed: int, bleed: bool) -> tuple[float, float, f
             truth = s.scene["subjects"]
             for k, subj in enumerate(subs):
                 subj["pattern"] = truth[(k + 1) % len(subs)]["pattern"]
-        r = evaluate_image(render_scene(scene)[0], s.references, s.scene)
+        r = evaluate_image(render_scene(scene)[0], s.references, s.scene, decoys=True)
         if r["leakage_decoy"] is not None:
             real.append(r["leakage_real"])
             decoy.append(r["leakage_decoy"])

@@ -198,9 +198,11 @@ def test_decoy_leakage_is_the_chance_level_and_blending_rises_above_it():
         ta, tb = s.scene["subjects"]
         a["colours"], a["pattern"] = [ta["colours"][0], tb["colours"][0]], tb["pattern"]
         b["colours"], b["pattern"] = [tb["colours"][0], ta["colours"][0]], ta["pattern"]
-        blended = evaluate_image(render_scene(scene)[0], s.references, s.scene)
-        clean = evaluate_image(s.image, s.references, s.scene)
+        blended = evaluate_image(render_scene(scene)[0], s.references, s.scene, decoys=True)
+        clean = evaluate_image(s.image, s.references, s.scene, decoys=True)
         assert clean["leakage_decoy"] <= 0.05 and clean["leakage_real"] <= 0.05
         assert blended["leakage"] >= 0.3 and blended["leakage_real"] - blended["leakage_decoy"] >= 0.2
-    no_scene = evaluate_image(s.image, s.references)
+    no_scene = evaluate_image(s.image, s.references, decoys=True)
     assert no_scene["leakage_decoy"] is None and no_scene["leakage_real"] is None  # no identities to mirror
+    assert clean["leakage"] == evaluate_image(s.image, s.references, s.scene)["leakage"]
+    assert evaluate_image(s.image, s.references, s.scene)["leakage_decoy"] is None  # off unless asked (rewards)

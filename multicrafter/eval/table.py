@@ -45,6 +45,8 @@ def _checked(res: object, where: str) -> dict:
     missing = [k for k in REQUIRED if not isinstance(res, dict) or k not in res]
     if missing:
         raise UserError(f"{where} is not an `eval toy --json` result (missing {', '.join(missing)})")
+    if not isinstance(res["std"], dict) or not isinstance(res["seeds"], list):
+        raise UserError(f"{where} is not an `eval toy --json` result (std must be an object, seeds a list)")
     adapter = res.get("adapter")
     res.setdefault("name", "no adapter" if adapter in (None, "none") else str(adapter))
     return res

@@ -147,11 +147,11 @@ def evaluate_scenes(n: int, seeds: list[int], generate: Callable[[Any, list[int]
                               n_subjects=subjects)
         refs = [Image.fromarray(r) for r in sample.references]
         if generate is None:  # the render is the same for every seed: score it once
-            result = evaluate_image(sample.image, refs, scene=sample.scene)
+            result = evaluate_image(sample.image, refs, scene=sample.scene, decoys=True)
             images, results = [sample.image] * len(seeds), [result] * len(seeds)
         else:
             images = generate(sample, [s * 100003 + i for s in seeds])
-            results = [evaluate_image(im, refs, scene=sample.scene) for im in images]
+            results = [evaluate_image(im, refs, scene=sample.scene, decoys=True) for im in images]
         for s, image, result in zip(seeds, images, results):
             if save_dir is not None:
                 pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))

@@ -246,12 +246,13 @@ def _empty_result(n_refs: int, notes: list[str]) -> dict:
 
 
 def evaluate_image(image: Any, references: Sequence[Any], scene: dict | None = None,
-                   prompt: str | None = None) -> dict:
+                   prompt: str | None = None, decoys: bool = False) -> dict:
     """Score one image against its references (in the order of the scene's subjects, if a scene is given).
 
     `image`: path, PIL image or HxWx3 array. `references`: images or identity specs. `scene`: a ToyWorld scene spec
-    (truth for layout and attribute accuracy); else `prompt` is parsed for it. Returns the metrics in METRICS plus
-    matches, per_reference, n_found, background, layout_checks and notes.
+    (truth for layout and attribute accuracy); else `prompt` is parsed for it. `decoys`: also run the decoy control
+    (needs `scene`; about 4x the time, so off for rewards). Returns the metrics in METRICS plus leakage_real,
+    leakage_decoy (None unless run), matches, per_reference, n_found, background, layout_checks and notes.
     """
     notes: list[str] = []
     n_refs = len(references)
@@ -319,7 +320,7 @@ def evaluate_image(image: Any, references: Sequence[Any], scene: dict | None = N
     quality = quality_score(img, tones)
     return {
         "id_sim": match.score, "leakage": leakage, "layout": layout, "quality": quality,
-        **(decoy_control(found, refs, truth) if scene is not None and truth is not None
+        **(decoy_control(found, refs, truth) if decoys and scene is not None and truth is not None
            else {"leakage_real": None, "leakage_decoy": None}),
         "overall": overall_score(match.score, leakage, layout, quality),
         **{f"acc_{k}": float(np.mean(v)) if v else 0.0 for k, v in acc.items()},
