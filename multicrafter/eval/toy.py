@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..errors import ArgumentParser, UserError, int_list, one_line, run_cli
 from ..io import atomic_write_json, save_image_atomic
-from ..toyworld.evaluate import METRICS  # one definition: the evaluator decides which metrics exist
+from ..toyworld.evaluate import DECOY_KEYS, METRICS  # one definition: the evaluator decides which metrics exist
 from ..toyworld.prompts import PROMPT_STYLES
 from ..toyworld.scenes import subject_counts
 
@@ -126,7 +126,7 @@ def _aggregate(per: list[dict]) -> dict:
         group = [r for r in per if r["n_subjects"] == k]
         out["by_subjects"][str(k)] = {"n": len(group), **{m: float(np.mean([r[m] for r in group]))
                                                            for m in ("id_sim", "leakage", "overall")}}
-    for key in ("leakage_real", "leakage_decoy"):  # the decoy control: the leakage metric's chance level
+    for key in DECOY_KEYS:  # the decoy control: the leakage metric's chance level
         vals = [r[key] for r in per if r.get(key) is not None]
         out[key] = float(np.mean(vals)) if vals else None
     out["notes"] = sorted({note for r in per for note in r["notes"]})[:20]
@@ -178,7 +178,7 @@ def summarise(per_seed: dict[int, dict], n: int) -> dict:
         res["per_seed"][m] = vals
         res["std"][m] = float(np.std(vals)) if len(vals) > 1 else 0.0
     res["attribute_accuracy"] = {a: res[f"acc_{a}"] for a in ("shape", "colour", "pattern")}
-    for key in ("leakage_real", "leakage_decoy"):
+    for key in DECOY_KEYS:
         vals = [per_seed[s].get(key) for s in seeds]
         if all(v is not None for v in vals):
             res[key] = float(np.mean(vals))

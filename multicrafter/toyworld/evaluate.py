@@ -47,6 +47,7 @@ from .render import BACKGROUNDS, TEXTURES, render_reference
 from .scenes import slot_centres
 from .subjects import COLOUR_ARRAY, COLOUR_NAMES, PATTERNS, SHAPES, Identity, by_id
 
+DECOY_KEYS = ("leakage_real", "leakage_decoy")  # the decoy control's outputs (None unless it ran)
 MATCH_MIN = 0.3          # a match below this similarity counts as a missing subject for leakage/layout/accuracy
 SLOT_TOLERANCE = 0.25    # fraction of the image size
 WEIGHTS = {"identity": 0.6, "layout": 0.25, "quality": 0.15}
@@ -121,7 +122,7 @@ def decoy_control(found: dict[int, Region], refs: list[Region | None], scene: di
     two differ only in whose attributes they look for (see module docstring); None without a matched subject."""
     ids = [Identity.from_dict(x) for x in scene["subjects"]]
     if not found or len(ids) != len(refs):
-        return {"leakage_real": None, "leakage_decoy": None}
+        return dict.fromkeys(DECOY_KEYS)
     rng = np.random.default_rng(int.from_bytes(hashlib.blake2b("|".join(i.id for i in ids).encode(),
                                                                digest_size=8).digest(), "big"))
     real, decoy = [], []
@@ -240,7 +241,8 @@ def _layout(truth: dict, found: dict[int, Region], size: tuple[int, int], bg: di
 
 
 def _empty_result(n_refs: int, notes: list[str]) -> dict:
-    return {"id_sim": 0.0, "leakage": 0.0, "leakage_real": None, "leakage_decoy": None, "layout": 0.0, "quality": 0.0, "overall": overall_score(0, 0, 0, 0),
+    return {"id_sim": 0.0, "leakage": 0.0, **dict.fromkeys(DECOY_KEYS), "layout": 0.0, "quality": 0.0,
+            "overall": overall_score(0, 0, 0, 0),
             "acc_shape": 0.0, "acc_colour": 0.0, "acc_pattern": 0.0, "n_refs": n_refs, "n_found": 0,
             "matches": [], "per_reference": [0.0] * n_refs, "background": None, "layout_checks": {}, "notes": notes}
 
@@ -321,7 +323,7 @@ def evaluate_image(image: Any, references: Sequence[Any], scene: dict | None = N
     return {
         "id_sim": match.score, "leakage": leakage, "layout": layout, "quality": quality,
         **(decoy_control(found, refs, truth) if decoys and scene is not None and truth is not None
-           else {"leakage_real": None, "leakage_decoy": None}),
+           else dict.fromkeys(DECOY_KEYS)),
         "overall": overall_score(match.score, leakage, layout, quality),
         **{f"acc_{k}": float(np.mean(v)) if v else 0.0 for k, v in acc.items()},
         "n_refs": n_refs, "n_found": len(regions),
