@@ -96,7 +96,7 @@ def test_paired_differences_per_seed(gt_json, tmp_path, capsys):
     (tmp_path / "shifted.json").write_text(json.dumps(shifted))
     assert main([str(gt_json), str(tmp_path / "shifted.json"), "--against", "no adapter"]) == 0
     diff = [x for x in capsys.readouterr().out.splitlines() if x.startswith("| shifted |")][-1]
-    assert [c.strip() for c in diff.split("|")[-3:-1]] == ["-0.010 / -0.030", "+0.000 / +0.000"]
+    assert [c.strip() for c in diff.split("|")[-4:-1]] == ["-0.010 / -0.030", "+0.000 / +0.000", "+0.000 / +0.000"]
 
 
 def test_eval_toy_reports_the_decoy_leakage_per_seed(gt_json):
@@ -104,3 +104,25 @@ def test_eval_toy_reports_the_decoy_leakage_per_seed(gt_json):
     for key in ("leakage_real", "leakage_decoy"):
         assert len(res["per_seed"][key]) == 2 and res["std"][key] == 0.0  # renders: the same for every seed
         assert 0.0 <= res[key] <= 0.05
+
+
+def test_eval_toy_reports_ippo_composite_reward_per_seed(gt_json, tmp_path):
+    """`reward` = IPPO's weighted sum of layout (text), quality (aes) and ID-Sim (id), per seed, with the weights of
+    train/configs/toy_ippo.yaml unless --reward-weights says otherwise."""
+    import yaml
+
+    from multicrafter.eval.toy import TOY_REWARD_WEIGHTS
+
+    shipped = yaml.safe_load(open("train/configs/toy_ippo.yaml"))["reward"]["weights"]
+    assert {k: float(v) for k, v in shipped.items()} == TOY_REWARD_WEIGHTS
+    res = json.loads(gt_json.read_text())
+    for i in range(2):
+        want = res["per_seed"]["layout"][i] + 0.5 * res["per_seed"]["quality"][i] + res["per_seed"]["id_sim"][i]
+        assert res["per_seed"]["reward"][i] == pytest.approx(want)
+    out = tmp_path / "id_only.json"
+    assert eval_toy_main(["--model", "ground-truth", "--n", "2", "--reward-weights", "id=2", "--json", str(out)]) == 0
+    only = json.loads(out.read_text())
+    assert only["reward"] == pytest.approx(2 * only["id_sim"]) and only["reward_weights"] == {"id": 2.0}
+    for bad in ("id=x", "style=1", "text=0", "id"):
+        with pytest.raises(UserError, match="--reward-weights"):
+            eval_toy_main(["--model", "ground-truth", "--n", "1", "--reward-weights", bad])

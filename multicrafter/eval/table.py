@@ -21,9 +21,9 @@ from PIL import Image
 
 from ..errors import ArgumentParser, UserError, run_cli
 
-HEADLINE = ("id_sim", "leakage", "layout", "quality", "overall")
+HEADLINE = ("id_sim", "leakage", "layout", "quality", "overall", "reward")  # reward: IPPO's composite
 ACCURACY = ("acc_shape", "acc_colour", "acc_pattern")
-PAIRED = ("id_sim", "leakage")
+PAIRED = ("id_sim", "leakage", "reward")
 SAME_SCENES = ("seeds", "n_scenes", "scene_seed", "prompts", "subjects", "similar_prob", "size", "ref_size")
 
 

@@ -4,7 +4,8 @@ The same n scenes (test identity split, `--scene-seed`) are generated once per s
 across seeds is the seed-to-seed spread the ablation targets compare against, and each scene's seeds run as one
 batch (image of seed s for scene i: generator seed s * 100003 + i). The JSON holds each metric's mean over seeds,
 its per-seed values and std, per-attribute accuracy and the scores restricted to scenes with a similar pair (where
-leakage shows).
+leakage shows). `reward` is IPPO's composite reward on the same images (`--reward-weights`, by default those of
+train/configs/toy_ippo.yaml): what post-training maximises, scored on held-out scenes with the deterministic sampler.
 """
 
 from __future__ import annotations
@@ -20,9 +21,30 @@ from PIL import Image
 
 from ..errors import ArgumentParser, UserError, int_list, one_line, run_cli
 from ..io import atomic_write_json, save_image_atomic
+from ..rewards.toy import COMPONENT_METRICS
 from ..toyworld.evaluate import DECOY_KEYS, METRICS  # one definition: the evaluator decides which metrics exist
 from ..toyworld.prompts import PROMPT_STYLES
 from ..toyworld.scenes import subject_counts
+
+# IPPO's reward weights on the toy (train/configs/toy_ippo.yaml `reward.weights`; a test keeps the two equal).
+TOY_REWARD_WEIGHTS = {"text": 1.0, "aes": 0.5, "id": 1.0}
+
+
+def reward_weights(text: str) -> dict[str, float]:
+    """`text=1,aes=0.5,id=1` -> weights of IPPO's reward components (argparse type)."""
+    weights: dict[str, float] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in COMPONENT_METRICS:
+            raise argparse.ArgumentTypeError(f"expected COMPONENT=WEIGHT with COMPONENT in "
+                                             f"{', '.join(COMPONENT_METRICS)}, got {part!r}")
+        try:
+            weights[key.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"weight of {key.strip()} is not a number: {value!r}") from None
+    if not weights or not any(weights.values()):
+        raise argparse.ArgumentTypeError("give at least one non-zero weight, e.g. text=1,aes=0.5,id=1")
+    return weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same as --prompts no-shape")
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--reward-weights", type=reward_weights, default=dict(TOY_REWARD_WEIGHTS),
+                   help="weights of IPPO's composite reward, reported as `reward` (default text=1,aes=0.5,id=1, "
+                        "as train/configs/toy_ippo.yaml; text = layout, aes = quality, id = ID-Sim)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--save-images", default=None, metavar="DIR", help="also save each scored image")
     return p
@@ -169,10 +194,15 @@ def _pooled(groups: list[dict], metrics: Sequence[str]) -> dict:
     return {"n": total, **{m: sum(g[m] * g["n"] for g in groups) / total if total else None for m in metrics}}
 
 
-def summarise(per_seed: dict[int, dict], n: int) -> dict:
+def summarise(per_seed: dict[int, dict], n: int, weights: dict[str, float] | None = None) -> dict:
+    """Mean, per-seed values and std of every metric; with `weights`, also IPPO's composite `reward`."""
     seeds = list(per_seed)
     res: dict[str, Any] = {"n": n * len(seeds), "n_scenes": n, "seeds": seeds, "per_seed": {}, "std": {}}
-    for m in METRICS:
+    if weights:
+        for s in seeds:
+            per_seed[s]["reward"] = sum(w * per_seed[s][COMPONENT_METRICS[k]] for k, w in weights.items())
+        res["reward_weights"] = dict(weights)
+    for m in METRICS + (("reward",) if weights else ()):
         vals = [per_seed[s][m] for s in seeds]
         res[m] = float(np.mean(vals))
         res["per_seed"][m] = vals
@@ -236,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tqdm(total=args.n * len(seeds), desc="eval toy", unit="img", disable=ground_truth) as bar:
         per_seed = evaluate_scenes(args.n, seeds, generate, args.scene_seed, args.size, args.ref_size,
                                    args.similar_prob, save_dir, bar, args.subjects)
-    res = summarise(per_seed, args.n)
+    res = summarise(per_seed, args.n, args.reward_weights)
     res.update({"model": args.model, "adapter": "none" if args.no_adapter else args.adapter, "split": "test",
                 "scene_seed": args.scene_seed, "subjects": list(args.subjects), "similar_prob": args.similar_prob,
                 "size": args.size, "prompts": args.prompts, **used})
@@ -248,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f", prompts: {args.prompts}" if args.prompts != "full" else "")
           + (f", on {used['device']}" if used["device"] not in (None, "cpu") else ""))
     print(markdown_table(res))
+    print(f"IPPO's composite reward ({', '.join(f'{k} {w:g}' for k, w in args.reward_weights.items())}): "
+          f"{res['reward']:.3f} ± {res['std']['reward']:.3f}")
     if "leakage_decoy" in res and "leakage_real" in res:
         print(f"decoy control (canonical renders): leakage against the other subjects {res['leakage_real']:.3f}, "
               f"against decoys (chance) {res['leakage_decoy']:.3f}; bleeding above chance "
