@@ -168,8 +168,14 @@ class ModelHolder:
             return self.initial_adapter
         if self.initial_adapter:
             return FOLDER_ADAPTER
-        choices = self.adapter_choices()
-        return "ippo" if "ippo" in choices else NO_ADAPTER
+        from multicrafter import presets
+
+        folder = presets.TOY_DIR if self.name == "toy" else Path(self.name)
+        try:
+            name = presets.default_adapter_for(folder) if self.name != "tiny" else None
+        except UserError:
+            name = None  # reported when the model loads
+        return name if name in self.adapter_choices() else NO_ADAPTER
 
     # ---------------------------------------------------------------- per-request adapter selection
     @contextlib.contextmanager

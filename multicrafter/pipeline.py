@@ -132,8 +132,8 @@ class MultiCrafterPipeline(FluxPipeline):
             pipe.base_sampling_defaults = presets.sampling_defaults_for(path)
             pipe.sampling_defaults = dict(pipe.base_sampling_defaults)
             # adapter=None on `toy` means its shipped default; adapter=False means none at all.
-            if name == "toy" and adapter is None and presets.toy_adapter_dir("ippo") is not None:
-                adapter = "ippo"
+            if name == "toy" and adapter is None:
+                adapter = presets.default_adapter_for(path)
         if device is not None:
             pipe.to(device)
         if enable_model_cpu_offload:

@@ -44,6 +44,32 @@ def test_assemble_then_load_as_toy(parts, tmp_path, monkeypatch):
     assert pipe.adapter_name == "attn_moe"
 
 
+def test_default_adapter_is_the_manifests_choice_and_survives_updates(parts, tmp_path, monkeypatch):
+    """`--default-adapter none` ships a row without making it the default; --update keeps the choice; the app agrees."""
+    from demo.state import NO_ADAPTER, ModelHolder
+
+    base, adapters = parts
+    out = tmp_path / "toy"
+    assert main(["--base", str(base), "--out", str(out), "--adapter", f"ippo={adapters['ippo']}",
+                 "--default-adapter", "none"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["default_adapter"] is None
+    monkeypatch.setattr(presets, "TOY_DIR", out)
+    assert MultiCrafterPipeline.from_pretrained("toy").adapter_name is None      # the base alone, ippo available
+    assert ModelHolder("toy").default_adapter() == NO_ADAPTER
+    assert main(["--out", str(out), "--update", "--adapter", f"attn_moe={adapters['attn_moe']}"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["default_adapter"] is None   # kept
+    assert main(["--out", str(out), "--update", "--default-adapter", "attn_moe"]) == 0
+    assert MultiCrafterPipeline.from_pretrained("toy").adapter_name == "attn_moe"
+    assert ModelHolder("toy").default_adapter() == "attn_moe"
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(UserError, match="not one of the adapters"):
+        main(["--out", str(out), "--update", "--default-adapter", "nope"])
+    assert (out / "manifest.json").read_text() == before                        # a refusal changes nothing
+    (out / "manifest.json").write_text(json.dumps({"default_adapter": "gone"}))
+    with pytest.raises(UserError, match="not one of the folder's adapters"):
+        presets.default_adapter_for(out)
+
+
 def test_refusals_leave_nothing_half_done(parts, tmp_path, monkeypatch):
     base, adapters = parts
     with pytest.raises(UserError, match="no model_index.json"):

@@ -4,6 +4,8 @@ The toy model ships as one diffusers pipeline folder (what `MultiCrafterPipeline
 its named adapters under `adapters/` (baseline, attn, attn_moe, ippo: the paper's ablation rows). Only safetensors
 and JSON are copied; the folder is built beside the target and swapped in, so a failed assembly changes nothing.
 `--update` keeps an existing assembly and adds or replaces adapters (how the IPPO row is added last).
+`--default-adapter NAME|none` records which adapter `from_pretrained("toy")` and the app load when none is asked
+for (manifest.json; kept on --update; without an entry: ippo when shipped).
 The transformer and the adapters are stored in float16 (keeps the whole model under 40 MB and every file under 20 MB;
 images differ from float32 storage by < 5e-4 of the pixel range) and are cast back to the model's dtype when loaded;
 the VAE and text encoders stay in float32.
@@ -72,7 +74,9 @@ def set_true_cfg(folder: Path, scale: float) -> None:
 
 
 def assemble(out: Path, base: Path | None, adapters: dict[str, Path], update: bool, notes: str | None,
-             true_cfg: float | None = None) -> Path:
+             true_cfg: float | None = None, default_adapter: str | None = None) -> Path:
+    """Build the folder beside `out` and swap it in. `default_adapter`: a shipped adapter's name, "none" (the base
+    alone) or None (keep the existing manifest's choice)."""
     if base is None and not update:
         raise UserError("--base is required unless --update")
     if base is not None and not (base / "model_index.json").is_file():
@@ -96,6 +100,16 @@ def assemble(out: Path, base: Path | None, adapters: dict[str, Path], update: bo
             to_half(tmp / "adapters" / name)
         manifest = {"adapters": sorted(p.name for p in (tmp / "adapters").iterdir()) if (tmp / "adapters").is_dir()
                     else [], "bytes": folder_bytes(tmp)}
+        previous = tmp / "manifest.json"
+        if default_adapter is None and previous.is_file():
+            old = json.loads(previous.read_text())
+            if isinstance(old, dict) and "default_adapter" in old:
+                default_adapter = old["default_adapter"] or "none"
+        if default_adapter is not None:
+            if default_adapter != "none" and default_adapter not in manifest["adapters"]:
+                raise UserError(f"--default-adapter {default_adapter}: not one of the adapters "
+                                f"({', '.join(manifest['adapters']) or 'none shipped'}); use none for the base alone")
+            manifest["default_adapter"] = None if default_adapter == "none" else default_adapter
         if true_cfg is not None:
             set_true_cfg(tmp, true_cfg)
         if notes:
@@ -118,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default="assets/toy")
     ap.add_argument("--update", action="store_true", help="add/replace adapters of an existing assembly")
     ap.add_argument("--notes", default=None, help="a markdown file with the exact training commands, copied in")
+    ap.add_argument("--default-adapter", default=None, metavar="NAME|none",
+                    help="the adapter loaded when none is asked for (none: the base alone; default: keep, else ippo)")
     ap.add_argument("--true-cfg", type=float, default=None, metavar="SCALE",
                     help="sampling default: true CFG against the empty prompt (1 = off; default: leave as is)")
     args = ap.parse_args(argv)
@@ -128,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"--adapter wants NAME=DIR, got {item!r}")
         adapters[name] = Path(d)
     out = assemble(Path(args.out), Path(args.base) if args.base else None, adapters, args.update, args.notes,
-                   args.true_cfg)
+                   args.true_cfg, args.default_adapter)
     shipped = sorted(p.name for p in (out / "adapters").iterdir() if p.is_dir()) if (out / "adapters").is_dir() else []
     print(f"assembled {out} ({folder_bytes(out) / 2**20:.1f} MB; adapters: {', '.join(shipped) or 'none (base only)'})")
     return 0
