@@ -108,7 +108,7 @@ def test_seeds_of_a_scene_run_as_one_batch_with_the_same_images():
 
 @pytest.mark.parametrize("flags, expected", [([], None), (["--adapter", "attn"], "attn"), (["--no-adapter"], False)])
 def test_no_adapter_reaches_the_loader_as_false(monkeypatch, flags, expected):
-    """`toy` loads its shipped default (ippo) for adapter=None; the base row needs False, i.e. --no-adapter."""
+    """`toy` loads its folder's default adapter for adapter=None; the base row needs False, i.e. --no-adapter."""
     import multicrafter.eval.toy as toy_eval
 
     seen = []

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="toy | ground-truth | tiny | a model folder or hub id")
     p.add_argument("--adapter", default=None, help="adapter name (e.g. baseline, attn, attn_moe, ippo) or folder")
     p.add_argument("--no-adapter", action="store_true",
-                   help="the base alone (without it, `toy` loads its shipped default adapter, ippo)")
+                   help="the base alone (without it, `toy` loads its folder's default adapter, manifest.json "
+                        "default_adapter: today the base alone too)")
     p.add_argument("--n", type=int, default=64, help="held-out scenes (prompts), each generated once per seed")
     p.add_argument("--seed", type=int, default=0, help="generator seed (ignored with --seeds)")
     p.add_argument("--seeds", type=int_list, default=None, help="several generator seeds, e.g. 0,1,2")
@@ -198,9 +199,9 @@ def summarise(per_seed: dict[int, dict], n: int, weights: dict[str, float] | Non
     """Mean, per-seed values and std of every metric; with `weights`, also IPPO's composite `reward`."""
     seeds = list(per_seed)
     res: dict[str, Any] = {"n": n * len(seeds), "n_scenes": n, "seeds": seeds, "per_seed": {}, "std": {}}
-    if weights:
-        for s in seeds:
-            per_seed[s]["reward"] = sum(w * per_seed[s][COMPONENT_METRICS[k]] for k, w in weights.items())
+    if weights:  # a weighted sum of per-seed means is the per-seed mean of the per-image reward
+        per_seed = {s: dict(agg, reward=sum(w * agg[COMPONENT_METRICS[k]] for k, w in weights.items()))
+                    for s, agg in per_seed.items()}
         res["reward_weights"] = dict(weights)
     for m in METRICS + (("reward",) if weights else ()):
         vals = [per_seed[s][m] for s in seeds]
