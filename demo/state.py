@@ -59,14 +59,16 @@ def resolve_model(requested: str | None) -> tuple[str, str]:
     return name, ""
 
 
+def _model_folder(name: str) -> Path:
+    """The folder a model name stands for before it is loaded: the toy's, or the name itself (a hub id's is absent)."""
+    from multicrafter import presets
+
+    return presets.TOY_DIR if name == "toy" else Path(name)
+
+
 def _folder_adapters(name: str) -> list[str]:
     """Named adapters of a model not loaded yet: sub-folders of `<model folder>/adapters` (toy or a local folder)."""
-    if name == "toy":
-        from multicrafter import presets
-
-        folder = presets.TOY_DIR / "adapters"
-    else:
-        folder = Path(name) / "adapters"
+    folder = _model_folder(name) / "adapters"
     return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
 
@@ -144,11 +146,11 @@ class ModelHolder:
         return d
 
     def _folder_sampling_defaults(self) -> dict[str, Any]:
-        from multicrafter.presets import TOY_DIR, sampling_defaults_for
+        from multicrafter.presets import sampling_defaults_for
 
         if self.name == "tiny":
             return {}
-        folder = TOY_DIR if self.name == "toy" else Path(self.name)
+        folder = _model_folder(self.name)
         try:
             return sampling_defaults_for(folder) if folder.is_dir() else {}
         except UserError:
@@ -170,9 +172,8 @@ class ModelHolder:
             return FOLDER_ADAPTER
         from multicrafter import presets
 
-        folder = presets.TOY_DIR if self.name == "toy" else Path(self.name)
         try:
-            name = presets.default_adapter_for(folder) if self.name != "tiny" else None
+            name = presets.default_adapter_for(_model_folder(self.name)) if self.name != "tiny" else None
         except UserError:
             name = None  # reported when the model loads
         return name if name in self.adapter_choices() else NO_ADAPTER
