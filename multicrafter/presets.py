@@ -115,33 +115,31 @@ def load_error(name: str, exc: Exception) -> UserError:
 MANIFEST = "manifest.json"   # written by train.assemble_toy: the folder's adapters and which one loads by default
 
 
+def read_manifest(model_dir: str | Path) -> dict[str, Any]:
+    """A model folder's manifest.json as a dict; {} when it is missing or unreadable (it only adds to a folder)."""
+    import json
+
+    try:
+        data = json.loads((Path(model_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def default_adapter_for(model_dir: str | Path) -> str | None:
     """The adapter a model folder loads when none is asked for: its manifest's `default_adapter` (null: the base
     alone), else `ippo` when the folder ships one (the paper's full method), else none. Why a manifest entry: the
     best shipped row is a measured fact of each assembly (the toy's bare base scores above its IPPO row), not a name."""
-    import json
-
     folder = Path(model_dir)
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        try:
-            data = json.loads(manifest.read_text())
-        except ValueError:
-            data = None
-        if isinstance(data, dict) and "default_adapter" in data:
-            name = data["default_adapter"]
-            if name is None:
-                return None
-            if isinstance(name, str) and (folder / "adapters" / name).is_dir():
-                return name
-            raise UserError(f"{manifest}: default_adapter {name!r} is not one of the folder's adapters")
+    data = read_manifest(folder)
+    if "default_adapter" in data:
+        name = data["default_adapter"]
+        if name is None:
+            return None
+        if isinstance(name, str) and (folder / "adapters" / name).is_dir():
+            return name
+        raise UserError(f"{folder / MANIFEST}: default_adapter {name!r} is not one of the folder's adapters")
     return "ippo" if (folder / "adapters" / "ippo").is_dir() else None
-
-
-def toy_adapter_dir(name: str) -> Path | None:
-    """Named adapters shipped with the toy model (baseline, attn, attn_moe, ippo)."""
-    p = TOY_DIR / "adapters" / name
-    return p if p.is_dir() else None
 
 
 def sampling_defaults_for(model_dir: str | Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from multicrafter.errors import ArgumentParser, UserError, run_cli
 from multicrafter.io import replace_dir
+from multicrafter.presets import MANIFEST, read_manifest
 
 MAX_BYTES = 40 * 2**20
 KEEP_SUFFIXES = (".safetensors", ".json", ".txt", ".md")
@@ -100,11 +101,9 @@ def assemble(out: Path, base: Path | None, adapters: dict[str, Path], update: bo
             to_half(tmp / "adapters" / name)
         manifest = {"adapters": sorted(p.name for p in (tmp / "adapters").iterdir()) if (tmp / "adapters").is_dir()
                     else [], "bytes": folder_bytes(tmp)}
-        previous = tmp / "manifest.json"
-        if default_adapter is None and previous.is_file():
-            old = json.loads(previous.read_text())
-            if isinstance(old, dict) and "default_adapter" in old:
-                default_adapter = old["default_adapter"] or "none"
+        previous = read_manifest(tmp)  # the copied assembly's (on --update)
+        if default_adapter is None and "default_adapter" in previous:
+            default_adapter = previous["default_adapter"] or "none"
         if default_adapter is not None:
             if default_adapter != "none" and default_adapter not in manifest["adapters"]:
                 raise UserError(f"--default-adapter {default_adapter}: not one of the adapters "
@@ -114,7 +113,7 @@ def assemble(out: Path, base: Path | None, adapters: dict[str, Path], update: bo
             set_true_cfg(tmp, true_cfg)
         if notes:
             (tmp / "TRAINING.md").write_text(Path(notes).read_text())
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         size = folder_bytes(tmp)
         if size > MAX_BYTES:
             raise UserError(f"the assembled toy model is {size / 2**20:.1f} MB, over the {MAX_BYTES // 2**20} MB budget")
