@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from multicrafter import MultiCrafterPipeline
 from multicrafter.eval.toy import evaluate_scenes, summarise
 from multicrafter.presets import true_cfg_arguments

@@ -50,6 +50,31 @@ def test_subjects_and_similar_prob_choose_the_held_out_scenes(tmp_path):
     assert res["subjects"] == [3] and res["similar_prob"] == 1.0
 
 
+def test_split_train_scores_the_toys_own_training_scenes(tmp_path):
+    """--split train --subjects 1,2,3 regenerates exactly the scenes the toy trained on (the memorisation check)."""
+    from multicrafter.eval.toy import evaluate_scenes
+    from multicrafter.toyworld import build_sample
+    from multicrafter.toyworld.subjects import by_id, split_of
+
+    seen = []
+
+    def generate(sample, seeds):
+        seen.append(sample)
+        return [sample.image] * len(seeds)
+
+    evaluate_scenes(4, [0], generate, subjects=(1, 2, 3), split="train")
+    trained = [build_sample(0, i, split="train", size=128, ref_size=64, similar_prob=0.3, n_subjects=(1, 2, 3))
+               for i in range(4)]
+    assert [s.prompt for s in seen] == [t.prompt for t in trained]
+    assert {split_of(by_id(x["id"])) for s in seen for x in s.scene["subjects"]} == {"train"}
+    held_out = []
+    evaluate_scenes(4, [0], lambda s, seeds: held_out.append(s) or [s.image], subjects=(1, 2, 3))
+    assert {split_of(by_id(x["id"])) for s in held_out for x in s.scene["subjects"]} == {"test"}
+    out = tmp_path / "train.json"
+    assert eval_toy_main(["--model", "ground-truth", "--n", "2", "--split", "train", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["split"] == "train"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "ground-truth", "--n", "0"], "--n must be"),
     (["--model", "ground-truth", "--n", "2", "--size", "100"], "multiple of 16"),

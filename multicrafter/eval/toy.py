@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator seed (ignored with --seeds)")
     p.add_argument("--seeds", type=int_list, default=None, help="several generator seeds, e.g. 0,1,2")
     p.add_argument("--scene-seed", type=int, default=0, help="which held-out scene set (default 0)")
+    p.add_argument("--split", choices=("test", "train"), default="test",
+                   help="identities the scenes are drawn from: test (held out, the ablation's protocol) or train "
+                        "(with --scene-seed 0 --subjects 1,2,3 the toy's own 4000 training scenes: a memorisation "
+                        "check)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: the model's own, e.g. 1.0 for toy; else 3.5)")
@@ -162,14 +166,14 @@ def _aggregate(per: list[dict]) -> dict:
 def evaluate_scenes(n: int, seeds: list[int], generate: Callable[[Any, list[int]], list] | None,
                     scene_seed: int = 0, size: int = 128, ref_size: int = 64, similar_prob: float = 0.3,
                     save_dir: Path | None = None, progress: Any = None,
-                    subjects: tuple[int, ...] = (2, 3)) -> dict[int, dict]:
-    """Score n held-out scenes (each with one of `subjects` subjects) once per seed; `generate=None` scores the
-    ground-truth renders. Returns per-seed aggregates."""
+                    subjects: tuple[int, ...] = (2, 3), split: str = "test") -> dict[int, dict]:
+    """Score n scenes of `split`'s identities (held out by default; each with one of `subjects` subjects) once per
+    seed; `generate=None` scores the ground-truth renders. Returns per-seed aggregates."""
     from ..toyworld import build_sample, evaluate_image
 
     per: dict[int, list[dict]] = {s: [] for s in seeds}
     for i in range(n):
-        sample = build_sample(scene_seed, i, split="test", size=size, ref_size=ref_size, similar_prob=similar_prob,
+        sample = build_sample(scene_seed, i, split=split, size=size, ref_size=ref_size, similar_prob=similar_prob,
                               n_subjects=subjects)
         refs = [Image.fromarray(r) for r in sample.references]
         if generate is None:  # the render is the same for every seed: score it once
@@ -266,14 +270,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tqdm(total=args.n * len(seeds), desc="eval toy", unit="img", disable=ground_truth) as bar:
         per_seed = evaluate_scenes(args.n, seeds, generate, args.scene_seed, args.size, args.ref_size,
-                                   args.similar_prob, save_dir, bar, args.subjects)
+                                   args.similar_prob, save_dir, bar, args.subjects, args.split)
     res = summarise(per_seed, args.n, args.reward_weights)
-    res.update({"model": args.model, "adapter": "none" if args.no_adapter else args.adapter, "split": "test",
+    res.update({"model": args.model, "adapter": "none" if args.no_adapter else args.adapter, "split": args.split,
                 "scene_seed": args.scene_seed, "subjects": list(args.subjects), "similar_prob": args.similar_prob,
                 "size": args.size, "prompts": args.prompts, **used})
     if any(isinstance(v, float) and not math.isfinite(v) for v in res.values()):
         raise UserError("evaluation produced a non-finite score")
-    print(f"ToyWorld held-out: model={args.model}" + (f" adapter={args.adapter}" if args.adapter else "")
+    kind = "held-out" if args.split == "test" else "training-identity"
+    print(f"ToyWorld {kind} scenes: model={args.model}" + (f" adapter={args.adapter}" if args.adapter else "")
           + f", {args.n} scenes x {len(seeds)} seed(s)" + (f", guidance {used['guidance']}" if used["guidance"] is not None else "")
           + (f", true CFG {used['true_cfg']:g}" if (used["true_cfg"] or 1.0) > 1 else "")
           + (f", prompts: {args.prompts}" if args.prompts != "full" else "")
