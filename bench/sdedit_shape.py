@@ -1,6 +1,8 @@
 """Where along the sampling path does the toy lose each subject's shape? (session 13)
 
-    python bench/sdedit_shape.py none 60 1.0,0.95,0.9,0.8,0.7      # adapter|none, scenes, start levels t0
+    python bench/sdedit_shape.py toy none 60 1.0,0.95,0.9,0.85,0.8,0.7,0.5 runs/sdedit.json  # model, adapter|none,
+                                                                    # scenes, start levels t0, [results JSON]
+    python bench/sdedit_shape.py plot docs/toy_shape_sdedit.png A.json B.json     # accuracy against t0, per JSON
 
 `eval denoise` scores one-step clean-image predictions; at high noise even a perfect model predicts a blurred mean
 there, so it cannot say whether *sampling* would find the outline. This probe runs the toy's own sampler (20 steps,
@@ -10,6 +12,7 @@ t0 = 1 is ordinary generation, and the t0 at which shape accuracy collapses is w
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -38,13 +41,41 @@ def tail_schedule(t0: float, steps: int = STEPS, shift: float = DYNAMIC_SHIFT) -
     return float(actual[keep][0]), list(base[keep])
 
 
+def plot(png: str, paths: list[str]) -> None:
+    """Shape / colour / pattern accuracy against the start level t0, one line style per results JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    for style, path in zip(("-", "--", ":", "-."), paths):
+        res = json.loads(Path(path).read_text())
+        rows = sorted(res["rows"], key=lambda r: r["first_sigma"])
+        for key, colour in (("acc_shape", "C3"), ("acc_colour", "C0"), ("acc_pattern", "C2")):
+            ax.plot([r["first_sigma"] for r in rows], [r[key] for r in rows], style, color=colour, marker="o", ms=3,
+                    label=f"{key[4:]}, {res['label']}")
+    ax.axhline(1 / 8, color="grey", lw=0.8, ls=":")
+    ax.text(0.47, 1 / 8 + 0.01, "shape chance", color="grey", fontsize=7)
+    ax.set_xlabel("sampling started from the render noised to sigma (1 = ordinary generation)")
+    ax.set_ylabel("attribute accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.set_title("Where the toy loses its outlines: SDEdit from held-out renders", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png)
+
+
 def main(argv: list[str]) -> None:
-    adapter = False if argv[0] == "none" else argv[0]
-    n, starts = int(argv[1]), [float(x) for x in argv[2].split(",")]
+    if argv[0] == "plot":
+        return plot(argv[1], argv[2:])
+    model, adapter = argv[0], (False if argv[1] == "none" else argv[1])
+    n, starts = int(argv[2]), [float(x) for x in argv[3].split(",")]
     cfg = true_cfg_arguments(3.0, negative_prompt="")
     torch.set_num_threads(2)
-    pipe = MultiCrafterPipeline.from_pretrained("toy", adapter=adapter, device="cpu")
+    pipe = MultiCrafterPipeline.from_pretrained(model, adapter=adapter, device="cpu")
     pipe.set_progress_bar_config(disable=True)
+    rows = []
     for t0 in starts:
         first, sigmas = tail_schedule(t0)
 
@@ -55,13 +86,19 @@ def main(argv: list[str]) -> None:
             latents = (1 - first) * x0 + first * noise
             out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
                        height=h, width=w, num_inference_steps=len(sigmas), guidance_scale=1.0, sigmas=sigmas,
-                       latents=latents, num_images_per_prompt=len(seeds), **cfg)
+                       latents=latents, num_images_per_prompt=len(seeds), max_sequence_length=64, **cfg)
             return list(out.images)
 
         t = time.time()
         res = summarise(evaluate_scenes(n, [0], generate), n)
+        rows.append({"t0": t0, "first_sigma": first, "steps": len(sigmas), **{k: res[k] for k in KEYS}})
         print(f"t0 {t0:g} (first sigma {first:.3f}, {len(sigmas)} steps):", {k: round(res[k], 3) for k in KEYS},
               f"({time.time() - t:.0f} s)", flush=True)
+    if len(argv) > 4:
+        label = "shipped base" if model == "toy" else Path(model).parent.name
+        Path(argv[4]).write_text(json.dumps({"label": label, "model": model, "adapter": argv[1], "n": n,
+                                             "command": "python bench/sdedit_shape.py " + " ".join(argv),
+                                             "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -319,6 +319,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["tiny_pretrain", "toy_base", "toy_base_text", "toy_base_shift", "toy_base_gpu",
+                                  "toy_base_highnoise",
                                   "toy_adapter_baseline",
                                   "toy_adapter_attn", "toy_adapter_attn_moe", "flux_dev_adapter"])
 def test_shipped_configs_parse(name):
