@@ -56,7 +56,7 @@ def plot(png: str, paths: list[str]) -> None:
             ax.plot([r["first_sigma"] for r in rows], [r[key] for r in rows], style, color=colour, marker="o", ms=3,
                     label=f"{key[4:]}, {res['label']}")
     ax.axhline(1 / 8, color="grey", lw=0.8, ls=":")
-    ax.text(0.47, 1 / 8 + 0.01, "shape chance", color="grey", fontsize=7)
+    ax.text(0.93, 1 / 8 - 0.05, "shape chance", color="grey", fontsize=7)
     ax.set_xlabel("sampling started from the render noised to sigma (1 = ordinary generation)")
     ax.set_ylabel("attribute accuracy")
     ax.set_ylim(0, 1.02)
