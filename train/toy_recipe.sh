@@ -6,7 +6,8 @@
 #   BASE_SET="--set data.batch_size=128 --set train.max_steps=4000" bash train/toy_recipe.sh   # extra overrides per
 #   stage (BASE_SET, ADAPTER_SET, IPPO_SET), e.g. a larger batch and fewer steps on a GPU
 #   BASE_GPU=1 ...                                 # adds stage 1c (toy_base_gpu.yaml) on a GPU; see train/toy_gpu.sh
-#   BASE_HIGHNOISE=1 ...                           # adds stage 1e (toy_base_highnoise.yaml) after it (session 13)
+#   BASE_HIGHNOISE=2 ...                           # adds N rounds of toy_base_highnoise.yaml after it (session 13:
+#                                                    stages 1e and 1f, the two rounds measured in docs/toy_ablation.md)
 #   What assets/toy ships (session 6: stage 1c and the rows on an H100, IPPO ran but is not shipped; see its TRAINING.md):
 #   BASE_GPU=1 BASE_GPU_SET="--set train.max_steps=450" IPPO_SET="--set train.save_every=5" \
 #     ADAPTER_SET="--set data.batch_size=64 --set train.max_steps=500 --set output.checkpoint_every=250" \
@@ -53,13 +54,15 @@ if [ -n "${BASE_GPU:-}" ]; then
     --set "model.name=$START_BASE" "${SMALL[@]}" ${BASE_GPU_SET:-}
   START_BASE="$RUNS/toy_base_gpu/pipeline"
 fi
-if [ -n "${BASE_HIGHNOISE:-}" ]; then
-  # 1e. (session 13; not yet what assets/toy ships) the base continued with 84 % of its steps near pure noise
-  #     (toy_base_highnoise.yaml, shift 8), where bench/sdedit_shape.py found the outlines are lost.
-  python -m train.pretrain --config train/configs/toy_base_highnoise.yaml --output-dir "$RUNS/toy_base_highnoise" \
-    --resume --set "model.name=$START_BASE" $(steps "${BASE_STEPS:-}") "${SMALL[@]}" ${BASE_HIGHNOISE_SET:-}
-  START_BASE="$RUNS/toy_base_highnoise/pipeline"
-fi
+for round in $(seq 1 "${BASE_HIGHNOISE:-0}"); do
+  # 1e, 1f, ... (session 13; not yet what assets/toy ships) the base continued with 84 % of its steps near pure
+  #     noise (toy_base_highnoise.yaml, shift 8), where bench/sdedit_shape.py found the outlines are lost; each round
+  #     restarts the schedule from the previous round's export with the next seed (13, 14, ...).
+  python -m train.pretrain --config train/configs/toy_base_highnoise.yaml --output-dir "$RUNS/toy_base_highnoise$round" \
+    --resume --set "model.name=$START_BASE" --set train.seed=$((12 + round)) $(steps "${BASE_STEPS:-}") \
+    "${SMALL[@]}" ${BASE_HIGHNOISE_SET:-}
+  START_BASE="$RUNS/toy_base_highnoise$round/pipeline"
+done
 # 2. The ablation rows, all from the same base with the same budget (ADAPTER_STEPS=1000 stops each at step 1000 of
 #    its 2000-step schedule: the rows shipped in session 3; resuming without it finishes the schedule).
 for row in baseline attn attn_moe; do
