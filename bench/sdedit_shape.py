@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -27,18 +26,19 @@ from multicrafter import MultiCrafterPipeline
 from multicrafter.eval.toy import evaluate_scenes, summarise
 from multicrafter.presets import true_cfg_arguments
 from multicrafter.references import encode_image, pack_latents
+from multicrafter.sde import flux_mu, flux_schedule
 
 KEYS = ("id_sim", "leakage", "layout", "overall", "acc_shape", "acc_colour", "acc_pattern")
 STEPS = 20
-DYNAMIC_SHIFT = math.exp(0.5)  # FLUX's dynamic shift at 256 image tokens, which the scheduler applies to `sigmas`
 
 
-def tail_schedule(t0: float, steps: int = STEPS, shift: float = DYNAMIC_SHIFT) -> tuple[float, list[float]]:
-    """The ordinary schedule's steps at sigma <= t0: (first actual sigma, the unshifted sigmas to pass)."""
-    base = np.linspace(1.0, 1 / steps, steps)
-    actual = shift * base / (1 + (shift - 1) * base)
-    keep = actual <= t0 + 1e-6
-    return float(actual[keep][0]), list(base[keep])
+def tail_schedule(scheduler, t0: float, steps: int = STEPS, tokens: int = 256) -> tuple[float, list[float]]:
+    """The ordinary schedule's steps at sigma <= t0 (`multicrafter.sde.flux_schedule`, as FluxPipeline builds it):
+    (first actual sigma, those sigmas before the dynamic shift, which the pipeline applies again to `sigmas`)."""
+    actual = flux_schedule(scheduler, steps, tokens).sigmas[:-1].double().numpy()
+    shift = math.exp(flux_mu(scheduler.config, tokens))
+    tail = actual[actual <= t0 + 1e-6]
+    return float(tail[0]), list(tail / (shift - (shift - 1) * tail))
 
 
 def plot(png: str, paths: list[str]) -> None:
@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
     pipe.set_progress_bar_config(disable=True)
     rows = []
     for t0 in starts:
-        first, sigmas = tail_schedule(t0)
+        first, sigmas = tail_schedule(pipe.scheduler, t0)
 
         def generate(sample, seeds, first=first, sigmas=sigmas):
             h, w = sample.image.shape[:2]
