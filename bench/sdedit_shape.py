@@ -86,7 +86,7 @@ def main(argv: list[str]) -> None:
             latents = (1 - first) * x0 + first * noise
             out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
                        height=h, width=w, num_inference_steps=len(sigmas), guidance_scale=1.0, sigmas=sigmas,
-                       latents=latents, num_images_per_prompt=len(seeds), max_sequence_length=64, **cfg)
+                       latents=latents, num_images_per_prompt=len(seeds), **cfg)
             return list(out.images)
 
         t = time.time()
