@@ -6,8 +6,9 @@
 #   BASE_SET="--set data.batch_size=128 --set train.max_steps=4000" bash train/toy_recipe.sh   # extra overrides per
 #   stage (BASE_SET, ADAPTER_SET, IPPO_SET), e.g. a larger batch and fewer steps on a GPU
 #   BASE_GPU=1 ...                                 # adds stage 1c (toy_base_gpu.yaml) on a GPU; see train/toy_gpu.sh
-#   BASE_HIGHNOISE=2 ...                           # adds N rounds of toy_base_highnoise.yaml after it (session 13:
-#                                                    stages 1e and 1f, the two rounds measured in docs/toy_ablation.md)
+#   BASE_HIGHNOISE=3 ...                           # adds N rounds of toy_base_highnoise.yaml after it (session 13:
+#                                                    stages 1e-1g, measured in docs/toy_ablation.md; session 14 trained
+#                                                    the rows from the third round at their own 2000 x 16 budget)
 #   What assets/toy ships (session 6: stage 1c and the rows on an H100, IPPO ran but is not shipped; see its TRAINING.md):
 #   BASE_GPU=1 BASE_GPU_SET="--set train.max_steps=450" IPPO_SET="--set train.save_every=5" \
 #     ADAPTER_SET="--set data.batch_size=64 --set train.max_steps=500 --set output.checkpoint_every=250" \
