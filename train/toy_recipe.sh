@@ -7,12 +7,10 @@
 #   stage (BASE_SET, ADAPTER_SET, IPPO_SET), e.g. a larger batch and fewer steps on a GPU
 #   BASE_GPU=1 ...                                 # adds stage 1c (toy_base_gpu.yaml) on a GPU; see train/toy_gpu.sh
 #   BASE_HIGHNOISE=3 ...                           # adds N rounds of toy_base_highnoise.yaml after it (session 13:
-#                                                    stages 1e-1g, measured in docs/toy_ablation.md; session 14 trained
-#                                                    the rows from the third round at their own 2000 x 16 budget)
-#   What assets/toy ships (session 6: stage 1c and the rows on an H100, IPPO ran but is not shipped; see its TRAINING.md):
-#   BASE_GPU=1 BASE_GPU_SET="--set train.max_steps=450" IPPO_SET="--set train.save_every=5" \
-#     ADAPTER_SET="--set data.batch_size=64 --set train.max_steps=500 --set output.checkpoint_every=250" \
-#     bash train/toy_recipe.sh
+#                                                    stages 1e-1g, measured in docs/toy_ablation.md)
+#   What assets/toy ships (session 15: stage 1c on an H100, stages 1e-1g, the rows and IPPO on CPU; its TRAINING.md):
+#   BASE_GPU=1 BASE_GPU_SET="--set train.max_steps=450" BASE_HIGHNOISE=3 \
+#     ADAPTER_SET="--set output.checkpoint_every=250" bash train/toy_recipe.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${SMOKE:-}" ]; then
@@ -56,7 +54,7 @@ if [ -n "${BASE_GPU:-}" ]; then
   START_BASE="$RUNS/toy_base_gpu/pipeline"
 fi
 for round in $(seq 1 "${BASE_HIGHNOISE:-0}"); do
-  # 1e, 1f, ... (session 13; not yet what assets/toy ships) the base continued with 84 % of its steps near pure
+  # 1e, 1f, 1g (session 13; 1g is what assets/toy ships) the base continued with 84 % of its steps near pure
   #     noise (toy_base_highnoise.yaml, shift 8), where bench/sdedit_shape.py found the outlines are lost; each round
   #     restarts the schedule from the previous round's export with the next seed (13, 14, ...).
   python -m train.pretrain --config train/configs/toy_base_highnoise.yaml --output-dir "$RUNS/toy_base_highnoise$round" \
