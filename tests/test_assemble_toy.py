@@ -9,7 +9,7 @@ import multicrafter.presets as presets
 from multicrafter import MultiCrafterPipeline
 from multicrafter.adapters import AdapterConfig, add_adapter, save_adapter
 from multicrafter.errors import UserError
-from train.assemble_toy import assemble, main, set_true_cfg
+from train.assemble_toy import assemble, folder_bytes, main, set_true_cfg
 
 
 @pytest.fixture()
@@ -35,6 +35,8 @@ def test_assemble_then_load_as_toy(parts, tmp_path, monkeypatch):
     assert main(["--out", str(out), "--update", "--adapter", f"ippo={adapters['ippo']}"]) == 0
     assert sorted(p.name for p in (out / "adapters").iterdir()) == ["attn_moe", "ippo"]
     assert not list(out.rglob("*.bin")) and (out / "manifest.json").is_file()
+    manifest = out / "manifest.json"   # `bytes`: the whole folder but the manifest, after --update rewrote it
+    assert json.loads(manifest.read_text())["bytes"] == folder_bytes(out) - manifest.stat().st_size
     assert not [f for f in out.rglob("*.json") if "_name_or_path" in f.read_text()]   # no local paths shipped
     monkeypatch.setattr(presets, "TOY_DIR", out)
     pipe = MultiCrafterPipeline.from_pretrained("toy")

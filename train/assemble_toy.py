@@ -100,7 +100,7 @@ def assemble(out: Path, base: Path | None, adapters: dict[str, Path], update: bo
             _copy_tree(d, tmp / "adapters" / name)
             to_half(tmp / "adapters" / name)
         manifest = {"adapters": sorted(p.name for p in (tmp / "adapters").iterdir()) if (tmp / "adapters").is_dir()
-                    else [], "bytes": folder_bytes(tmp)}
+                    else []}
         previous = read_manifest(tmp)  # the copied assembly's (on --update)
         if default_adapter is None and "default_adapter" in previous:
             default_adapter = previous["default_adapter"] or "none"
@@ -113,6 +113,8 @@ def assemble(out: Path, base: Path | None, adapters: dict[str, Path], update: bo
             set_true_cfg(tmp, true_cfg)
         if notes:
             (tmp / "TRAINING.md").write_text(Path(notes).read_text())
+        (tmp / MANIFEST).unlink(missing_ok=True)
+        manifest["bytes"] = folder_bytes(tmp)  # everything but the manifest itself, after the last write
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         size = folder_bytes(tmp)
         if size > MAX_BYTES:
