@@ -10,7 +10,8 @@ from train.ippo import IPPOConfig
 from train.pretrain import PretrainConfig
 from train.vae import VAEConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "train" / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "train" / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 ACCELERATE = {"accelerate_ddp.yaml", "accelerate_fsdp.yaml"}   # accelerate's own launcher configs, not ours
 
 
@@ -28,7 +29,7 @@ def test_config_loads_into_its_dataclass(path):
 
 def test_toy_rows_share_the_base_budget_and_timesteps():
     """The ablation's rows differ only in what they add (DESIGN §5): same steps, seed, schedule and timesteps."""
-    rows = {n: load_config(Path(CONFIGS[0].parent / f"toy_adapter_{n}.yaml"), PretrainConfig)
+    rows = {n: load_config(CONFIG_DIR / f"toy_adapter_{n}.yaml", PretrainConfig)
             for n in ("baseline", "attn", "attn_moe")}
     for name, cfg in rows.items():
         assert (cfg.train.max_steps, cfg.train.seed, cfg.data.batch_size) == (2000, 0, 16), name

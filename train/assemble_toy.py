@@ -116,7 +116,7 @@ def assemble(out: Path, base: Path | None, adapters: dict[str, Path], update: bo
         (tmp / MANIFEST).unlink(missing_ok=True)
         manifest["bytes"] = folder_bytes(tmp)  # everything but the manifest itself, after the last write
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        size = folder_bytes(tmp)
+        size = manifest["bytes"] + (tmp / MANIFEST).stat().st_size
         if size > MAX_BYTES:
             raise UserError(f"the assembled toy model is {size / 2**20:.1f} MB, over the {MAX_BYTES // 2**20} MB budget")
         replace_dir(tmp, out)
