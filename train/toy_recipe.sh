@@ -8,10 +8,10 @@
 #   BASE_GPU=1 ...                                 # adds stage 1c (toy_base_gpu.yaml) on a GPU; see train/toy_gpu.sh
 #   BASE_HIGHNOISE=3 ...                           # adds N rounds of toy_base_highnoise.yaml after it (session 13:
 #                                                    stages 1e-1g, measured in docs/toy_ablation.md)
-#   What assets/toy ships (session 15: stage 1c on an H100, stages 1e-1g, the rows and IPPO on CPU; its TRAINING.md):
-#   BASE_GPU=1 BASE_GPU_SET="--set train.max_steps=450" BASE_HIGHNOISE=3 ADAPTER_SET="--set output.checkpoint_every=250
-#     --set train.timesteps.scheme=logit_normal --set train.timesteps.shift=null" bash train/toy_recipe.sh
-#   (without the two timestep overrides the rows train with the base's shift-8 distribution: session 16's better rows)
+#   What assets/toy ships (session 17: stage 1c on an H100, stages 1e-1g, the rows and IPPO on CPU; its TRAINING.md):
+#   BASE_GPU=1 BASE_GPU_SET="--set train.max_steps=450" BASE_HIGHNOISE=3 ADAPTER_SET="--set output.checkpoint_every=250"
+#     bash train/toy_recipe.sh
+#   (the rows shipped in session 15 added --set train.timesteps.scheme=logit_normal --set train.timesteps.shift=null)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${SMOKE:-}" ]; then
