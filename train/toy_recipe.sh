@@ -72,10 +72,10 @@ done
 python -m train.assemble_toy --base "$START_BASE" --out "$OUT" \
   --adapter baseline="$RUNS/toy_adapter_baseline/adapter" --adapter attn="$RUNS/toy_adapter_attn/adapter" \
   --adapter attn_moe="$RUNS/toy_adapter_attn_moe/adapter" --true-cfg 3
-# 3. IPPO on attn_moe (shipped as a named adapter; the default stays the base, which scores highest).
+# 3. IPPO on attn_moe: the default adapter (session 17: it ties the bare base with less leakage; README).
 MULTICRAFTER_TOY_DIR="$OUT" python -m train.ippo --config train/configs/toy_ippo.yaml --output-dir "$RUNS/toy_ippo" \
   --resume $(steps "${IPPO_STEPS:-}") "${SMALL_IPPO[@]}" ${IPPO_SET:-}
-python -m train.assemble_toy --out "$OUT" --update --adapter ippo="$RUNS/toy_ippo/adapter" --default-adapter none
+python -m train.assemble_toy --out "$OUT" --update --adapter ippo="$RUNS/toy_ippo/adapter" --default-adapter ippo
 # 4. The ablation table on held-out identities (mean and std over three seeds).
 for row in baseline attn attn_moe ippo; do
   MULTICRAFTER_TOY_DIR="$OUT" python -m multicrafter.eval toy --model toy --adapter "$row" --n "$EVAL_N" \
