@@ -46,9 +46,9 @@ def toy_sized_pipeline():
 
 
 def shipped_toy_pipelines():
-    """The shipped toy model (trained weights), stock FluxPipeline over the same modules, and the toy with its
-    `attn_moe` adapter (LoRA on attention + MoE-LoRA on the single blocks) loaded as a second pipeline (None when
-    the toy does not ship that adapter)."""
+    """The shipped toy model (trained weights), stock FluxPipeline over the same modules, and the toy as the app
+    loads it, with its default adapter (`ippo`: LoRA on attention + MoE-LoRA on the single blocks) as a second
+    pipeline (None when the toy's default is the base alone)."""
     from diffusers import FluxPipeline
 
     from multicrafter import MultiCrafterPipeline
@@ -56,8 +56,8 @@ def shipped_toy_pipelines():
     ours = MultiCrafterPipeline.from_pretrained("toy", adapter=False)
     stock = FluxPipeline(**{k: v for k, v in ours.components.items() if k in FluxPipeline._get_signature_keys(
         FluxPipeline)[0]})
-    adapted = MultiCrafterPipeline.from_pretrained("toy", adapter="attn_moe") \
-        if "attn_moe" in ours.available_adapters() else None
+    adapted = MultiCrafterPipeline.from_pretrained("toy")                 # the manifest's default adapter
+    adapted = adapted if adapted.adapter_name else None
     for p in (ours, stock, adapted):
         if p is not None:
             p.set_progress_bar_config(disable=True)
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--toy", action="store_true",
-                    help="the shipped toy model (assets/toy) instead of random weights, plus a row with its attn_moe adapter")
+                    help="the shipped toy model (assets/toy) instead of random weights, plus a row with its default adapter")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     adapted = None
@@ -97,7 +97,7 @@ def main() -> None:
     if cfg.get("true_cfg_scale", 1.0) > 1:
         runs["ours, 2 references, true CFG off"] = gen(ours, reference_images=refs, true_cfg_scale=1.0)
     if adapted is not None:
-        runs["ours, 2 references, attn_moe adapter"] = gen(adapted, reference_images=refs)
+        runs[f"ours, 2 references, {adapted.adapter_name} adapter (the default)"] = gen(adapted, reference_images=refs)
     med = interleaved_medians(runs, args.repeats)
     base = med["stock FluxPipeline"]
     model = "shipped toy model" if args.toy else "toy-sized model (random weights)"
