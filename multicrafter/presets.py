@@ -129,7 +129,8 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
 def default_adapter_for(model_dir: str | Path) -> str | None:
     """The adapter a model folder loads when none is asked for: its manifest's `default_adapter` (null: the base
     alone), else `ippo` when the folder ships one (the paper's full method), else none. Why a manifest entry: the
-    best shipped row is a measured fact of each assembly (the toy's bare base scores above its IPPO row), not a name."""
+    best shipped row is a measured fact of each assembly (sessions 15-16 shipped the toy with the bare base as its
+    default: it scored above every row), not a name."""
     folder = Path(model_dir)
     data = read_manifest(folder)
     if "default_adapter" in data:

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default=None, help="adapter name (e.g. baseline, attn, attn_moe, ippo) or folder")
     p.add_argument("--no-adapter", action="store_true",
                    help="the base alone (without it, `toy` loads its folder's default adapter, manifest.json "
-                        "default_adapter: today the base alone too)")
+                        "default_adapter: ippo for the shipped toy)")
     p.add_argument("--n", type=int, default=64, help="held-out scenes (prompts), each generated once per seed")
     p.add_argument("--seed", type=int, default=0, help="generator seed (ignored with --seeds)")
     p.add_argument("--seeds", type=int_list, default=None, help="several generator seeds, e.g. 0,1,2")
