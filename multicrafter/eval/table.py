@@ -144,6 +144,7 @@ def tradeoff_plot(results: list[dict], against: str | None = None, title: str = 
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     tab20 = colormaps["tab20"]
     colours = [tab20(2 * k) for k in range(10)] + [tab20(2 * k + 1) for k in range(10)]  # strong ones first
@@ -159,6 +160,7 @@ def tradeoff_plot(results: list[dict], against: str | None = None, title: str = 
         if is_ref:
             ax.axhline(y, color="grey", lw=0.6, ls="--")
             ax.axvline(x, color="grey", lw=0.6, ls="--")
+    ax.xaxis.set_major_locator(MaxNLocator(6))   # leakage spans ~0.02: the default ticks overlap
     ax.set_xlabel("leakage (lower is better)")
     ax.set_ylabel("Hungarian ID-Sim (higher is better)")
     ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
