@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from diffusers import FluxPipeline
 from diffusers.utils import BaseOutput
 
 from . import presets
+from .adapters import AdapterConfig, has_adapter, load_adapter, remove_adapter, save_adapter, set_adapter_enabled
 from .attention import (
     AttentionCapture,
     CaptureLayout,
@@ -46,11 +47,28 @@ from .references import (
 
 @dataclass
 class MultiCrafterPipelineOutput(BaseOutput):
-    """images: generated images. attention_maps: (N, h, w) for one image ((B, N, h, w) for a batch), each subject's
-    map averaged over steps and captured blocks and peak-normalised as in the Dice loss. attention_per_step:
-    (steps, N, h, w); attention_per_block: {block: (N, h, w)} (first image of the batch), for inspection."""
+    """
+    Output class of [`MultiCrafterPipeline`].
 
-    images: list[PIL.Image.Image] | np.ndarray
+    Args:
+        images (`list[PIL.Image.Image]` or `np.ndarray` or `torch.Tensor`):
+            The generated images: PIL images, a `(batch, height, width, 3)` NumPy array, or packed latents with
+            `output_type="latent"`.
+        attention_maps (`torch.Tensor`, *optional*):
+            Set with `return_attention=True`: each subject's attention map on the packed target grid (height/16 x
+            width/16 with FLUX's VAE), averaged over the denoising steps and captured blocks and scaled so its peak
+            is 1 (the form the Dice loss compares with a mask). Shape `(num_subjects, h, w)` for one image,
+            `(batch, num_subjects, h, w)` for several.
+        attention_per_step (`torch.Tensor`, *optional*):
+            The first image's maps per denoising step, `(num_steps, num_subjects, h, w)`, each step peak-normalised.
+        attention_per_block (`dict[int, torch.Tensor]`, *optional*):
+            The first image's maps per captured block, `{block: (num_subjects, h, w)}`, averaged over steps. Keys are
+            double-block indices; single block `i` is `num_double_blocks + i`.
+        reference_images (`list[PIL.Image.Image]`, *optional*):
+            The references as the model saw them (loaded, converted to RGB and resized by the reference options).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     attention_maps: torch.Tensor | None = None
     attention_per_step: torch.Tensor | None = None
     attention_per_block: dict[int, torch.Tensor] | None = None
@@ -87,15 +105,48 @@ class _ReferenceHooks:
 
 
 class MultiCrafterPipeline(FluxPipeline):
-    """Multi-subject generation on FLUX: `pipe(prompt=..., reference_images=[a, b], return_attention=True)`."""
+    r"""
+    Multi-subject generation on FLUX: FluxPipeline plus in-context reference subjects, per-subject attention maps
+    and MultiCrafter adapters (LoRA + MoE-LoRA).
 
-    reference_options: ReferenceOptions = ReferenceOptions()
-    adapter_name: str | None = None
-    model_dir: str | None = None
-    sampling_defaults: dict[str, Any] = {}   # e.g. UNO's 25 steps / guidance 4, from a converted UNO adapter
-    base_sampling_defaults: dict[str, Any] = {}   # the model folder's own (multicrafter_sampling.json); adapters add
-    base_reference_options: ReferenceOptions | None = None   # the model's own; adapters adjust from here
-    _adapter_enabled: bool = True
+    The components and their names are FluxPipeline's (`transformer`, `vae`, `text_encoder`, `tokenizer`,
+    `text_encoder_2`, `tokenizer_2`, `scheduler`). With no reference images and no adapter a call gives exactly the
+    image stock `FluxPipeline` gives on the same components and arguments.
+
+    Example:
+        ```py
+        >>> import torch
+        >>> from multicrafter import MultiCrafterPipeline
+
+        >>> pipe = MultiCrafterPipeline.from_pretrained("toy")
+        >>> out = pipe(prompt="...", reference_images=["a.png", "b.png"], generator=torch.Generator().manual_seed(0),
+        ...            return_attention=True)
+        >>> out.images[0].save("out.png")
+        >>> out.attention_maps.shape  # (2, height // 16, width // 16)
+        ```
+
+    Attributes:
+        reference_options (`ReferenceOptions`): how references are prepared for the next calls (sizes, style,
+            t = 0 modulation); set from the model folder and the loaded adapter.
+        adapter_name (`str`, *optional*): the loaded adapter's name or folder, None without one.
+        model_dir (`str`, *optional*): the model folder (None for `tiny`); its `adapters/` holds named adapters.
+        sampling_defaults (`dict`): arguments a call falls back to when they are left out: the model folder's
+            (`multicrafter_sampling.json`) updated by the loaded adapter's.
+    """
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, transformer,
+                 image_encoder=None, feature_extractor=None):
+        # The same arguments as FluxPipeline.__init__: diffusers reads this signature to find the components.
+        super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+                         image_encoder=image_encoder, feature_extractor=feature_extractor)
+        self.reference_options: ReferenceOptions = ReferenceOptions()
+        self.base_reference_options: ReferenceOptions | None = None   # the model's own; adapters adjust from here
+        self.adapter_name: str | None = None
+        self.model_dir: str | None = None
+        self.sampling_defaults: dict[str, Any] = {}        # e.g. UNO's 25 steps / guidance 4 from a converted adapter
+        self.base_sampling_defaults: dict[str, Any] = {}   # the model folder's own; an adapter's are added on top
+        self._adapter_enabled = True
 
     @property
     def _lock(self) -> threading.RLock:
@@ -108,10 +159,33 @@ class MultiCrafterPipeline(FluxPipeline):
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path = "toy", adapter: str | Path | None = None,
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path = "toy", adapter: str | Path | bool | None = None,
                         dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                         enable_model_cpu_offload: bool = False, **kwargs: Any) -> MultiCrafterPipeline:
-        """`tiny` (random, from configs), `toy` (embedded, offline), or any diffusers FLUX folder / hub id."""
+        r"""
+        Load a model, and optionally an adapter onto it.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`, *optional*, defaults to `"toy"`):
+                `"toy"`: the embedded ToyWorld model (offline, CPU). `"tiny"`: a random tiny FLUX-architecture model
+                built from configs (tests). Anything else: a diffusers FLUX pipeline folder or a Hub id such as
+                `"black-forest-labs/FLUX.1-dev"`.
+            adapter (`str` or `os.PathLike`, *optional*):
+                An adapter folder, or the name of one under the model folder's `adapters/`. Left out on `"toy"`, the
+                toy's shipped default adapter is loaded; `False` loads none.
+            dtype (`torch.dtype`, *optional*):
+                Weights dtype (e.g. `torch.bfloat16` for FLUX.1-dev on a GPU); float32 for `"tiny"` when left out.
+            device (`str` or `torch.device`, *optional*):
+                Move the pipeline there after loading.
+            enable_model_cpu_offload (`bool`, *optional*, defaults to `False`):
+                Call `enable_model_cpu_offload()` after loading (large models on a small GPU).
+            kwargs (*optional*):
+                Passed on to `DiffusionPipeline.from_pretrained` (e.g. `revision`, `local_files_only`).
+
+        Returns:
+            [`MultiCrafterPipeline`]: the loaded pipeline. A model or adapter that cannot be loaded raises
+            `UserError` with one line saying why.
+        """
         name = str(pretrained_model_name_or_path)
         if name == "tiny":
             pipe = cls(**presets.build_tiny_components(dtype=dtype or torch.float32))
@@ -152,18 +226,27 @@ class MultiCrafterPipeline(FluxPipeline):
         raise UserError(f"adapter '{name_or_dir}' not found (not a folder, and not a named adapter of this model)")
 
     def available_adapters(self) -> list[str]:
+        """Names of the adapters shipped in the model folder's `adapters/` (empty without a model folder)."""
         if self.model_dir is None or not (Path(self.model_dir) / "adapters").is_dir():
             return []
         return sorted(p.name for p in (Path(self.model_dir) / "adapters").iterdir() if p.is_dir())
 
-    def load_adapter(self, name_or_dir: str | Path):
-        """Load a MultiCrafter adapter folder (LoRA + optional MoE-LoRA), replacing any loaded one.
+    def load_adapter(self, name_or_dir: str | Path) -> AdapterConfig:
+        r"""
+        Load a MultiCrafter adapter (LoRA + optional MoE-LoRA), replacing any loaded one.
 
         Every check runs before the current adapter is touched, so a refused folder leaves it in place. The reference
-        options are rebuilt from the model's own plus what the adapter recorded (style, sizes, t = 0 option).
-        """
-        from .adapters import has_adapter, load_adapter
+        options are rebuilt from the model's own plus what the adapter recorded (style, sizes, t = 0 option), and
+        the sampling defaults from the model folder's plus the adapter's.
 
+        Args:
+            name_or_dir (`str` or `os.PathLike`):
+                An adapter folder (`adapter_config.json` and/or `pytorch_lora_weights.safetensors`, optionally
+                `moe_lora.safetensors`), or the name of one under the model folder's `adapters/`.
+
+        Returns:
+            `AdapterConfig`: the loaded adapter's config. A missing or unfit adapter raises `UserError`.
+        """
         directory = self._adapter_dir(name_or_dir)
         with self._lock:
             try:
@@ -191,8 +274,6 @@ class MultiCrafterPipeline(FluxPipeline):
 
     def unload_adapter(self) -> None:
         """Back to the base model: no adapter, the model's own reference options and sampling defaults."""
-        from .adapters import remove_adapter
-
         with self._lock:
             remove_adapter(self.transformer)
             self._reset_adapter_state()
@@ -204,20 +285,28 @@ class MultiCrafterPipeline(FluxPipeline):
         if self.base_reference_options is not None:
             self.reference_options = self.base_reference_options
 
-    def save_adapter(self, directory: str | Path, config: Any = None) -> None:
-        from .adapters import save_adapter
+    def save_adapter(self, directory: str | Path, config: AdapterConfig | None = None) -> None:
+        r"""
+        Write the transformer's adapter to a folder, atomically (a temporary sibling folder, then swapped in).
 
+        Args:
+            directory (`str` or `os.PathLike`):
+                The adapter folder to write. An existing adapter folder is replaced; a non-empty folder that is not
+                an adapter is refused.
+            config (`AdapterConfig`, *optional*):
+                The config to record; defaults to the one the adapter was added or loaded with (its `extra` must be
+                JSON-serialisable).
+        """
         save_adapter(self.transformer, directory, config)
 
     def set_adapter_enabled(self, enabled: bool) -> None:
-        from .adapters import set_adapter_enabled
-
+        """Switch the loaded adapter on or off without unloading it (no effect without an adapter)."""
         if self.adapter_name is not None:
             set_adapter_enabled(self.transformer, enabled)
             self._adapter_enabled = enabled
 
     @contextlib.contextmanager
-    def adapter_disabled(self):
+    def adapter_disabled(self) -> Iterator[MultiCrafterPipeline]:
         """Run the base model without the adapter (for with/without comparisons), then restore its previous state."""
         previous = self._adapter_enabled
         self.set_adapter_enabled(False)
@@ -229,26 +318,135 @@ class MultiCrafterPipeline(FluxPipeline):
     # ---------------------------------------------------------------- generation
     def prepare_references(self, reference_images: Sequence[Any] | None,
                            options: ReferenceOptions | None = None) -> list[PIL.Image.Image]:
+        """Load and resize references as a call would (`options` or the pipeline's `reference_options`)."""
         return prepare_reference_images(reference_images or [], options or self.reference_options)
 
-    def __call__(self, *args: Any, **kwargs: Any):
-        """Generate with reference subjects (see `generate`); one call at a time per pipeline."""
-        with self._lock:
-            return self.generate(*args, **kwargs)
-
     @torch.no_grad()
-    def generate(self, prompt: str | list[str] | None = None, reference_images: Sequence[Any] | None = None, *,
-                 return_attention: bool = False, attention_mode: str = "ref2img",
-                 attention_blocks: Iterable[int] | None = None,
-                 attention_single_blocks: Iterable[int] | None = None,
-                 attention_heads: Iterable[int] | None = None, use_adapter: bool = True,
-                 reference_options: ReferenceOptions | None = None, **kwargs: Any):
-        """Generate with reference subjects. Accepts every FluxPipeline.__call__ argument through **kwargs.
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        reference_images: Sequence[Any] | None = None,
+        *,
+        reference_options: ReferenceOptions | None = None,
+        return_attention: bool = False,
+        attention_mode: str = "ref2img",
+        attention_blocks: Iterable[int] | None = None,
+        attention_single_blocks: Iterable[int] | None = None,
+        attention_heads: Iterable[int] | None = None,
+        use_adapter: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        true_cfg_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        max_sequence_length: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> MultiCrafterPipelineOutput | tuple:
+        r"""
+        Generate images containing the reference subjects. One call at a time per pipeline (calls from several
+        threads queue on a lock).
 
-        Arguments left out fall back to the loaded adapter's sampling defaults (a converted UNO adapter: UNO's
-        25 steps, guidance 4, 512x512), then the model folder's (the toy model: guidance 1.0, 128 px), then to
-        FluxPipeline's own defaults.
+        Arguments left as `None` fall back to the pipeline's `sampling_defaults` (the loaded adapter's, e.g. a
+        converted UNO adapter's 25 steps and guidance 4, then the model folder's, e.g. the toy model's guidance 1.0
+        and 128 px), then to FluxPipeline's own defaults.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompt or prompts to guide the image generation. If not defined, pass `prompt_embeds` instead.
+            reference_images (`list` of `PIL.Image.Image`, `np.ndarray` or paths, *optional*):
+                Up to 4 reference subjects, in order. Each is VAE-encoded, packed 2x2 and appended after the target
+                tokens with its own diagonal position ids; only the target tokens are decoded. None or `[]`: plain
+                text-to-image generation.
+            reference_options (`ReferenceOptions`, *optional*):
+                How references are prepared for this call (long side for one / several references, size multiple,
+                `"multicrafter"` or `"uno"` preprocessing, `ref_timestep_zero` to modulate reference tokens with the
+                t = 0 embedding). Defaults to the pipeline's `reference_options`.
+            return_attention (`bool`, *optional*, defaults to `False`):
+                Capture each subject's attention map and return it in `attention_maps`, `attention_per_step` and
+                `attention_per_block`. Needs at least one reference image.
+            attention_mode (`str`, *optional*, defaults to `"ref2img"`):
+                `"ref2img"`: the paper's map, softmax over all keys of each subject's reference queries, target
+                columns kept. `"img2ref"`: the attention mass each target position puts on each subject's keys.
+            attention_blocks (`list[int]`, *optional*):
+                Double-stream blocks to capture (negative indices count from the end); every double block if None.
+                Ignored when a capture is already installed on the transformer (the trainer's), whose blocks are used.
+            attention_single_blocks (`list[int]`, *optional*):
+                Single-stream blocks to capture as well; none if None.
+            attention_heads (`list[int]`, *optional*):
+                Heads whose maps are averaged; every head if None.
+            use_adapter (`bool`, *optional*, defaults to `True`):
+                `False` runs this call on the base model with the loaded adapter switched off (for side-by-side
+                comparisons); the adapter is switched back on afterwards.
+            height (`int`, *optional*):
+                The height in pixels of the generated image, a multiple of 16 (FLUX's VAE factor 8 times the 2x2
+                packing). Defaults to the sampling defaults, else `default_sample_size * vae_scale_factor`.
+            width (`int`, *optional*):
+                The width in pixels of the generated image, a multiple of 16, defaulting like `height`.
+            num_inference_steps (`int`, *optional*):
+                The number of denoising steps (FluxPipeline's default: 28).
+            guidance_scale (`float`, *optional*):
+                The embedded guidance of guidance-distilled models such as FLUX.1-dev (FluxPipeline's default: 3.5).
+                A base trained with one constant guidance (the toy model: 1.0) only understands that value.
+            true_cfg_scale (`float`, *optional*):
+                True classifier-free guidance, enabled when > 1 and a `negative_prompt` is given (each step then
+                calls the transformer twice; the attention maps come from the conditional pass). Default 1.0.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                The prompt or prompts not to guide the image generation; used only with `true_cfg_scale` > 1.
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                The number of images to generate per prompt; every image sees the same references.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                One or a list of torch generators to make generation deterministic.
+            latents (`torch.Tensor`, *optional*):
+                Pre-generated packed noise latents to start from instead of sampling them with `generator`.
+            max_sequence_length (`int`, *optional*):
+                Maximum T5 sequence length of the prompt (FluxPipeline's default: 512; keep it small for tiny
+                models).
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"` for PIL images, `"np"` for a NumPy array, `"latent"` for the packed latents.
+            return_dict (`bool`, *optional*, defaults to `True`):
+                Whether to return a [`MultiCrafterPipelineOutput`] instead of a plain tuple.
+            callback_on_step_end (`Callable`, *optional*):
+                Called at the end of each denoising step as `callback_on_step_end(pipe, step, timestep,
+                callback_kwargs)` (FluxPipeline's contract; e.g. a progress bar).
+            kwargs (*optional*):
+                Every other `FluxPipeline.__call__` argument, passed through unchanged: `prompt_2`,
+                `negative_prompt_2`, `sigmas`, `prompt_embeds`, `pooled_prompt_embeds`, `negative_prompt_embeds`,
+                `negative_pooled_prompt_embeds`, `ip_adapter_image`, `joint_attention_kwargs`,
+                `callback_on_step_end_tensor_inputs`, ...
+
+        Returns:
+            [`MultiCrafterPipelineOutput`] or `tuple`: a [`MultiCrafterPipelineOutput`] if `return_dict` is True,
+            otherwise a tuple: `(images, attention_maps)` with `return_attention=True`, else `(images,)`. Bad input
+            (a size that is not a multiple of 16, too many references, attention without references) raises
+            `UserError` with one line saying why.
         """
+        stock = dict(height=height, width=width, num_inference_steps=num_inference_steps,
+                     guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale, negative_prompt=negative_prompt,
+                     num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+                     max_sequence_length=max_sequence_length, output_type=output_type,
+                     callback_on_step_end=callback_on_step_end)
+        # An argument left as None is not passed on, so FluxPipeline's own default applies after the sampling defaults.
+        kwargs.update({key: value for key, value in stock.items() if value is not None})
+        with self._lock:
+            return self._generate(prompt, reference_images, return_attention=return_attention,
+                                  attention_mode=attention_mode, attention_blocks=attention_blocks,
+                                  attention_single_blocks=attention_single_blocks, attention_heads=attention_heads,
+                                  use_adapter=use_adapter, reference_options=reference_options,
+                                  return_dict=return_dict, **kwargs)
+
+    def _generate(self, prompt: str | list[str] | None, reference_images: Sequence[Any] | None, *,
+                  return_attention: bool, attention_mode: str, attention_blocks: Iterable[int] | None,
+                  attention_single_blocks: Iterable[int] | None, attention_heads: Iterable[int] | None,
+                  use_adapter: bool, reference_options: ReferenceOptions | None, return_dict: bool,
+                  **kwargs: Any) -> MultiCrafterPipelineOutput | tuple:
+        """The body of `__call__` (under its lock): FluxPipeline.__call__ with the reference hooks installed."""
         for key, value in self.sampling_defaults.items():
             if kwargs.get(key) is None:
                 kwargs[key] = value
@@ -290,7 +488,6 @@ class MultiCrafterPipeline(FluxPipeline):
         calls_per_step = 2 if ((kwargs.get("true_cfg_scale") or 1.0) > 1 and has_neg) else 1
         hooks = _ReferenceHooks(packed, capture if return_attention else None, calls_per_step)
         handles = []
-        return_dict = kwargs.pop("return_dict", True)
         adapter_ctx = self.adapter_disabled() if not use_adapter else contextlib.nullcontext()
         try:
             if packed.num_tokens or return_attention:

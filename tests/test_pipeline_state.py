@@ -118,3 +118,39 @@ def test_bad_sampling_file_is_one_line(tmp_path, text, message):
     (tmp_path / "multicrafter_sampling.json").write_text(text)
     with pytest.raises(UserError, match=message):
         sampling_defaults_for(tmp_path)
+
+
+def test_call_signature_names_and_documents_its_arguments():
+    """`help(pipe)` shows every explicit argument with an entry under Args:, and a Returns: section."""
+    import inspect
+    import re
+
+    from diffusers import FluxPipeline
+
+    sig = inspect.signature(MultiCrafterPipeline.__call__)
+    explicit = [n for n, p in sig.parameters.items() if n != "self" and p.kind is not p.VAR_KEYWORD]
+    for name in ("prompt", "reference_images", "reference_options", "return_attention", "attention_mode",
+                 "attention_blocks", "use_adapter", "height", "width", "num_inference_steps", "guidance_scale",
+                 "generator", "output_type", "return_dict"):
+        assert name in explicit
+    assert any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())   # every other stock argument passes through
+    doc = MultiCrafterPipeline.__call__.__doc__
+    args, _, returns = doc.partition("Returns:")
+    documented = set(re.findall(r"^\s{12}(\w+) \(", args, flags=re.M))
+    assert set(explicit) <= documented, set(explicit) - documented
+    assert returns.strip()
+    stock = set(inspect.signature(FluxPipeline.__call__).parameters) - {"self"}
+    assert set(explicit) - {"reference_images", "reference_options", "return_attention", "attention_mode",
+                            "attention_blocks", "attention_single_blocks", "attention_heads", "use_adapter"} <= stock
+
+
+def test_pipelines_do_not_share_mutable_state(pipe):
+    other = MultiCrafterPipeline.from_pretrained("tiny")
+    pipe.sampling_defaults["num_inference_steps"] = 1
+    pipe.reference_options.long_side_single = 16
+    assert other.sampling_defaults == {} and other.reference_options.long_side_single == 64
+
+
+def test_stock_argument_left_as_none_takes_the_stock_default(pipe):
+    """guidance_scale=None (no sampling default) is FluxPipeline's 3.5, not an error."""
+    assert np.array_equal(_gen(pipe, guidance_scale=None), _gen(pipe, guidance_scale=3.5))
