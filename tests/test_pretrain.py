@@ -117,7 +117,7 @@ def test_base_run_saves_a_loadable_pipeline(tmp_path, world):
 
 
 def test_base_run_from_a_new_vae_and_fresh_transformer(tmp_path, world):
-    """The toy_base.yaml path: tiny text side + a separately trained x4 VAE + a fresh transformer, with references
+    """The recipe/base.yaml path: tiny text side + a separately trained x4 VAE + a fresh transformer, with references
     and the Dice loss from the start."""
     from diffusers import AutoencoderKL
 
@@ -318,15 +318,15 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("name", ["tiny_pretrain", "toy_base", "toy_base_text", "toy_base_shift", "toy_base_gpu",
-                                  "toy_base_highnoise",
+@pytest.mark.parametrize("name", ["tiny_pretrain", "recipe/base", "recipe/base_text", "recipe/base_shift",
+                                  "recipe/base_large_batch", "recipe/base_highnoise",
                                   "toy_adapter_baseline",
                                   "toy_adapter_attn", "toy_adapter_attn_moe", "flux_dev_adapter"])
 def test_shipped_configs_parse(name):
     from train.common import load_config
 
     cfg = load_config(REPO / "train" / "configs" / f"{name}.yaml", PretrainConfig)
-    assert cfg.train.mode == ("base" if name.startswith("toy_base") else "adapter")
+    assert cfg.train.mode == ("base" if name.startswith("recipe/") else "adapter")
     if name == "flux_dev_adapter":  # the paper's settings
         assert (cfg.data.resolution, cfg.data.ref_long_side_multi, cfg.adapter.lora_rank) == (512, 320, 512)
         assert (cfg.adapter.moe.num_experts, cfg.adapter.moe.top_k, cfg.adapter.type) == (4, 1, "moe_lora")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy model's GPU stages inside one fixed time budget (issue 10; for a lent GPU with a hard time limit):
-#   1c. the base continued from the CPU base (stage 1d) with large batches (toy_base_gpu.yaml); a 40-step probe measures
+#   1c. the base continued from the CPU base (stage 1d) with large batches (recipe/base_large_batch.yaml); a 40-step probe measures
 #       the step time and the horizon (train.max_steps) is set so the stage ends in time. The probe is the run's own
 #       first 40 steps (inside the warm-up, so their LRs do not depend on the horizon): the resumed run is exactly a
 #       run with that horizon from step 0, and `--set train.max_steps=N` reproduces it.
@@ -21,7 +21,7 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 
 # 1c. the base: the probe (dataset written + encoded once, then 40 steps), then the fitted horizon
-BASE=(python -m train.pretrain --config train/configs/toy_base_gpu.yaml --output-dir "$RUNS/toy_base_gpu"
+BASE=(python -m train.pretrain --config train/configs/recipe/base_large_batch.yaml --output-dir "$RUNS/toy_base_gpu"
       --set output.progress=false)
 bounded "$ADAPTER_RESERVE" "${BASE[@]}" --max-steps "$PROBE" --set output.log_every=1 ${BASE_SET:-} \
   || { log "probe failed or cut off"; exit 1; }

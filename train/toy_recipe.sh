@@ -5,8 +5,8 @@
 #   SMOKE=1 bash train/toy_recipe.sh               # a few steps of every stage into runs/toy_smoke (checks the chain)
 #   BASE_SET="--set data.batch_size=128 --set train.max_steps=4000" bash train/toy_recipe.sh   # extra overrides per
 #   stage (BASE_SET, ADAPTER_SET, IPPO_SET), e.g. a larger batch and fewer steps on a GPU
-#   BASE_GPU=1 ...                                 # adds stage 1c (toy_base_gpu.yaml) on a GPU; see train/toy_gpu.sh
-#   BASE_HIGHNOISE=3 ...                           # adds N rounds of toy_base_highnoise.yaml after it (session 13:
+#   BASE_GPU=1 ...                                 # adds stage 1c (recipe/base_large_batch.yaml) on a GPU; see train/toy_gpu.sh
+#   BASE_HIGHNOISE=3 ...                           # adds N rounds of recipe/base_highnoise.yaml after it (session 13:
 #                                                    stages 1e-1g, measured in docs/toy_ablation.md)
 #   What assets/toy ships (session 17: stage 1c on an H100, stages 1e-1g, the rows and IPPO on CPU; its TRAINING.md):
 #   BASE_GPU=1 BASE_GPU_SET="--set train.max_steps=450" BASE_HIGHNOISE=3 ADAPTER_SET="--set output.checkpoint_every=250"
@@ -27,38 +27,38 @@ else
 fi
 steps() { if [ -n "${1:-}" ]; then echo "--max-steps $1"; fi; }
 
-# 0. The VAE is committed (assets/toy_vae); remake it with: python -m train.vae --config train/configs/toy_vae.yaml
+# 0. The VAE is committed (assets/toy_vae); remake it with: python -m train.vae --config train/configs/recipe/vae.yaml
 # 1. Base: full-weight flow matching with references from the start (an ICL-pretrained base, as UNO's FLUX).
 if [ -n "${BASE_HISTORY:-}" ]; then
   # How the shipped base was actually trained (the cosine horizon was shortened twice as CPU time ran out; resumes
   # are exact, so this replays it): 20000-step horizon to 4500, 12000 to 7000, then 9500 to the end.
-  python -m train.pretrain --config train/configs/toy_base.yaml --output-dir "$RUNS/toy_base" --resume \
+  python -m train.pretrain --config train/configs/recipe/base.yaml --output-dir "$RUNS/toy_base" --resume \
     --set train.max_steps=20000 --set output.validation_guidance=3.5 --max-steps 4500
-  python -m train.pretrain --config train/configs/toy_base.yaml --output-dir "$RUNS/toy_base" --resume \
+  python -m train.pretrain --config train/configs/recipe/base.yaml --output-dir "$RUNS/toy_base" --resume \
     --set train.max_steps=12000 --max-steps 7000
 fi
-python -m train.pretrain --config train/configs/toy_base.yaml --output-dir "$RUNS/toy_base" --resume \
+python -m train.pretrain --config train/configs/recipe/base.yaml --output-dir "$RUNS/toy_base" --resume \
   $(steps "${BASE_STEPS:-}") "${SMALL[@]}" ${BASE_SET:-}
-# 1b. The base with its text side trained (toy_base_text.yaml: the random frozen T5 was a bag of words).
-python -m train.pretrain --config train/configs/toy_base_text.yaml --output-dir "$RUNS/toy_base_text" --resume \
+# 1b. The base with its text side trained (recipe/base_text.yaml: the random frozen T5 was a bag of words).
+python -m train.pretrain --config train/configs/recipe/base_text.yaml --output-dir "$RUNS/toy_base_text" --resume \
   --set "model.name=$RUNS/toy_base/pipeline" $(steps "${BASE_STEPS:-}") "${SMALL[@]}" ${BASE_TEXT_SET:-}
-# 1d. (CPU; the GPU stage 1c below continues it) High-noise steps emphasised (toy_base_shift.yaml: the stage-1b
+# 1d. (CPU; the GPU stage 1c below continues it) High-noise steps emphasised (recipe/base_shift.yaml: the stage-1b
 #     base decided silhouettes badly at t > 0.75, see `python -m multicrafter.eval denoise`).
-python -m train.pretrain --config train/configs/toy_base_shift.yaml --output-dir "$RUNS/toy_base_shift" --resume \
+python -m train.pretrain --config train/configs/recipe/base_shift.yaml --output-dir "$RUNS/toy_base_shift" --resume \
   --set "model.name=$RUNS/toy_base_text/pipeline" $(steps "${BASE_STEPS:-}") "${SMALL[@]}" ${BASE_SHIFT_SET:-}
 START_BASE="$RUNS/toy_base_shift/pipeline"
 if [ -n "${BASE_GPU:-}" ]; then
-  # 1c. (on a GPU) the base continued at batch 256 (toy_base_gpu.yaml; train/toy_gpu.sh runs 1c-3 inside a time
+  # 1c. (on a GPU) the base continued at batch 256 (recipe/base_large_batch.yaml; train/toy_gpu.sh runs 1c-3 inside a time
   # budget and fits this stage's horizon to it: pass the horizon it printed, BASE_GPU_SET="--set train.max_steps=N")
-  python -m train.pretrain --config train/configs/toy_base_gpu.yaml --output-dir "$RUNS/toy_base_gpu" --resume \
+  python -m train.pretrain --config train/configs/recipe/base_large_batch.yaml --output-dir "$RUNS/toy_base_gpu" --resume \
     --set "model.name=$START_BASE" "${SMALL[@]}" ${BASE_GPU_SET:-}
   START_BASE="$RUNS/toy_base_gpu/pipeline"
 fi
 for round in $(seq 1 "${BASE_HIGHNOISE:-0}"); do
   # 1e, 1f, 1g (session 13; 1g is what assets/toy ships) the base continued with 84 % of its steps near pure
-  #     noise (toy_base_highnoise.yaml, shift 8), where bench/sdedit_shape.py found the outlines are lost; each round
+  #     noise (recipe/base_highnoise.yaml, shift 8), where bench/sdedit_shape.py found the outlines are lost; each round
   #     restarts the schedule from the previous round's export with the next seed (13, 14, ...).
-  python -m train.pretrain --config train/configs/toy_base_highnoise.yaml --output-dir "$RUNS/toy_base_highnoise$round" \
+  python -m train.pretrain --config train/configs/recipe/base_highnoise.yaml --output-dir "$RUNS/toy_base_highnoise$round" \
     --resume --set "model.name=$START_BASE" --set train.seed=$((12 + round)) $(steps "${BASE_STEPS:-}") \
     "${SMALL[@]}" ${BASE_HIGHNOISE_SET:-}
   START_BASE="$RUNS/toy_base_highnoise$round/pipeline"

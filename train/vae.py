@@ -1,4 +1,4 @@
-"""Train the toy model's VAE on ToyWorld: `python -m train.vae --config train/configs/toy_vae.yaml [--resume]`.
+"""Train the toy model's VAE on ToyWorld: `python -m train.vae --config train/configs/recipe/vae.yaml [--resume]`.
 
 FLUX ships its VAE; the offline toy model needs its own. This is a small diffusers AutoencoderKL (16 latent channels,
 like FLUX's, so the transformer's 2x2 packing and 64 input channels are the same) trained with L1 + MSE + a small
