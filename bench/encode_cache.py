@@ -30,8 +30,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from multicrafter.toyworld import write_dataset
-    from train.common import build_model
     from train.data import DataConfig, TrainingSet, load_samples
+    from train.run_setup import build_model
 
     pipe = build_model("toy", torch.float32, device=args.device)
     with tempfile.TemporaryDirectory() as tmp:

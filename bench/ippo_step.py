@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from bench.common import interleaved_medians  # noqa: E402
+from bench.measure import interleaved_medians  # noqa: E402
 
 
 def build_pipe(args):
@@ -30,7 +30,7 @@ def build_pipe(args):
 
     from multicrafter import MultiCrafterPipeline
     from multicrafter.presets import TINY_TRANSFORMER, build_tiny_components
-    from train.common import build_model, parse_dtype
+    from train.run_setup import build_model, parse_dtype
 
     dtype = parse_dtype(args.dtype)
     if args.model != "tiny":
@@ -49,8 +49,8 @@ def build_pipe(args):
 
 def main(argv=None) -> int:
     from multicrafter.rollout import GroupInput, RolloutOptions, encode_group, rollout
-    from train.common import OptimConfig, build_optimizer
     from train.ippo import GSPOConfig, ModelConfig, policy_update, setup_adapter
+    from train.optim import OptimConfig, build_optimizer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny")

@@ -19,7 +19,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from multicrafter import MultiCrafterPipeline
-from multicrafter.eval.toy import evaluate_scenes, summarise
+from multicrafter.eval.toyworld_scores import evaluate_scenes, summarise
 from multicrafter.rollout import GroupInput, RolloutOptions, rollout
 
 KEYS = ("id_sim", "leakage", "layout", "overall", "acc_shape", "acc_colour", "acc_pattern")

@@ -23,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from multicrafter import MultiCrafterPipeline
-from multicrafter.eval.toy import evaluate_scenes, summarise
+from multicrafter.eval.toyworld_scores import evaluate_scenes, summarise
 from multicrafter.presets import true_cfg_arguments
 from multicrafter.references import encode_image, pack_latents
 from multicrafter.sde import flux_mu, flux_schedule

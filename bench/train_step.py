@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import interleaved_medians  # noqa: E402
+from bench.measure import interleaved_medians  # noqa: E402
 from multicrafter.adapters import DEFAULT_LORA_TARGETS  # noqa: E402
-from train.common import load_config  # noqa: E402
+from train.config import load_config  # noqa: E402
 from train.pretrain import PretrainConfig, Trainer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "train" / "configs" / "tiny_pretrain.yaml"

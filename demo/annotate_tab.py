@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from multicrafter.errors import UserError, one_line
 
-from .common import KINDS, list_datasets, resolve_dataset, ui_errors
+from .inputs import KINDS, list_datasets, resolve_dataset, ui_errors
 
 MODES = ("positive click", "negative click", "box (two corners)")
 EMPTY_PROMPTS = '{"points": [], "box": null}'

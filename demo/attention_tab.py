@@ -11,7 +11,7 @@ import numpy as np
 
 from multicrafter.errors import UserError
 
-from .common import (
+from .inputs import (
     check_prompt,
     check_size,
     collect_references,
@@ -46,7 +46,7 @@ def run_attention(holder: ModelHolder, output_dir: Path, refs: Any, names: list,
                   steps: Any, guidance: Any, height: Any, width: Any, adapter: str | None, folder: str | None,
                   masks: Any = None, compare: bool = True, progress: Any = None) -> dict[str, Any]:
     """Generate with attention capture (and again with the adapter off); returns the state the views render from."""
-    from multicrafter.render import save_generation
+    from multicrafter.generation_params import save_generation
 
     prompt = check_prompt(prompt)
     h, w = check_size(height, width)
@@ -98,7 +98,7 @@ def render_view(state: dict[str, Any] | None, block: str | None = ALL, step: int
     from PIL import Image
 
     from multicrafter.bleeding import bleeding_report
-    from multicrafter.render import attention_figure
+    from multicrafter.attention_overlay import attention_figure
 
     if not state:
         raise UserError("run the attention analysis first")

@@ -9,7 +9,7 @@ import gradio as gr
 
 from multicrafter.errors import UserError
 
-from .common import (
+from .inputs import (
     check_prompt,
     check_size,
     collect_references,
@@ -57,7 +57,7 @@ def generate(holder: ModelHolder, output_dir: Path, refs: Any, names: list, kind
              steps: Any, guidance: Any, height: Any, width: Any, adapter: str | None, folder: str | None,
              progress: Any = None) -> tuple[str, str, dict, str]:
     """Returns (image path, same PNG for download, parameters, notes as markdown)."""
-    from multicrafter.render import save_generation
+    from multicrafter.generation_params import save_generation
 
     prompt = check_prompt(prompt)
     h, w = check_size(height, width)

@@ -21,7 +21,7 @@ import yaml
 from multicrafter.errors import UserError
 from train.common import read_metrics
 
-from .common import list_datasets, resolve_dataset, ui_errors
+from .inputs import list_datasets, resolve_dataset, ui_errors
 from .jobs import JOB_NAME, LOG_NAME, Job, JobRunner, python_module_argv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

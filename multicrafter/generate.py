@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .pipeline import MultiCrafterPipeline
     from .presets import true_cfg_arguments
-    from .render import save_attention_figure, save_generation
+    from .attention_overlay import save_attention_figure
+    from .generation_params import save_generation
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     device = args.device or ("cuda" if torch.cuda.is_available() else None)

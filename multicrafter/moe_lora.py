@@ -135,7 +135,7 @@ class MoELoRALinear(nn.Module):
             return self.impl == "dense"
         # Dense does (E − k)·r·(in + out) extra multiply-adds per token; grouped instead moves every token's input and
         # output through a gather/scatter, launches more small kernels and syncs with the host for the group sizes.
-        # Both extras scale with in + out, so the break-even is a rank (bench/moe_lora.py): on CPU dense wins at
+        # Both extras scale with in + out, so the break-even is a rank (bench/moe_lora_speed.py): on CPU dense wins at
         # (E − k)·r = 48 and loses at 192; on an H200 (bf16, FLUX shapes) dense wins at every rank up to 512.
         limit = DENSE_MAX_EXTRA_RANK_CPU if device.type == "cpu" else DENSE_MAX_EXTRA_RANK_GPU
         return (self.num_experts - self.top_k) * self.rank <= limit

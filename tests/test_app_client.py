@@ -13,7 +13,7 @@ from PIL import Image
 from annotate.dataset import load_dataset_samples
 from demo import AppConfig, build_app, launch_kwargs
 from demo.jobs import group_members
-from multicrafter.render import read_generation_params
+from multicrafter.generation_params import read_generation_params
 from tests.app_fixtures import STEPS, corrupt_png, random_adapter, scene_image, toy_refs
 
 gradio_client = pytest.importorskip("gradio_client")

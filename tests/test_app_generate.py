@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 from demo import attention_tab, generate_tab
-from demo.common import collect_references
+from demo.inputs import collect_references
 from demo.state import FOLDER_ADAPTER, NO_ADAPTER, ModelHolder, resolve_model
 from multicrafter.errors import UserError
-from multicrafter.render import read_generation_params
+from multicrafter.generation_params import read_generation_params
 from tests.app_fixtures import SIZE, STEPS, corrupt_png, random_adapter, toy_refs
 
 
@@ -72,9 +72,9 @@ def test_generate_bad_inputs_are_one_line_user_errors(holder, inputs, tmp_path, 
 
 
 def test_huge_reference_is_downscaled_with_a_note(tmp_path, monkeypatch):
-    import demo.common as common
+    import demo.inputs as inputs
 
-    monkeypatch.setattr(common, "MAX_INPUT_SIDE", 64)
+    monkeypatch.setattr(inputs, "MAX_INPUT_SIDE", 64)
     p = tmp_path / "big.png"
     Image.new("RGB", (300, 150), (10, 200, 30)).save(p)
     images, names, kinds, notes = collect_references([(str(p), "cap")], [None], [None])

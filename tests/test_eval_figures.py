@@ -10,7 +10,7 @@ from PIL import Image
 
 from multicrafter.errors import UserError
 from multicrafter.eval.figures import attention_share, attention_stats_plot, main, near_share
-from multicrafter.eval.toy import main as eval_toy_main
+from multicrafter.eval.toyworld_scores import main as eval_toy_main
 
 
 def test_sheet_from_saved_eval_images(tmp_path):

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from multicrafter.errors import UserError
-from multicrafter.eval.table import load_result, load_results, main, paired_differences, spread_units, table
-from multicrafter.eval.toy import main as eval_toy_main
+from multicrafter.eval.ablation_table import load_result, load_results, main, paired_differences, spread_units, table
+from multicrafter.eval.toyworld_scores import main as eval_toy_main
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_eval_toy_reports_ippo_composite_reward_per_seed(gt_json, tmp_path):
     train/configs/toy_ippo.yaml unless --reward-weights says otherwise."""
     import yaml
 
-    from multicrafter.eval.toy import TOY_REWARD_WEIGHTS
+    from multicrafter.eval.toyworld_scores import TOY_REWARD_WEIGHTS
 
     shipped = yaml.safe_load(open("train/configs/toy_ippo.yaml"))["reward"]["weights"]
     assert {k: float(v) for k, v in shipped.items()} == TOY_REWARD_WEIGHTS

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from multicrafter.render import read_generation_params
+from multicrafter.generation_params import read_generation_params
 
 
 def run(*args):

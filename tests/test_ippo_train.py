@@ -15,7 +15,7 @@ from PIL import Image
 from multicrafter import MultiCrafterPipeline
 from multicrafter.errors import UserError
 from multicrafter.rewards.base import RewardOutput
-from multicrafter.rewards.toy import ToyReward
+from multicrafter.rewards.toyworld_reward import ToyReward
 from multicrafter.rollout import GroupInput, RolloutOptions, rollout
 from train.common import load_config, read_metrics
 from train.ippo import IPPOConfig, cached_groups, main, train

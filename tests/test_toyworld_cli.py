@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from multicrafter.errors import UserError
-from multicrafter.eval.toy import main as eval_toy_main
+from multicrafter.eval.toyworld_scores import main as eval_toy_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_subjects_and_similar_prob_choose_the_held_out_scenes(tmp_path):
 
 def test_split_train_scores_the_toys_own_training_scenes(tmp_path):
     """--split train --subjects 1,2,3 regenerates exactly the scenes the toy trained on (the memorisation check)."""
-    from multicrafter.eval.toy import evaluate_scenes
+    from multicrafter.eval.toyworld_scores import evaluate_scenes
     from multicrafter.toyworld import build_sample
     from multicrafter.toyworld.subjects import by_id, split_of
 
@@ -119,7 +119,7 @@ def test_model_path_runs_on_tiny_pipeline(tmp_path):
 
 def test_seeds_of_a_scene_run_as_one_batch_with_the_same_images():
     """Batching the seeds of a scene must not change what each seed generates (one generator per image)."""
-    from multicrafter.eval.toy import _model_runner
+    from multicrafter.eval.toyworld_scores import _model_runner
     from multicrafter.toyworld import build_sample
 
     generate, used = _model_runner("tiny", None, 2, None)
@@ -134,7 +134,7 @@ def test_seeds_of_a_scene_run_as_one_batch_with_the_same_images():
 @pytest.mark.parametrize("flags, expected", [([], None), (["--adapter", "attn"], "attn"), (["--no-adapter"], False)])
 def test_no_adapter_reaches_the_loader_as_false(monkeypatch, flags, expected):
     """`toy` loads its folder's default adapter for adapter=None; the base row needs False, i.e. --no-adapter."""
-    import multicrafter.eval.toy as toy_eval
+    import multicrafter.eval.toyworld_scores as toy_eval
 
     seen = []
 
@@ -150,7 +150,7 @@ def test_no_adapter_reaches_the_loader_as_false(monkeypatch, flags, expected):
 
 def test_true_cfg_changes_the_images_and_is_recorded():
     """--true-cfg > 1 guides against the empty prompt (a second transformer call per step): same seed, other image."""
-    from multicrafter.eval.toy import _model_runner
+    from multicrafter.eval.toyworld_scores import _model_runner
     from multicrafter.toyworld import build_sample
 
     sample = build_sample(0, 0, split="test", size=64, ref_size=32)
@@ -164,7 +164,7 @@ def test_true_cfg_changes_the_images_and_is_recorded():
 def test_prompt_probes_drop_exactly_their_words_from_what_the_pipeline_sees(monkeypatch):
     """The probe's prompts are the scene's prompt minus each subject's shape word, and reach the pipeline."""
     import multicrafter
-    from multicrafter.eval.toy import _model_runner
+    from multicrafter.eval.toyworld_scores import _model_runner
     from multicrafter.toyworld import build_sample
     from multicrafter.toyworld.subjects import SHAPES
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from multicrafter.rewards.base import RewardBatch
-from multicrafter.rewards.toy import ToyReward
+from multicrafter.rewards.toyworld_reward import ToyReward
 from multicrafter.toyworld import build_sample, evaluate_batch, evaluate_image, render_scene
 from multicrafter.toyworld.render import render_background
 

@@ -80,7 +80,7 @@ class RewardConfig:
 def build_reward(cfg: RewardConfig):
     """The reward function, checked before training: a weighted component the reward cannot compute is an error."""
     if cfg.kind == "toy":
-        from multicrafter.rewards.toy import ToyReward
+        from multicrafter.rewards.toyworld_reward import ToyReward
 
         fn = ToyReward()
     elif cfg.kind == "real":

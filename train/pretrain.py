@@ -604,7 +604,7 @@ class Trainer:
     def validate(self) -> list[Path]:
         """Images (+ attention figures when there are references) for the first samples, under samples/step-N/."""
         from multicrafter.io import save_image_atomic
-        from multicrafter.render import save_attention_figure
+        from multicrafter.attention_overlay import save_attention_figure
 
         if not self.accelerator.is_main_process:
             return []

@@ -10,6 +10,7 @@ USAGE = "usage: python -m multicrafter.eval {toy,denoise,faces,figures,table} [o
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one evaluation mode; `--help` (or nothing) lists the modes."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
@@ -20,16 +21,17 @@ def main(argv: list[str] | None = None) -> int:
         print("  table  the ablation table (mean ± std, seed-std differences) from eval toy --json files")
         return 0
     mode, rest = argv[0], argv[1:]
+    # Each mode imports only its own module: `table` and `faces` start without loading the diffusion stack.
     if mode == "toy":
-        from .toy import main as mode_main
+        from .toyworld_scores import main as mode_main
     elif mode == "denoise":
         from .denoise import main as mode_main
     elif mode == "faces":
-        from .faces import main as mode_main
+        from .faces_cli import main as mode_main
     elif mode == "figures":
         from .figures import main as mode_main
     elif mode == "table":
-        from .table import main as mode_main
+        from .ablation_table import main as mode_main
     else:
         print(f"error: unknown evaluation mode '{mode}' (expected toy, denoise, faces, figures or table)", file=sys.stderr)
         return 2

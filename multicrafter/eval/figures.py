@@ -168,7 +168,7 @@ def attention_comparison(args: argparse.Namespace) -> tuple[Image.Image, dict[st
     from matplotlib.figure import Figure
 
     from .. import MultiCrafterPipeline
-    from ..render import overlay
+    from ..attention_overlay import overlay
 
     sample = next((x for x in (_scene(args, i) for i in range(500))
                    if x.scene["similar"] and len(x.references) == 2), None)

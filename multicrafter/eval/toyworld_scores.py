@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..errors import ArgumentParser, UserError, int_list, one_line, run_cli
 from ..io import atomic_write_json, save_image_atomic
-from ..rewards.toy import COMPONENT_METRICS
+from ..rewards.toyworld_reward import COMPONENT_METRICS
 from ..toyworld.evaluate import DECOY_KEYS, METRICS  # one definition: the evaluator decides which metrics exist
 from ..toyworld.prompts import PROMPT_STYLES
 from ..toyworld.scenes import subject_counts

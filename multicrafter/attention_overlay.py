@@ -1,37 +1,21 @@
-"""Writing results people look at: PNGs with embedded parameters and attention-map overlays (matplotlib)."""
+"""Attention maps drawn over the generated image: one heat-map overlay per subject, and a figure of all of them."""
 
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-from .io import atomic_write_bytes, save_image_atomic
-
-META_KEY = "multicrafter"
-
-
-def save_generation(image: Image.Image, path: str | Path, params: dict[str, Any]) -> None:
-    """Save a PNG with its generation parameters as JSON text metadata (key `multicrafter`)."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text(META_KEY, json.dumps(params, default=str, sort_keys=True))
-    save_image_atomic(image, path, pnginfo=info)
-
-
-def read_generation_params(path: str | Path) -> dict[str, Any]:
-    with Image.open(path) as im:
-        return json.loads(im.text.get(META_KEY, "{}"))
+from .io import atomic_write_bytes
 
 
 def overlay(image: Image.Image, amap: torch.Tensor | np.ndarray, alpha: float = 0.55, cmap: str = "jet") -> Image.Image:
     """Blend one (h, w) map in [0, 1] over the image, upsampled to the image size."""
-    import matplotlib
+    import matplotlib  # plotting only: keeps matplotlib out of the start-up of everything importing this module
 
     m = np.asarray(amap.detach().cpu() if isinstance(amap, torch.Tensor) else amap, dtype=np.float32)
     m = np.clip(m / (m.max() + 1e-8), 0, 1)
@@ -43,6 +27,7 @@ def overlay(image: Image.Image, amap: torch.Tensor | np.ndarray, alpha: float = 
 def attention_figure(image: Image.Image, maps: torch.Tensor, names: Sequence[str] | None = None,
                      title: str | None = None) -> Image.Image:
     """A matplotlib figure: the image, then each subject's map overlaid on it. Returns a PIL image."""
+    # plotting only: matplotlib stays out of the start-up of everything importing this module
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -70,6 +55,7 @@ def attention_figure(image: Image.Image, maps: torch.Tensor, names: Sequence[str
 
 def save_attention_figure(image: Image.Image, maps: torch.Tensor, path: str | Path,
                           names: Sequence[str] | None = None) -> None:
+    """Write `attention_figure(image, maps, names)` as a PNG, atomically."""
     fig = attention_figure(image, maps, names)
     buf = io.BytesIO()
     fig.save(buf, format="PNG")

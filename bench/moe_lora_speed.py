@@ -1,6 +1,6 @@
 """MoE-LoRA layer cost vs a plain LoRA of the same rank: forward+backward median time per implementation.
 
-    python bench/moe_lora.py [--tokens 1024] [--repeats 15] [--threads 1] [--device cpu] [--step]
+    python bench/moe_lora_speed.py [--tokens 1024] [--repeats 15] [--threads 1] [--device cpu] [--step]
 
 Prints one row per (in, out, rank): base only, LoRA, MoE dense, MoE grouped, and the ratios to LoRA. The numbers
 chose `MoELoRALinear._use_dense` (the "auto" rule). Timings are medians of `--repeats` runs after warm-up, the
