@@ -90,12 +90,14 @@ class AdapterConfig:
             raise UserError(f"extra must be a mapping, got {type(self.extra).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as adapter_config.json holds it (with format and version)."""
         return {"format": FORMAT, "version": FORMAT_VERSION, "lora_rank": self.lora_rank,
                 "lora_alpha": self.lora_alpha, "lora_targets": self.lora_targets,
                 "moe": self.moe.to_dict() if self.moe else None, "extra": dict(self.extra)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """Read adapter_config.json's content, refusing other formats and unknown keys with a UserError."""
         if not isinstance(data, dict):
             raise UserError(f"adapter config must be a JSON object, got {type(data).__name__}")
         data = dict(data)
@@ -121,6 +123,7 @@ def adapter_state(transformer: nn.Module) -> tuple[str, AdapterConfig] | None:
 
 
 def has_adapter(transformer: nn.Module) -> bool:
+    """Whether the transformer carries any adapter (ours, a bare MoE-LoRA or a peft LoRA loaded otherwise)."""
     return adapter_state(transformer) is not None or bool(moe_modules(transformer)) or _peft_loaded(transformer)
 
 

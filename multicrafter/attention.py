@@ -43,6 +43,7 @@ class CaptureLayout:
 
     @property
     def n_refs(self) -> int:
+        """Number of reference subjects."""
         return len(self.ref_lengths)
 
 
@@ -72,9 +73,11 @@ class AttentionCapture:
 
     @property
     def active(self) -> bool:
+        """Whether the next forward records maps (enabled, with a layout that has references)."""
         return self.enabled and self.layout is not None and self.layout.n_refs > 0
 
     def clear(self) -> None:
+        """Drop every recorded map (current forward, per step and per block)."""
         self.maps.clear()
         self.per_step.clear()
         self.per_block_sum.clear()
@@ -260,6 +263,7 @@ def remove_capture(transformer: torch.nn.Module) -> None:
 
 
 def find_capture(transformer: torch.nn.Module) -> AttentionCapture | None:
+    """The capture shared by the processors installed on this transformer, or None."""
     for block in _all_blocks(transformer):
         if isinstance(block.attn.processor, CaptureAttnProcessor):
             return block.attn.processor.capture

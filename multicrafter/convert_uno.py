@@ -116,6 +116,7 @@ def convert(uno_path: str | Path, out_dir: str | Path, base: torch.nn.Module) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m multicrafter.convert_uno --in dit_lora.safetensors --out DIR`."""
     ap = ArgumentParser(prog="python -m multicrafter.convert_uno", description=__doc__.splitlines()[0])
     ap.add_argument("--in", dest="src", required=True, help="UNO's dit_lora.safetensors")
     ap.add_argument("--out", required=True, help="adapter folder to write")

@@ -20,6 +20,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports usage errors as one UserError line (via run_cli) instead of usage + message."""
 
     def error(self, message: str):  # type: ignore[override]
+        """Raise the usage error as a UserError instead of printing usage and exiting."""
         raise UserError(f"{message} (see --help)")
 
 

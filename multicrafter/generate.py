@@ -80,10 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from .pipeline import MultiCrafterPipeline
-    from .presets import true_cfg_arguments
     from .attention_overlay import save_attention_figure
     from .generation_params import save_generation
+    from .pipeline import MultiCrafterPipeline
+    from .presets import true_cfg_arguments
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     device = args.device or ("cuda" if torch.cuda.is_available() else None)

@@ -27,12 +27,15 @@ AGGREGATIONS = ("sum", "per_component")
 
 @dataclass
 class Advantages:
+    """Group-normalised advantages of one batch, with what the logs report about them."""
+
     values: torch.Tensor          # (B,) fp32
     zero_std: torch.Tensor        # (num_groups,) bool: groups whose reward had no spread
     reward: torch.Tensor          # (B,) the weighted composite R (for logging, whatever the aggregation)
 
     @property
     def zero_std_fraction(self) -> float:
+        """Share of groups whose rewards were all equal (advantage 0, no gradient)."""
         return float(self.zero_std.float().mean()) if self.zero_std.numel() else 0.0
 
 
@@ -77,6 +80,8 @@ def compute_advantages(components: Mapping[str, Sequence[float] | torch.Tensor],
 
 @dataclass
 class GSPOOutput:
+    """The GSPO loss of a batch and the ratio statistics IPPO logs."""
+
     loss: torch.Tensor            # scalar: -J
     ratio: torch.Tensor           # (B,) sequence ratios s_i (detached)
     step_ratio: torch.Tensor      # (B, |S|) per-step ratios exp(log pi - log pi_old) (detached)

@@ -62,6 +62,7 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -
 
 
 def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between predicted and target velocity, in fp32."""
     return F.mse_loss(pred.float(), target.float())
 
 

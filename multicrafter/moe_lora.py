@@ -67,10 +67,12 @@ class MoELoRAConfig:
                 raise UserError(f"MoE-LoRA target_regex is not a valid regex: {exc}") from None
 
     def to_dict(self) -> dict:
+        """The config as a JSON-able dict (the `moe` section of adapter_config.json)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> MoELoRAConfig:
+        """Build a config from a dict, refusing unknown keys with a UserError."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -127,6 +129,7 @@ class MoELoRALinear(nn.Module):
         self._last_probs: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
+        """Sizes and settings shown in the module's repr."""
         return (f"in={self.in_features}, out={self.out_features}, experts={self.num_experts}, top_k={self.top_k}, "
                 f"rank={self.rank}, scaling={self.scaling:g}, enabled={self.enabled}")
 
@@ -177,6 +180,7 @@ class MoELoRALinear(nn.Module):
         return out.index_add_(0, tok, torch.cat(ys), alpha=self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """FFN(x) plus the routed experts' low-rank updates (just FFN(x) when disabled)."""
         out = self.base(x)
         if not self.enabled:
             return out
@@ -255,6 +259,7 @@ def remove_moe_lora(model: nn.Module) -> list[str]:
 
 
 def set_moe_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every MoE-LoRA module of `model` on or off without removing it."""
     for m in moe_modules(model).values():
         m.enabled = enabled
 
@@ -266,6 +271,7 @@ def set_router_noise(model: nn.Module, std: float) -> None:
 
 
 def moe_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable MoE-LoRA weights: each module's router and expert A/B."""
     return [p for m in moe_modules(model).values() for p in (m.router.weight, m.expert_A, m.expert_B)]
 
 

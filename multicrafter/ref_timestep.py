@@ -19,12 +19,15 @@ _ATTR = "_multicrafter_ref_t0"
 
 @dataclass
 class RefTimestepState:
+    """Shared state of the t = 0 reference modulation on one transformer (set per call by the pipeline or trainer)."""
+
     enabled: bool = True
     n_ref: int = 0                       # reference tokens at the end of the image stream
     temb_ref: torch.Tensor | None = None  # (B, D) embedding at t = 0, computed per forward
 
     @property
     def active(self) -> bool:
+        """Whether the next forward modulates reference tokens with the t = 0 embedding."""
         return self.enabled and self.n_ref > 0 and self.temb_ref is not None
 
 
@@ -127,5 +130,6 @@ def install_ref_timestep(transformer: torch.nn.Module) -> RefTimestepState:
 
 
 def find_ref_timestep(transformer: torch.nn.Module) -> RefTimestepState | None:
+    """The state installed by `install_ref_timestep` on this transformer, or None."""
     existing = getattr(transformer, _ATTR, None)
     return existing[0] if existing is not None else None

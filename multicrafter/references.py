@@ -38,6 +38,7 @@ class ReferenceOptions:
             raise UserError(f"reference style must be 'multicrafter' or 'uno', got {self.style!r}")
 
     def long_side(self, n: int) -> int:
+        """Target long side for each of `n` references."""
         return self.long_side_single if n <= 1 else self.long_side_multi
 
 
@@ -52,6 +53,7 @@ class PackedReferences:
 
     @property
     def num_tokens(self) -> int:
+        """Reference tokens in total."""
         return int(sum(self.lengths))
 
 

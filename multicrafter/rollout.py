@@ -36,6 +36,8 @@ class GroupInput:
 
 @dataclass
 class RolloutOptions:
+    """How a rollout samples: steps, size, guidance, SDE noise level `a`, group size and micro-batching."""
+
     num_steps: int = 16
     height: int = 512
     width: int = 512
@@ -101,13 +103,16 @@ class Rollout:
 
     @property
     def group_size(self) -> int:
+        """Images per prompt (G)."""
         return self.options.group_size
 
     @property
     def num_images(self) -> int:
+        """Images in the rollout (groups x G)."""
         return int(self.final_latents.shape[0])
 
     def group_slice(self, g: int) -> slice:
+        """The rows of group `g` in the per-image tensors."""
         return slice(g * self.group_size, (g + 1) * self.group_size)
 
     def per_sample(self, attr: str) -> list[Any]:

@@ -40,6 +40,7 @@ class FlowSchedule:
 
     @property
     def num_steps(self) -> int:
+        """Sampling steps T."""
         return int(self.timesteps.shape[0])
 
     def model_sigma(self, i: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -90,6 +91,8 @@ def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float | torch.Tensor,
 
 @dataclass
 class SDEStepOutput:
+    """One Flow-GRPO SDE step: the next sample, its log-probability, and the Gaussian it was drawn from."""
+
     prev_sample: torch.Tensor   # x' (fp32)
     log_prob: torch.Tensor      # (B,) fp32, mean over latent dims; zeros when std == 0 (a = 0: deterministic)
     mean: torch.Tensor          # fp32

@@ -84,6 +84,7 @@ def t5_vocab(words: list[str] | None = None) -> list[tuple[str, float]]:
 
 
 def build_tokenizers(out_clip: Path = CLIP_DIR, out_t5: Path = T5_DIR, words: list[str] | None = None) -> None:
+    """Write the offline CLIP and T5 tokenizers built from the ToyWorld vocabulary (run once; the files are committed)."""
     from transformers import CLIPTokenizer, T5Tokenizer
 
     vocab, merges = clip_vocab_and_merges(words)

@@ -28,6 +28,7 @@ SAME_SCENES = ("seeds", "n_scenes", "scene_seed", "prompts", "subjects", "simila
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `eval table` command line."""
     p = ArgumentParser(prog="python -m multicrafter.eval table",
                        description="Markdown ablation table from `python -m multicrafter.eval toy --json` files.")
     p.add_argument("results", nargs="+", metavar="JSON", help="eval toy --json files, one row each, in this order")
@@ -109,6 +110,7 @@ def _units(x: float) -> str:
 
 
 def table(results: list[dict], against: str | None = None) -> str:
+    """The Markdown ablation table, one row per result; `against` adds seed-std differences to that row."""
     ref = None
     if against is not None:
         ref = next((r for r in results if r["name"] == against), None)
@@ -171,6 +173,7 @@ def tradeoff_plot(results: list[dict], against: str | None = None, title: str = 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m multicrafter.eval table A.json B.json ... [--against NAME] [--plot PNG]`."""
     args = build_parser().parse_args(argv)
     results = [r for p in args.results for r in load_results(p)]
     print(table(results, args.against))

@@ -33,6 +33,7 @@ def _levels(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `eval denoise` command line."""
     p = ArgumentParser(prog="python -m multicrafter.eval denoise",
                        description="Score one-step clean-image predictions of held-out ToyWorld scenes per noise level.")
     p.add_argument("--model", default="toy", help="toy | a model folder (default: toy)")
@@ -92,6 +93,7 @@ def run_probe(pipe: Any, levels: Sequence[float], n: int, seed: int = 0, keep: i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m multicrafter.eval denoise --model toy ... --json out.json`."""
     args = build_parser().parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")

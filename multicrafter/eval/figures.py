@@ -33,6 +33,7 @@ def _names(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `eval figures` command line."""
     p = ArgumentParser(prog="python -m multicrafter.eval figures",
                        description="README figures of the toy ablation: a contact sheet across adapters and the "
                                    "attention maps with and without the Dice loss.")
@@ -283,6 +284,7 @@ def attention_stats_plot(stats: dict[str, dict[str, Any]], title: str = "") -> I
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m multicrafter.eval figures ...`: the README's contact sheet and attention figure."""
     from ..io import save_image_atomic
 
     args = build_parser().parse_args(argv)

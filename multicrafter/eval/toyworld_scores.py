@@ -48,6 +48,7 @@ def reward_weights(text: str) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `eval toy` command line."""
     p = ArgumentParser(prog="python -m multicrafter.eval toy",
                                 description="Score a model on held-out ToyWorld scenes (ID-Sim, leakage, layout, "
                                             "quality, overall). --model ground-truth scores the renders themselves.")
@@ -228,6 +229,7 @@ def summarise(per_seed: dict[int, dict], n: int, weights: dict[str, float] | Non
 
 
 def markdown_table(res: dict) -> str:
+    """One result as a Markdown table: each metric's mean, std and per-seed values."""
     seeds = res["seeds"]
     head = "| metric | mean | std | " + " | ".join(f"seed {s}" for s in seeds) + " |"
     sep = "|---" * (3 + len(seeds)) + "|"
@@ -239,6 +241,7 @@ def markdown_table(res: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m multicrafter.eval toy --model toy|ground-truth|DIR ... --json out.json`."""
     args = build_parser().parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")

@@ -15,6 +15,8 @@ COMPONENTS = ("text", "aes", "id")
 
 @dataclass
 class RewardBatch:
+    """What a reward scores: one generated image per sample, with its prompt, references and optional metadata."""
+
     images: list[Image.Image]
     prompts: list[str]
     references: list[list[Image.Image]]
@@ -23,11 +25,15 @@ class RewardBatch:
 
 @dataclass
 class RewardOutput:
+    """One list of per-image values per reward component, plus notes on components that fell back to 0."""
+
     components: dict[str, list[float]]              # keys from COMPONENTS, one value per image
     notes: list[str] = field(default_factory=list)  # why a component was 0 for some sample, etc.
 
 
 class RewardFn(Protocol):
+    """Any callable scoring a RewardBatch (ToyReward, RealReward)."""
+
     def __call__(self, batch: RewardBatch) -> RewardOutput: ...
 
 
