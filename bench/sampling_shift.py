@@ -1,9 +1,9 @@
-"""Does the toy's sampling schedule decide its shape accuracy? (session 12: no.)
+"""Does the toy's sampling schedule decide its shape accuracy? (No: docs/report.md.)
 
     python bench/sampling_shift.py none 60 1.6487,3,6 20 3      # adapter|none, scenes, total shifts, steps, true CFG
 
 The toy samples with FLUX's dynamic shifting, which at 256 image tokens is a time shift of e^0.5 = 1.65, while the
-stage-1d/1c bases trained with shift 3. Each total shift s is applied by passing FluxPipeline `sigmas` pre-shifted by
+shift-3 and large-batch bases trained with shift 3. Each total shift s is applied by passing FluxPipeline `sigmas` pre-shifted by
 s / 1.65 (time shifts compose by multiplying), then the images are scored like `eval toy` (seed 0, full prompts).
 """
 

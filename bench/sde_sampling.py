@@ -1,4 +1,4 @@
-"""Does a stochastic sampler at high noise recover the toy's outlines? (session 13)
+"""Does a stochastic sampler at high noise recover the toy's outlines? (No: docs/report.md.)
 
     python bench/sde_sampling.py none 60 0,0.5,1.0 6      # adapter|none, scenes, SDE noise levels a, window steps
 

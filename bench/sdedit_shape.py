@@ -1,4 +1,4 @@
-"""Where along the sampling path does the toy lose each subject's shape? (session 13)
+"""Where along the sampling path does the toy lose each subject's shape? (docs/report.md, section 1)
 
     python bench/sdedit_shape.py toy none 60 1.0,0.95,0.9,0.85,0.8,0.7,0.5 runs/sdedit.json  # model, adapter|none,
                                                                     # scenes, start levels t0, [results JSON]

@@ -180,7 +180,7 @@ def resume_argv(settings: TrainSettings, name: str) -> tuple[list[str], Path, di
 
 # ---------------------------------------------------------------- metrics and samples
 def metrics_figure(records: list[dict], mode: str | None = None, title: str = ""):
-    """Curves of the known keys (DESIGN §3) first, then any other numeric key; one small panel per key."""
+    """Curves of the trainers' documented keys (docs/training.md) first, then any other numeric key; one panel per key."""
     from matplotlib.figure import Figure
 
     numeric = [k for k in dict.fromkeys(k for r in records for k, v in r.items() if isinstance(v, (int, float)))

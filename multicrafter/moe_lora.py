@@ -1,4 +1,4 @@
-"""MoE-LoRA (DESIGN §4): a per-token top-k mixture of LoRA experts on the FFN linears of the output-side blocks.
+"""MoE-LoRA (docs/method.md): a per-token top-k mixture of LoRA experts on the FFN linears of the output-side blocks.
 
     p = Softmax(TopK(W_g h, k))   (the other experts at −∞)
     h_out = base(h) + Σ_i p_i (α/r) B_i A_i h

@@ -1,6 +1,6 @@
 """Dataset paths from metadata.jsonl are untrusted text: resolve them only inside the dataset folder.
 
-Shared by the annotation tools (`annotate.validate` re-exports it) and the evaluators that read §6 datasets, so a
+Shared by the annotation tools (`annotate.validate` re-exports it) and the evaluators that read datasets, so a
 line with an absolute path or `..` is refused the same way everywhere.
 """
 

@@ -2,7 +2,7 @@
 
 R_text = layout/text accuracy (subjects at their stated positions, background colour and texture), R_aes = image
 quality (palette fidelity), R_id = Hungarian identity similarity (each subject matched at most once, missing
-subjects 0). The truth for R_text comes from `RewardBatch.metadata[i]` (a scene spec, or a §6 metadata line whose
+subjects 0). The truth for R_text comes from `RewardBatch.metadata[i]` (a scene spec, or a dataset metadata line whose
 "toyworld" key holds one); without it the prompt is parsed. Failures give 0 with a note, never an exception.
 """
 
