@@ -28,7 +28,7 @@ def test_config_loads_into_its_dataclass(path):
 
 
 def test_toy_rows_share_the_base_budget_and_timesteps():
-    """The ablation's rows differ only in what they add (DESIGN §5): same steps, seed, schedule and timesteps."""
+    """The ablation's rows differ only in what they add (docs/toy_model.md): same steps, seed, schedule and timesteps."""
     rows = {n: load_config(CONFIG_DIR / f"toy_adapter_{n}.yaml", PretrainConfig)
             for n in ("baseline", "attn", "attn_moe")}
     for name, cfg in rows.items():

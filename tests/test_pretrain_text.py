@@ -113,7 +113,7 @@ def test_local_position_bias_gives_each_head_one_window_of_neighbours():
 
 
 def test_local_heads_make_a_word_depend_on_its_neighbours():
-    """The toy's diagnosis in a test: the tiny random T5 (the toy's text side before stage 1b) gives a word almost the
+    """The toy's diagnosis in a test: the tiny random T5 (the frozen-text base's text side) gives a word almost the
     same vector whatever surrounds it; rebuilt with local windows it does not."""
     from train.pretrain import rebuild_t5_position_bias
 

@@ -1,5 +1,5 @@
 """train/toy_gpu.sh, the one-shot GPU pass: it must end inside its budget and leave complete packs behind, since a
-lent GPU gives one try (here on CPU, with every stage shrunk)."""
+GPU with a hard time limit gives one try (here on CPU, with every stage shrunk)."""
 
 import os
 import subprocess

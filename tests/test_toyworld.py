@@ -1,4 +1,4 @@
-"""ToyWorld world: identities, split, similar pairs, scenes, exact masks, prompts, the §6 writer and its CLI."""
+"""ToyWorld world: identities, split, similar pairs, scenes, exact masks, prompts, the dataset writer and its CLI."""
 
 import json
 import subprocess

@@ -1,5 +1,5 @@
 # Shared helpers of the one-shot GPU scripts (train/toy_gpu.sh, train/toy_gpu_rows.sh); sourced, not run.
-# A lent GPU has a hard time limit and hands back at most 8 files of 16 MiB: every stage is bounded by the budget,
+# A GPU job with a hard time limit may hand back only a few files of limited size: every stage is bounded by the budget,
 # and every result is packed whole (written beside, then renamed) and cut into parts when large.
 START=$(date +%s)
 SPLIT_MB=${SPLIT_MB:-15}

@@ -24,7 +24,8 @@ from train.data import ToyWorldSource, ensure_toyworld, load_samples
 
 @dataclass
 class PromptsConfig:
-    """Exactly one of `dataset` (a DESIGN §6 folder) or `toyworld` (a set written on the fly under the output dir).
+    """Exactly one of `dataset` (a folder in the format of multicrafter/dataset_format.py) or `toyworld` (a set
+    written on the fly under the output dir).
     Each sample gives one group: its caption, its reference crops and its metadata line (the ToyWorld scene)."""
 
     dataset: str | None = None
