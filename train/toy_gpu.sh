@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The toy model's GPU stages inside one fixed time budget (issue 10; for a lent GPU with a hard time limit):
-#   1c. the base continued from the CPU base (stage 1d) with large batches (recipe/base_large_batch.yaml); a 40-step probe measures
+# The toy model's GPU stages inside one fixed time budget (for a GPU job with a hard time limit):
+#   1.  the large-batch base: the shift-3 base continued with large batches (recipe/base_large_batch.yaml); a 40-step
+#       probe measures
 #       the step time and the horizon (train.max_steps) is set so the stage ends in time. The probe is the run's own
 #       first 40 steps (inside the warm-up, so their LRs do not depend on the horizon): the resumed run is exactly a
 #       run with that horizon from step 0, and `--set train.max_steps=N` reproduces it.
@@ -20,7 +21,7 @@ mkdir -p "$PACK"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 
-# 1c. the base: the probe (dataset written + encoded once, then 40 steps), then the fitted horizon
+# 1. the base: the probe (dataset written + encoded once, then 40 steps), then the fitted horizon
 BASE=(python -m train.pretrain --config train/configs/recipe/base_large_batch.yaml --output-dir "$RUNS/toy_base_gpu"
       --set output.progress=false)
 bounded "$ADAPTER_RESERVE" "${BASE[@]}" --max-steps "$PROBE" --set output.log_every=1 ${BASE_SET:-} \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Several adapter rows trained at once from the toy base on one GPU, then each scored on held-out scenes on that GPU
-# (issue 10's ablation variants, for a lent GPU with a hard time limit). ROWS holds one row per line:
+# (variants of the ablation, for a GPU job with a hard time limit). ROWS holds one row per line:
 #   NAME CONFIG [--set KEY=VALUE ...]
 # Each row runs `python -m train.pretrain --config train/configs/CONFIG.yaml --output-dir $RUNS/NAME --resume
 #   --set model.name=$BASE $COMMON_SET <the row's sets>` (all rows at once, after a 1-step run that writes the data
