@@ -1,9 +1,9 @@
 """The repository speaks of the product only, and its documentation points at files that exist.
 
 Every tracked text file and every tracked file name is checked for the language of a development process rather
-than of the product: numbered work sessions, ticket numbers, a lab notebook, the development machines and their
-quotas, citations of an outside design document, run-history stage names ("stage 1g") and run folders named after
-them, commit hashes used as pointers, and dates in file names. Each hit is reported as file:line.
+than of the product: numbered work sessions, ticket numbers, a diary of experiments, the development machines and
+their quotas, citations of an outside design document, run-history stage names (a stage number with a letter) and run
+folders named after them, commit hashes used as pointers, and dates in file names. Each hit is reported as file:line.
 
 The patterns are assembled from fragments so that this file does not match itself.
 """

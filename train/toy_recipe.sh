@@ -31,7 +31,7 @@ steps() { if [ -n "${1:-}" ]; then echo "--max-steps $1"; fi; }
 # 0. The VAE is committed (assets/toy_vae); remake it with: python -m train.vae --config train/configs/recipe/vae.yaml
 # 1. Base: full-weight flow matching with references from the start (an ICL-pretrained base, as UNO's FLUX).
 if [ -n "${BASE_HISTORY:-}" ]; then
-  # How the shipped base was actually trained (the cosine horizon was shortened twice as CPU time ran out; resumes
+  # How the shipped base was actually trained (the cosine horizon was shortened twice during training; resumes
   # are exact, so this replays it): 20000-step horizon to 4500, 12000 to 7000, then 9500 to the end.
   python -m train.pretrain --config train/configs/recipe/base.yaml --output-dir "$RUNS/toy_base" --resume \
     --set train.max_steps=20000 --set output.validation_guidance=3.5 --max-steps 4500
