@@ -45,10 +45,41 @@ class TrainSettings:
 
 
 # ---------------------------------------------------------------- configs and runs
+def _has_source(section: Any) -> bool:
+    return isinstance(section, dict) and ("dataset" in section or "toyworld" in section)
+
+
+def config_stage(cfg: Any) -> str | None:
+    """The Train-tab stage a parsed config belongs to, read from its content (never its file name).
+
+    `ippo`: it has a `prompts:` section with a source (`dataset` or `toyworld`), which only IPPO reads.
+    `pretrain`: it has a `data:` section with a source and trains an adapter (`train.mode` adapter, the default).
+    None: anything else (base-model and VAE stages, accelerate's launcher configs), which the tab does not list.
+    """
+    if not isinstance(cfg, dict):
+        return None
+    if _has_source(cfg.get("prompts")):
+        return "ippo"
+    train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+    if _has_source(cfg.get("data")) and train.get("mode", "adapter") == "adapter":
+        return "pretrain"
+    return None
+
+
 def list_configs(settings: TrainSettings, mode: str) -> list[str]:
-    files = sorted(p.name for p in Path(settings.configs_dir).glob("*.yaml")) if settings.configs_dir.is_dir() else []
-    ippo = [f for f in files if "ippo" in f]
-    return ippo if mode == "ippo" else [f for f in files if f not in ippo]
+    """The YAML files directly in configs_dir whose content belongs to `mode` (see `config_stage`); sub-folders such
+    as configs/recipe/ and unreadable files are left out."""
+    if not Path(settings.configs_dir).is_dir():
+        return []
+    out = []
+    for path in sorted(Path(settings.configs_dir).glob("*.yaml")):
+        try:
+            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if config_stage(cfg) == mode:
+            out.append(path.name)
+    return out
 
 
 def read_config(settings: TrainSettings, name: str) -> str:
