@@ -21,8 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from gradio_client import Client, handle_file
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from demo.examples import make_examples  # noqa: E402
 
 
 def _free_port() -> int:
@@ -32,8 +36,6 @@ def _free_port() -> int:
 
 
 def one_run(model: str | None, refs: list[str], prompt: str, work: Path, timeout: float = 180.0) -> dict:
-    from gradio_client import Client, handle_file
-
     port = _free_port()
     cmd = [sys.executable, "app.py", "--port", str(port), "--no-train", "--output-dir", str(work / "out"),
            "--data-dir", str(work / "data"), "--runs-dir", str(work / "runs")]
@@ -73,7 +75,6 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    from demo.examples import make_examples
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

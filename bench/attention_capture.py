@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from common import interleaved_medians, peak_memory, saved_activation_bytes  # noqa: E402
+from diffusers import FluxTransformer2DModel  # noqa: E402
 
+from bench.measure import interleaved_medians, peak_memory, saved_activation_bytes  # noqa: E402
 from multicrafter.attention import AttentionCapture, CaptureLayout, install_capture, normalize_maps, remove_capture  # noqa: E402
 from multicrafter.losses import dice_loss  # noqa: E402
 
@@ -35,8 +35,6 @@ FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, a
 
 
 def build(flux_size: bool, device: str, dtype: torch.dtype, checkpointing: bool = True):
-    from diffusers import FluxTransformer2DModel
-
     torch.manual_seed(0)
     with torch.device(device):
         model = FluxTransformer2DModel(**(FLUX if flux_size else SMALL)).to(dtype)

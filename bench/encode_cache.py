@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from common import interleaved_medians  # noqa: E402
+from bench.measure import interleaved_medians  # noqa: E402
+from multicrafter.toyworld import write_dataset  # noqa: E402
+from train.data import DataConfig, TrainingSet, load_samples  # noqa: E402
+from train.run_setup import build_model  # noqa: E402
 
 
 def main() -> None:
@@ -28,10 +30,6 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-
-    from multicrafter.toyworld import write_dataset
-    from train.data import DataConfig, TrainingSet, load_samples
-    from train.run_setup import build_model
 
     pipe = build_model("toy", torch.float32, device=args.device)
     with tempfile.TemporaryDirectory() as tmp:

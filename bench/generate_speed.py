@@ -17,19 +17,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from common import interleaved_medians  # noqa: E402
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel  # noqa: E402
+
+from bench.measure import interleaved_medians  # noqa: E402
+from multicrafter import MultiCrafterPipeline  # noqa: E402
+from multicrafter.presets import REPO_ROOT, build_tiny_components  # noqa: E402
+from multicrafter.references import ReferenceOptions  # noqa: E402
 
 
 def toy_sized_pipeline():
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-
-    from multicrafter import MultiCrafterPipeline
-    from multicrafter.presets import REPO_ROOT, build_tiny_components
-    from multicrafter.references import ReferenceOptions
-
+    """The toy architecture with random transformer weights, as (MultiCrafterPipeline, stock FluxPipeline)."""
     comps = build_tiny_components()
     torch.manual_seed(0)
     comps["transformer"] = FluxTransformer2DModel(
@@ -49,10 +48,6 @@ def shipped_toy_pipelines():
     """The shipped toy model (trained weights), stock FluxPipeline over the same modules, and the toy as the app
     loads it, with its default adapter (`ippo`: LoRA on attention + MoE-LoRA on the single blocks) as a second
     pipeline (None when the toy's default is the base alone)."""
-    from diffusers import FluxPipeline
-
-    from multicrafter import MultiCrafterPipeline
-
     ours = MultiCrafterPipeline.from_pretrained("toy", adapter=False)
     stock = FluxPipeline(**{k: v for k, v in ours.components.items() if k in FluxPipeline._get_signature_keys(
         FluxPipeline)[0]})

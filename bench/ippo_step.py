@@ -22,16 +22,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from diffusers import FluxTransformer2DModel  # noqa: E402
+
 from bench.measure import interleaved_medians  # noqa: E402
+from multicrafter import MultiCrafterPipeline  # noqa: E402
+from multicrafter.presets import TINY_TRANSFORMER, build_tiny_components  # noqa: E402
+from multicrafter.rollout import GroupInput, RolloutOptions, encode_group, iter_chunks, rollout, window_log_probs  # noqa: E402
+from train.ippo import GSPOConfig, ModelConfig, policy_update, setup_adapter  # noqa: E402
+from train.optim import OptimConfig, build_optimizer  # noqa: E402
+from train.run_setup import build_model, parse_dtype  # noqa: E402
 
 
 def build_pipe(args):
-    from diffusers import FluxTransformer2DModel
-
-    from multicrafter import MultiCrafterPipeline
-    from multicrafter.presets import TINY_TRANSFORMER, build_tiny_components
-    from train.run_setup import build_model, parse_dtype
-
+    """The model to time: a named/folder model, or the tiny one rebuilt at the requested depth and width."""
     dtype = parse_dtype(args.dtype)
     if args.model != "tiny":
         return build_model(args.model, dtype, device=args.device)
@@ -48,10 +51,6 @@ def build_pipe(args):
 
 
 def main(argv=None) -> int:
-    from multicrafter.rollout import GroupInput, RolloutOptions, encode_group, rollout
-    from train.ippo import GSPOConfig, ModelConfig, policy_update, setup_adapter
-    from train.optim import OptimConfig, build_optimizer
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny")
     p.add_argument("--steps", type=int, default=16)
@@ -131,8 +130,6 @@ def main(argv=None) -> int:
 
 def _first_ratio_is_one(pipe, ro) -> bool:
     """The on-device check of the exactness claim: recomputed window log-probs equal the rollout's bit for bit."""
-    from multicrafter.rollout import iter_chunks, window_log_probs
-
     return all(torch.equal(window_log_probs(pipe.transformer, ro, g, sl).detach(), ro.log_probs[sl])
                for g, sl in iter_chunks(ro))
 

@@ -20,14 +20,16 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from multicrafter.moe_lora import MoELoRALinear  # noqa: E402
+from diffusers import FluxTransformer2DModel  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from peft.tuners.lora import Linear as LoraLinear  # noqa: E402
+
+from multicrafter.adapters import DEFAULT_LORA_TARGETS, AdapterConfig, adapter_parameters, add_adapter  # noqa: E402
+from multicrafter.moe_lora import MoELoRAConfig, MoELoRALinear  # noqa: E402
 
 
 def peft_lora(base: nn.Linear, rank: int) -> nn.Module:
     """The LoRA the adapter really uses: a peft LoRA Linear of the same rank (dropout 0, non-zero B)."""
-    from peft import LoraConfig
-    from peft.tuners.lora import Linear as LoraLinear
-
     mod = LoraLinear(base, "default", config=LoraConfig(r=rank, lora_alpha=rank), r=rank, lora_alpha=rank)
     nn.init.normal_(mod.lora_B["default"].weight, std=0.01)
     return mod
@@ -93,11 +95,6 @@ def main(argv=None) -> None:
 
 def step_ratio(rank: int, repeats: int, dev, dtype, sync) -> None:
     """Same model, same rank: FFN linears of the output-side single blocks carry LoRA or MoE-LoRA (4 experts, top-1)."""
-    from diffusers import FluxTransformer2DModel
-
-    from multicrafter.adapters import DEFAULT_LORA_TARGETS, AdapterConfig, adapter_parameters, add_adapter
-    from multicrafter.moe_lora import MoELoRAConfig
-
     def model():
         torch.manual_seed(0)
         return FluxTransformer2DModel(in_channels=64, num_layers=2, num_single_layers=4, attention_head_dim=32,

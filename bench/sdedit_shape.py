@@ -43,7 +43,7 @@ def tail_schedule(scheduler, t0: float, steps: int = STEPS, tokens: int = 256) -
 
 def plot(png: str, paths: list[str]) -> None:
     """Shape / colour / pattern accuracy against the start level t0, one line style per results JSON."""
-    import matplotlib
+    import matplotlib  # only with a plot to draw; the Agg backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

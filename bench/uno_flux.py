@@ -17,11 +17,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from attention_capture import FLUX, inputs  # noqa: E402
-from common import interleaved_medians, peak_memory  # noqa: E402
+from diffusers import FluxTransformer2DModel  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from bench.attention_capture import FLUX, inputs  # noqa: E402
+from bench.measure import interleaved_medians, peak_memory  # noqa: E402
+from multicrafter.adapters import load_adapter, set_adapter_enabled  # noqa: E402
+from multicrafter.convert_uno import convert  # noqa: E402
 
 
 def random_uno_lora(rank: int, n_double: int = 19, n_single: int = 38, dim: int = 3072, mlp: int = 12288):
@@ -49,12 +53,6 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    from diffusers import FluxTransformer2DModel
-    from safetensors.torch import save_file
-
-    from multicrafter.adapters import load_adapter, set_adapter_enabled
-    from multicrafter.convert_uno import convert
-
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(args.device):

@@ -15,7 +15,11 @@ import gradio as gr
 from PIL import Image
 
 from multicrafter.errors import UserError, one_line
+from multicrafter.io import load_image
+from multicrafter.reference_crops import subject_reference
 from multicrafter.references import MAX_REFERENCES
+
+from .state import FOLDER_ADAPTER
 
 KINDS = ("object", "face")
 MAX_INPUT_SIDE = 2048   # references larger than this are downscaled first (with a note); models use far less
@@ -82,8 +86,6 @@ def gallery_paths(value: Any) -> list[tuple[str, str | None]]:
 def collect_references(gallery: Any, names: Sequence[str | None], kinds: Sequence[str | None]
                        ) -> tuple[list[Image.Image], list[str], list[str], list[str]]:
     """Load and check the references: (images, names, kinds, notes). 1-4 images; huge ones are downscaled."""
-    from multicrafter.io import load_image
-
     items = gallery_paths(gallery)
     if not items:
         raise UserError(f"add 1 to {MAX_REFERENCES} reference images first")
@@ -105,8 +107,6 @@ def collect_references(gallery: Any, names: Sequence[str | None], kinds: Sequenc
         if kind not in KINDS:
             raise UserError(f"reference {i + 1}: kind must be one of {', '.join(KINDS)}")
         if kind == "face":
-            from annotate.crops import subject_reference
-
             img, note = subject_reference(img, kind)
             if note:
                 notes.append(f"reference {i + 1} ({name}): {note}")
@@ -119,6 +119,7 @@ def collect_references(gallery: Any, names: Sequence[str | None], kinds: Sequenc
 
 
 def check_prompt(prompt: str | None) -> str:
+    """The stripped prompt; an empty one is refused with a UserError."""
     prompt = (prompt or "").strip()
     if not prompt:
         raise UserError("write a prompt first")
@@ -126,6 +127,7 @@ def check_prompt(prompt: str | None) -> str:
 
 
 def check_size(height: Any, width: Any, unit: int = 16) -> tuple[int, int]:
+    """(height, width) as integers, each a positive multiple of `unit`, else a UserError."""
     try:
         h, w = int(height), int(width)
     except (TypeError, ValueError):
@@ -136,6 +138,7 @@ def check_size(height: Any, width: Any, unit: int = 16) -> tuple[int, int]:
 
 
 def output_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
+    """A new, time-stamped file name in `folder` (created) from a sanitised `stem`."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", stem)[:40] or "out"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}-{time.time_ns() % 1_000_000:06d}{suffix}"
@@ -168,6 +171,7 @@ def resolve_dataset(data_dir: Path, name: str | None, must_exist: bool = True) -
 
 
 def list_datasets(data_dir: Path) -> list[str]:
+    """Names of the datasets (folders with a metadata.jsonl) under the app's data folder."""
     d = Path(data_dir)
     return sorted(p.name for p in d.iterdir() if (p / "metadata.jsonl").is_file()) if d.is_dir() else []
 
@@ -176,8 +180,6 @@ def sampling_controls(holder: Any, max_steps: int, adapter_info: str | None = No
     """Seed, steps, guidance, size and adapter controls shared by the Generate and Attention tabs.
 
     Returns (seed, steps, guidance, height, width, adapter, folder)."""
-    from .state import FOLDER_ADAPTER
-
     d = holder.defaults()
     with gr.Row():
         seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)

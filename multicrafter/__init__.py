@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str):
     if name in __all__:
-        from . import pipeline
+        from . import pipeline  # on first use: diffusers takes seconds to import
 
         return getattr(pipeline, name)
     raise AttributeError(f"module 'multicrafter' has no attribute {name!r}")

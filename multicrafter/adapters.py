@@ -23,6 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.loaders import FluxLoraLoaderMixin
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import UserError, one_line
@@ -151,8 +157,6 @@ def add_adapter(transformer: nn.Module, cfg: AdapterConfig, adapter_name: str = 
 
     Only adapter parameters stay trainable. Refuses a transformer that already has one (call `remove_adapter`).
     """
-    from peft import LoraConfig
-
     if has_adapter(transformer):
         raise UserError("the transformer already has an adapter; remove it first")
     names: list[str] = []
@@ -193,8 +197,6 @@ def set_adapter_enabled(transformer: nn.Module, enabled: bool) -> None:
 
 
 def _lora_module_names(transformer: nn.Module) -> list[str]:
-    from peft.tuners.lora import LoraLayer
-
     return [n for n, m in transformer.named_modules() if isinstance(m, LoraLayer)]
 
 
@@ -220,8 +222,6 @@ def save_adapter(transformer: nn.Module, directory: str | os.PathLike, cfg: Adap
 
     `cfg` defaults to the config the adapter was added or loaded with; its `extra` must be JSON-serialisable.
     """
-    from peft.utils import get_peft_model_state_dict
-
     state = adapter_state(transformer)
     if state is None:
         raise UserError("the transformer has no MultiCrafter adapter to save")
@@ -244,9 +244,6 @@ def write_adapter_dir(directory: str | os.PathLike, cfg: AdapterConfig, lora_sd:
                       lora_meta: dict[str, Any] | None, moe_sd: dict[str, torch.Tensor] | None = None) -> Path:
     """Write an adapter folder from state dicts (peft keys `<module>.lora_A.weight`), atomically: a temp sibling
     folder, fsynced, then swapped in. A non-empty folder that is not an adapter is never replaced."""
-    from diffusers.loaders import FluxLoraLoaderMixin
-    from safetensors.torch import save_file
-
     try:
         config_text = json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
     except (TypeError, ValueError) as exc:
@@ -292,8 +289,6 @@ def base_linear(transformer: nn.Module, name: str) -> nn.Linear | None:
 
 def _read_lora(path: Path, transformer: nn.Module) -> tuple[dict[str, torch.Tensor], dict | None, int, float]:
     """Read and check a diffusers LoRA file against the model: (state dict, metadata, rank, alpha)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             file_meta = f.metadata() or {}
@@ -361,8 +356,6 @@ def load_adapter(transformer: nn.Module, directory: str | os.PathLike,
     Refuses (UserError, one line) a missing folder, a folder with neither `adapter_config.json` nor a LoRA file, and
     weights that do not fit the model; all checks run before the current adapter is touched.
     """
-    from safetensors.torch import load_file
-
     d = Path(directory).expanduser()
     if not d.exists():
         raise UserError(f"adapter folder not found: {d}")

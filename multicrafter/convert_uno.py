@@ -18,7 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from diffusers import FluxTransformer2DModel
+from peft import LoraConfig
+from safetensors import safe_open
 
+from .adapters import AdapterConfig, base_linear, lora_config_metadata, write_adapter_dir
 from .errors import ArgumentParser, UserError, run_cli
 
 _KEY = re.compile(r"^(?P<kind>double|single)_blocks\.(?P<i>\d+)\.processor\.(?P<lora>\w+)\.(?P<ab>down|up)\.weight$")
@@ -39,8 +43,6 @@ UNO_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 4.0, "height": 512,
 def convert_state_dict(uno: dict[str, torch.Tensor], base: torch.nn.Module) -> tuple[dict, int]:
     """UNO keys -> diffusers peft keys `<module>.lora_A.weight` / `.lora_B.weight`; checks every shape against the
     base model's linears (seen through any loaded LoRA or MoE-LoRA wrapper)."""
-    from .adapters import base_linear
-
     pairs: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
     for key, t in uno.items():
         m = _KEY.match(key)
@@ -79,8 +81,6 @@ def convert_state_dict(uno: dict[str, torch.Tensor], base: torch.nn.Module) -> t
 
 def flux_dev_skeleton() -> torch.nn.Module:
     """FLUX.1-dev's transformer on the meta device: shapes to check against, no memory, no download."""
-    from diffusers import FluxTransformer2DModel
-
     with torch.device("meta"):
         return FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
@@ -91,11 +91,6 @@ def flux_dev_skeleton() -> torch.nn.Module:
 
 def convert(uno_path: str | Path, out_dir: str | Path, base: torch.nn.Module) -> Path:
     """Convert and write an adapter folder; nothing is written if any key or shape is refused."""
-    from peft import LoraConfig
-    from safetensors import safe_open
-
-    from .adapters import AdapterConfig, lora_config_metadata, write_adapter_dir
-
     uno_path = Path(uno_path)
     if not uno_path.is_file():
         raise UserError(f"UNO checkpoint not found: {uno_path}")
@@ -126,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.base == "flux-dev":
         base = flux_dev_skeleton()
     else:
+        # Only a model folder needs the pipeline; importing it loads transformers' image processors, whose notices
+        # would print before run_cli has quieted the libraries.
         from .pipeline import MultiCrafterPipeline
 
         base = MultiCrafterPipeline.from_pretrained(args.base, adapter=False).transformer

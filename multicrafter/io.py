@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +46,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Swap a fully written folder `src` in as `dst`; an existing `dst` is moved aside first and then deleted, so the
     name never points at a half-written folder (the folder-level counterpart of `atomic_write_bytes`)."""
-    import shutil
-    import uuid
-
     src, dst = Path(src), Path(dst)
     if not dst.exists():
         os.replace(src, dst)

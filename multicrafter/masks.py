@@ -1,7 +1,7 @@
 """One reading of a subject mask for the whole project: annotation, training, metrics and bleeding agree.
 
 A mask may arrive as bool, 0/1 or 0-255 (array or PIL 'L'/'1'/RGB image, or a file): 0/1 masks must not read as
-empty, and 0-255 masks are cut at half intensity. `annotate.crops` re-exports these for its callers.
+empty, and 0-255 masks are cut at half intensity.
 """
 
 from __future__ import annotations

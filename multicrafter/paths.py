@@ -1,7 +1,7 @@
 """Dataset paths from metadata.jsonl are untrusted text: resolve them only inside the dataset folder.
 
-Shared by the annotation tools (`annotate.validate` re-exports it) and the evaluators that read datasets, so a
-line with an absolute path or `..` is refused the same way everywhere.
+Shared by the dataset format's reader and validator (`multicrafter.dataset_format`) and the evaluators that read
+dataset folders, so a line with an absolute path or `..` is refused the same way everywhere.
 """
 
 from __future__ import annotations

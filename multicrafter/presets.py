@@ -8,6 +8,8 @@ to point at a local folder instead.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 import torch
 
 from .errors import UserError, one_line
+from .references import ReferenceOptions
+from .vocab import load_tokenizers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOY_DIR = Path(os.environ.get("MULTICRAFTER_TOY_DIR", REPO_ROOT / "assets" / "toy"))
@@ -47,10 +51,9 @@ FLUX_SCHEDULER = dict(
 
 def build_tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """A random FLUX-architecture model, identical for a given seed: FluxPipeline's seven components."""
+    # Model classes only this builder needs: the app's state and the CLIs read presets without loading them.
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from .vocab import load_tokenizers
 
     tokenizer, tokenizer_2 = load_tokenizers()
     with torch.random.fork_rng(devices=[]):
@@ -117,8 +120,6 @@ MANIFEST = "manifest.json"   # written by train.assemble_toy: the folder's adapt
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     """A model folder's manifest.json as a dict; {} when it is missing or unreadable (it only adds to a folder)."""
-    import json
-
     try:
         data = json.loads((Path(model_dir) / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -129,8 +130,8 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
 def default_adapter_for(model_dir: str | Path) -> str | None:
     """The adapter a model folder loads when none is asked for: its manifest's `default_adapter` (null: the base
     alone), else `ippo` when the folder ships one (the paper's full method), else none. Why a manifest entry: the
-    best shipped row is a measured fact of each assembly (sessions 15-16 shipped the toy with the bare base as its
-    default: it scored above every row), not a name."""
+    best shipped row is a measured fact of each assembly (a base that scores above every row ships with no default
+    adapter), not a name."""
     folder = Path(model_dir)
     data = read_manifest(folder)
     if "default_adapter" in data:
@@ -145,8 +146,6 @@ def default_adapter_for(model_dir: str | Path) -> str | None:
 
 def sampling_defaults_for(model_dir: str | Path) -> dict[str, Any]:
     """A model folder's own sampling defaults (`multicrafter_sampling.json`), {} when it has none."""
-    import json
-
     p = Path(model_dir) / SAMPLING_CONFIG
     if not p.is_file():
         return {}
@@ -165,19 +164,13 @@ def sampling_defaults_for(model_dir: str | Path) -> dict[str, Any]:
 def true_cfg_arguments(scale: float, label: str = "--true-cfg", negative_prompt: str = "") -> dict[str, Any]:
     """Pipeline arguments for true CFG against `negative_prompt` (FluxPipeline needs one for a second call);
     scale 1 = off. One place for the rule the CLIs, the evaluator and the toy assembly share."""
-    import math
-
     if not (math.isfinite(scale) and scale >= 1.0):
         raise UserError(f"{label} must be >= 1 (1 = off), got {scale}")
     return {"true_cfg_scale": float(scale), "negative_prompt": negative_prompt} if scale > 1 else {"true_cfg_scale": 1.0}
 
 
-def reference_options_for(model_dir: str):
+def reference_options_for(model_dir: str) -> ReferenceOptions:
     """Reference sizing for a model folder: its `multicrafter_references.json` if present, else UNO's defaults."""
-    import json
-
-    from .references import ReferenceOptions
-
     p = Path(model_dir) / REFERENCE_CONFIG
     if Path(model_dir).is_dir() and p.exists():
         try:

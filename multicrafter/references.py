@@ -18,6 +18,7 @@ from PIL import Image
 
 from .errors import UserError
 from .io import load_image
+from .ref_timestep import find_ref_timestep
 
 MAX_REFERENCES = 4
 
@@ -225,13 +226,12 @@ def predict_velocity(
     """
     n_target = latents.shape[1]
     hidden, ids = join_references(latents, latent_ids, refs)
-    from .ref_timestep import find_ref_timestep
-
     base = getattr(transformer, "module", transformer)  # DDP / accelerate wrappers keep the model in .module
     ref_t0 = find_ref_timestep(base)
     if ref_t0 is not None:  # installed by the trainer when the config asks for references at t = 0
         ref_t0.n_ref = refs.num_tokens if refs is not None else 0
     if capture is not None:
+        # attention imports diffusers' attention processors; references stays light for the app's inputs and presets
         from .attention import CaptureLayout
 
         capture.layout = CaptureLayout(prompt_embeds.shape[1], n_target, list(refs.lengths) if refs else [])

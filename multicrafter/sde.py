@@ -55,6 +55,7 @@ class FlowSchedule:
 
 def flux_mu(scheduler_config: Any, image_seq_len: int) -> float:
     """FLUX's resolution-dependent shift mu for an image of `image_seq_len` packed tokens (scheduler defaults)."""
+    # diffusers' FLUX pipeline module loads transformers: only the schedule builders need it, not the SDE step
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     cfg = scheduler_config
@@ -65,6 +66,7 @@ def flux_mu(scheduler_config: Any, image_seq_len: int) -> float:
 def flux_schedule(scheduler, num_steps: int, image_seq_len: int, device: torch.device | str = "cpu") -> FlowSchedule:
     """Sigmas and timesteps exactly as stock FluxPipeline builds them (linspace(1, 1/T, T), dynamic shift mu from the
     image sequence length), from a fresh copy of `scheduler` so the pipeline's own scheduler state is untouched."""
+    # diffusers' FLUX pipeline module loads transformers: only the schedule builders need it, not the SDE step
     from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
 
     if num_steps < 1:

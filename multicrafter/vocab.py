@@ -85,6 +85,7 @@ def t5_vocab(words: list[str] | None = None) -> list[tuple[str, float]]:
 
 def build_tokenizers(out_clip: Path = CLIP_DIR, out_t5: Path = T5_DIR, words: list[str] | None = None) -> None:
     """Write the offline CLIP and T5 tokenizers built from the ToyWorld vocabulary (run once; the files are committed)."""
+    # transformers is loaded only when tokenizers are made: presets imports this module at start-up
     from transformers import CLIPTokenizer, T5Tokenizer
 
     vocab, merges = clip_vocab_and_merges(words)
@@ -94,6 +95,7 @@ def build_tokenizers(out_clip: Path = CLIP_DIR, out_t5: Path = T5_DIR, words: li
 
 def load_tokenizers():
     """The committed offline tokenizers: (CLIPTokenizer, T5Tokenizer)."""
+    # transformers is loaded only when tokenizers are made: presets imports this module at start-up
     from transformers import CLIPTokenizer, T5Tokenizer
 
     return CLIPTokenizer.from_pretrained(CLIP_DIR), T5Tokenizer.from_pretrained(T5_DIR)

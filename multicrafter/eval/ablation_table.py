@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ArgumentParser, UserError, run_cli
+from ..io import save_image_atomic
 
 HEADLINE = ("id_sim", "leakage", "layout", "quality", "overall", "reward")  # reward: IPPO's composite
 ACCURACY = ("acc_shape", "acc_colour", "acc_pattern")
@@ -143,6 +144,7 @@ def table(results: list[dict], against: str | None = None) -> str:
 def tradeoff_plot(results: list[dict], against: str | None = None, title: str = "") -> Image.Image:
     """Leakage (x) against ID-Sim (y), one point per row with its seed-std bars; the `against` row is drawn as
     cross-hairs, so a row that beats it lies up and to the left of both lines."""
+    # matplotlib only with --plot: the table itself prints without it
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -178,8 +180,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = [r for p in args.results for r in load_results(p)]
     print(table(results, args.against))
     if args.plot:
-        from ..io import save_image_atomic
-
         save_image_atomic(tradeoff_plot(results, args.against, args.title), args.plot)
         print(f"wrote {args.plot}")
     return 0

@@ -15,9 +15,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
-from ..errors import ArgumentParser, UserError, run_cli
+from ..errors import ArgumentParser, UserError, one_line, run_cli
+from ..io import atomic_write_json, save_image_atomic
+from ..references import encode_image, encode_references, pack_latents, predict_velocity
+from ..rollout import decode_latents
+from ..toyworld import build_sample, evaluate_image
 
 SCORES = ("id_sim", "layout", "acc_shape", "acc_colour", "acc_pattern")
 
@@ -49,11 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def predict_clean(pipe: Any, sample: Any, levels: Sequence[float], seed: int) -> list[np.ndarray]:
     """Decoded one-step x_0 estimates of `sample` (a ToyWorld sample), one RGB array per noise level."""
-    import torch
-
-    from ..references import encode_image, encode_references, pack_latents, predict_velocity
-    from ..rollout import decode_latents
-
     device, dtype = pipe._execution_device, pipe.transformer.dtype
     h, w = sample.image.shape[:2]
     z = encode_image(pipe.vae, Image.fromarray(sample.image), device).to(dtype)
@@ -77,8 +77,6 @@ def predict_clean(pipe: Any, sample: Any, levels: Sequence[float], seed: int) ->
 
 def run_probe(pipe: Any, levels: Sequence[float], n: int, seed: int = 0, keep: int = 0) -> tuple[dict, list]:
     """Mean scores per level over n held-out scenes; also the first `keep` scenes' rows of images."""
-    from ..toyworld import build_sample, evaluate_image
-
     per = {t: [] for t in levels}
     rows = []
     for i in range(n):
@@ -97,15 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
-    from .. import MultiCrafterPipeline
-    from ..io import atomic_write_json, save_image_atomic
+    # diffusers + transformers take seconds to import: loaded only once the arguments have passed their checks
+    from ..pipeline import MultiCrafterPipeline
 
     try:
         pipe = MultiCrafterPipeline.from_pretrained(args.model, adapter=args.adapter or False)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loading failure is the user's model/adapter choice
-        from ..errors import one_line
         raise UserError(f"cannot load model {args.model!r}: {one_line(exc)}") from None
     res, rows = run_probe(pipe, args.levels, args.n, args.seed, keep=6 if args.figure else 0)
     if any(not math.isfinite(v) for scores in res.values() for v in scores.values()):

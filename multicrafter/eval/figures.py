@@ -14,15 +14,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
+from scipy.ndimage import binary_dilation
+from tqdm.auto import tqdm
 
+from ..attention_overlay import overlay
 from ..errors import ArgumentParser, UserError, int_list, run_cli
+from ..io import atomic_write_text, save_image_atomic
+from ..toyworld import build_sample
 
 
 def _names(text: str) -> list[str]:
@@ -69,8 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _scene(args: argparse.Namespace, i: int) -> Any:
-    from ..toyworld import build_sample
-
     return build_sample(args.scene_seed, i, split="test", size=args.size, ref_size=args.ref_size,
                         similar_prob=args.similar_prob)
 
@@ -131,8 +138,6 @@ def attention_share(amap: np.ndarray, mask: np.ndarray) -> float:
 def near_share(amap: np.ndarray, mask: np.ndarray, rest: np.ndarray) -> float:
     """Share of the map on the one-token ring just outside the subject (grid cells its mask does not touch but a
     neighbour cell does), minus whatever of that ring other subjects cover: the background next to the subject."""
-    from scipy.ndimage import binary_dilation
-
     own = _on_grid(mask, amap.shape) > 0
     ring = (binary_dilation(own, structure=np.ones((3, 3), bool)) & ~own) * (1.0 - _on_grid(rest, amap.shape))
     total = float(amap.sum())
@@ -143,8 +148,6 @@ def _generate_with_maps(pipe, args: argparse.Namespace, sample: Any, seed: int,
                         ) -> tuple[Image.Image, np.ndarray, dict[int, np.ndarray]]:
     """One held-out scene generated with its references; the image, the (refs, h, w) maps (--attention-mode) and
     each captured block's maps (single-stream block i keyed n_double + i)."""
-    import torch
-
     singles = range(len(pipe.transformer.single_transformer_blocks)) if args.single_blocks else None
     out = pipe(prompt=sample.prompt, reference_images=[Image.fromarray(r) for r in sample.references],
                height=args.size, width=args.size, num_inference_steps=args.steps, return_attention=True,
@@ -165,11 +168,8 @@ def _use_adapter(pipe, name: str) -> None:
 
 def attention_comparison(args: argparse.Namespace) -> tuple[Image.Image, dict[str, list[float]]]:
     """The first held-out scene with a similar pair, under each adapter: image + each subject's attention map."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from .. import MultiCrafterPipeline
-    from ..attention_overlay import overlay
+    # diffusers + transformers take seconds to import: loaded only when a figure needs the model
+    from ..pipeline import MultiCrafterPipeline
 
     sample = next((x for x in (_scene(args, i) for i in range(500))
                    if x.scene["similar"] and len(x.references) == 2), None)
@@ -215,9 +215,8 @@ def attention_stats(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     subjects' regions ("other", where leakage starts) and on the background within one token of it ("near"), over
     the first N multi-subject held-out scenes; the same per
     captured block under "blocks" (where in the network each reference is routed to its place)."""
-    from tqdm.auto import tqdm
-
-    from .. import MultiCrafterPipeline
+    # diffusers + transformers take seconds to import: loaded only when a figure needs the model
+    from ..pipeline import MultiCrafterPipeline
 
     samples, i = [], 0
     while len(samples) < args.attention_stats and i < 50 * args.attention_stats + 100:
@@ -253,9 +252,6 @@ def attention_stats(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def attention_stats_plot(stats: dict[str, dict[str, Any]], title: str = "") -> Image.Image:
     """Per-block bars from `attention_stats`: share of each map inside its own subject (solid) and inside the other
     subjects (hatched), one colour per adapter, blocks in the order they run."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     names = list(stats)
     blocks = list(next(iter(stats.values()))["blocks"]) if names else []
     if not blocks:
@@ -285,8 +281,6 @@ def attention_stats_plot(stats: dict[str, dict[str, Any]], title: str = "") -> I
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m multicrafter.eval figures ...`: the README's contact sheet and attention figure."""
-    from ..io import save_image_atomic
-
     args = build_parser().parse_args(argv)
     if not args.sheet and not args.attention and not args.attention_stats:
         raise UserError("nothing to do: give --sheet PNG, --attention PNG and/or --attention-stats N")
@@ -306,10 +300,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name}: attention inside own region " + ", ".join(f"{100 * v:.0f}%" for v in values))
         print(f"wrote {args.attention}")
     if args.attention_stats:
-        import json
-
-        from ..io import atomic_write_text
-
         stats = attention_stats(args)
         print(f"{args.attention_mode} attention over {args.attention_stats} held-out multi-subject scenes "
               "(share of each subject's map inside its own region / inside the other subjects' regions / on the "

@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..errors import ArgumentParser, UserError, int_list, one_line, run_cli
 from ..io import atomic_write_json, save_image_atomic
 from ..rewards.toyworld_reward import COMPONENT_METRICS
+from ..toyworld import build_sample, evaluate_image
 from ..toyworld.evaluate import DECOY_KEYS, METRICS  # one definition: the evaluator decides which metrics exist
-from ..toyworld.prompts import PROMPT_STYLES
+from ..toyworld.prompts import PROMPT_STYLES, make_prompt
 from ..toyworld.scenes import subject_counts
 
 # IPPO's reward weights on the toy (train/configs/toy_ippo.yaml `reward.weights`; a test keeps the two equal).
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_device(name: str) -> str:
     """`auto` -> cuda when torch sees a GPU, else cpu; anything else must be a device torch can use here."""
-    import torch
+    import torch  # only a model run needs torch: ground-truth scoring starts without it
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,11 +116,11 @@ def _model_runner(model: str, adapter: str | bool | None, steps: int, guidance: 
     """Load the pipeline once; returns (generate(sample, generator_seeds) -> one image per seed, sampling used).
     Generators stay on the CPU whatever `device` is, so a seed draws the same initial noise everywhere."""
     try:
+        # torch, diffusers and transformers only for a model run: ground-truth scoring starts without them
         import torch
 
-        from .. import MultiCrafterPipeline  # lazy: the core pipeline is heavy and optional for ground truth
+        from ..pipeline import MultiCrafterPipeline
         from ..presets import true_cfg_arguments
-        from ..toyworld.prompts import make_prompt
     except ImportError as exc:
         raise UserError(f"cannot run model {model!r}: the MultiCrafter pipeline is unavailable ({one_line(exc)})") from None
     try:
@@ -170,8 +172,6 @@ def evaluate_scenes(n: int, seeds: list[int], generate: Callable[[Any, list[int]
                     subjects: tuple[int, ...] = (2, 3), split: str = "test") -> dict[int, dict]:
     """Score n scenes of `split`'s identities (held out by default; each with one of `subjects` subjects) once per
     seed; `generate=None` scores the ground-truth renders. Returns per-seed aggregates."""
-    from ..toyworld import build_sample, evaluate_image
-
     per: dict[int, list[dict]] = {s: [] for s in seeds}
     for i in range(n):
         sample = build_sample(scene_seed, i, split=split, size=size, ref_size=ref_size, similar_prob=similar_prob,
@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0.0 <= args.similar_prob <= 1.0:
         raise UserError(f"--similar-prob must be in [0, 1], got {args.similar_prob}")
     if args.true_cfg is not None:
-        from ..presets import true_cfg_arguments
+        from ..presets import true_cfg_arguments  # imports torch: only when the option is given
 
         true_cfg_arguments(args.true_cfg)  # checked before anything loads
     seeds = args.seeds if args.seeds is not None else [args.seed]
@@ -269,8 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         else _model_runner(args.model, adapter, args.steps, args.guidance, args.true_cfg,
                            prompt_style=args.prompts, device=device)
     save_dir = Path(args.save_images) if args.save_images else None
-    from tqdm.auto import tqdm
-
     with tqdm(total=args.n * len(seeds), desc="eval toy", unit="img", disable=ground_truth) as bar:
         per_seed = evaluate_scenes(args.n, seeds, generate, args.scene_seed, args.size, args.ref_size,
                                    args.similar_prob, save_dir, bar, args.subjects, args.split)
