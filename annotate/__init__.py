@@ -1,17 +1,18 @@
-"""Annotation backend: the §6 dataset reader/writer, validation, segmentation (SAM 2 or GrabCut), grounding, crops.
+"""Interactive annotation: segmentation (SAM 2 or GrabCut), Florence-2 grounding, mask clean-up, folder import.
 
-Names are resolved lazily, so `import annotate` stays light (no torch) and `python -m annotate.validate` does not
-import its own module twice.
+The dataset format itself (reader, writer, validator) belongs to the library: `multicrafter.dataset_format`.
+`python -m annotate.validate DATASET` and `python -m annotate.import_folder SRC --out DATASET` are the command lines.
+
+Names are resolved lazily, so `import annotate` stays light (no torch, no OpenCV) and `python -m annotate.validate`
+does not import its own module twice.
 """
 
 from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "DatasetError": "dataset", "DatasetWriter": "dataset", "Sample": "dataset", "Subject": "dataset",
-    "SubjectSpec": "dataset", "load_dataset_samples": "dataset", "sanitize_name": "dataset",
-    "Problem": "validate", "validate_dataset": "validate",
     "Segmenter": "segment", "SegmentResult": "segment",
+    "refine_mask": "mask_cleanup",
 }
 __all__ = sorted(_EXPORTS)
 

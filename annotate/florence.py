@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from multicrafter.dataset_format import DatasetWriter, SubjectSpec
 from multicrafter.errors import UserError, one_line
 from multicrafter.io import load_image
+from multicrafter.masks import mask_box
 from multicrafter.metrics.loading import allow_downloads
 
-from .crops import mask_box, refine_mask
-from .dataset import DatasetWriter, SubjectSpec
+from .mask_cleanup import refine_mask
 from .sam2 import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_FLORENCE = "florence-community/Florence-2-base-ft"
@@ -74,7 +75,7 @@ class FlorenceGrounder:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_FLORENCE, device: str = "cpu",
                         **kwargs: Any) -> FlorenceGrounder:
-        from transformers import AutoTokenizer, Florence2ForConditionalGeneration
+        from transformers import AutoTokenizer, Florence2ForConditionalGeneration  # heavy: only when grounding is used
 
         src = str(name_or_path)
         local = Path(src).is_dir()

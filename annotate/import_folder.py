@@ -1,4 +1,6 @@
-"""Import an existing folder of images (+ captions) as a §6 dataset with no subjects yet, ready to annotate.
+"""Import an existing folder of images (+ captions) as a dataset with no subjects yet, ready to annotate.
+
+The dataset is written through `multicrafter.dataset_format`.
 
 Captions come from a sidecar `<stem>.txt`, or a `captions.jsonl`/`metadata.jsonl` in the folder with
 {"file_name", "caption"} lines. Images larger than `max_side` are downscaled (and reported). Nothing is skipped
@@ -15,16 +17,17 @@ from pathlib import Path
 
 from PIL import Image
 
+from multicrafter.dataset_format import MAX_SIDE, DatasetWriter, sanitize_name
 from multicrafter.errors import ArgumentParser, UserError, run_cli
 from multicrafter.io import load_image
-
-from .dataset import MAX_SIDE, DatasetWriter, sanitize_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 @dataclass
 class ImportReport:
+    """What `import_folder` did: samples imported, files skipped with the reason, and notes (downscaling, ...)."""
+
     imported: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     notes: list[str] = field(default_factory=list)
@@ -96,14 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     grounder = None
     if args.florence:  # load first, so a missing model fails before anything is written
-        from .florence import FlorenceGrounder
+        # torch, transformers and OpenCV load only with --florence: a plain import stays quick
+        from .florence import FlorenceGrounder, preannotate_dataset
+        from .segment import Segmenter
 
         grounder = FlorenceGrounder.from_pretrained(args.florence)
     rep = import_folder(args.src, args.out, max_side=args.max_side)
     if grounder is not None:
-        from .florence import preannotate_dataset
-        from .segment import Segmenter
-
         seg = Segmenter(args.sam2)
         if seg.note:
             print(f"note: {seg.note}")

@@ -36,7 +36,7 @@ class Sam2Unavailable(UserError):
 
 def load_sam2(name_or_path: str | os.PathLike = DEFAULT_SAM2, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """A `Sam2Model` from a hub id (facebook/sam2.1-hiera-tiny|small|base-plus|large) or a local folder."""
-    from transformers import Sam2Model
+    from transformers import Sam2Model  # heavy: imported only when SAM 2 weights are loaded
 
     src = str(name_or_path)
     local = Path(src).is_dir()

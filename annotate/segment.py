@@ -66,23 +66,21 @@ class Segmenter:
 
     def __init__(self, sam2: str | os.PathLike | Any | None = None, device: str = "cpu"):
         """`sam2`: hub id or folder (default facebook/sam2.1-hiera-tiny), a loaded Sam2Model, or "grabcut"."""
-        from .sam2 import DEFAULT_SAM2
-
         self.predictor = None
         self.note = ""
         if isinstance(sam2, str) and sam2 == "grabcut":
             self.note = "using GrabCut (chosen)"
-        elif sam2 is None or isinstance(sam2, (str, os.PathLike)):
-            from .sam2 import Sam2Predictor, Sam2Unavailable
+            return
+        from . import sam2 as sam2_backend  # imports torch: only when SAM 2 is wanted, GrabCut-only use stays light
 
+        if sam2 is None or isinstance(sam2, (str, os.PathLike)):
             try:
-                self.predictor = Sam2Predictor.from_pretrained(sam2 or DEFAULT_SAM2, device=device)
-            except Sam2Unavailable as exc:
+                self.predictor = sam2_backend.Sam2Predictor.from_pretrained(sam2 or sam2_backend.DEFAULT_SAM2,
+                                                                            device=device)
+            except sam2_backend.Sam2Unavailable as exc:
                 self.note = f"{exc}; using the offline GrabCut segmenter instead"
         else:
-            from .sam2 import Sam2Predictor
-
-            self.predictor = Sam2Predictor(sam2, device=device)
+            self.predictor = sam2_backend.Sam2Predictor(sam2, device=device)
 
     @property
     def backend(self) -> str:

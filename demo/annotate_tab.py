@@ -174,7 +174,7 @@ def apply_strokes(base: Any, value: Any, size: tuple[int, int]) -> np.ndarray | 
 
 
 def reference_preview(img: Image.Image, mask: np.ndarray | None, kind: str) -> Image.Image | None:
-    from annotate.crops import face_crop, reference_crop
+    from multicrafter.reference_crops import face_crop, reference_crop
 
     if mask is None or not mask.any():
         return None
@@ -224,7 +224,7 @@ def add_subject(image: Any, name: str, kind: str, mask: Any, pending: list[dict]
 def save_sample(data_dir: Path, dataset: str, sample_name: str | None, image: Any, caption: str,
                 subject_name: str | None, subject_kind: str, mask: Any, pending: list[dict] | None):
     """Write the sample (pending subjects + the current mask if it is not added yet); returns (status, name)."""
-    from annotate.dataset import DatasetWriter, SubjectSpec
+    from multicrafter.dataset_format import DatasetWriter, SubjectSpec
 
     root = resolve_dataset(data_dir, dataset, must_exist=False)
     img = _image(image)
@@ -247,7 +247,7 @@ def save_sample(data_dir: Path, dataset: str, sample_name: str | None, image: An
 
 def browse(data_dir: Path, dataset: str):
     """(gallery items, sample names) of a dataset."""
-    from annotate.dataset import DatasetWriter
+    from multicrafter.dataset_format import DatasetWriter
 
     root = resolve_dataset(data_dir, dataset)
     writer = DatasetWriter(root)
@@ -260,7 +260,7 @@ def browse(data_dir: Path, dataset: str):
 
 def open_sample(data_dir: Path, dataset: str, name: str):
     """(image path, caption, pending subjects) of a stored sample, for review or re-annotation."""
-    from annotate.dataset import DatasetWriter
+    from multicrafter.dataset_format import DatasetWriter
 
     if not name:
         raise UserError("pick a sample")
@@ -270,7 +270,7 @@ def open_sample(data_dir: Path, dataset: str, name: str):
 
 
 def delete_sample(data_dir: Path, dataset: str, name: str) -> str:
-    from annotate.dataset import DatasetWriter
+    from multicrafter.dataset_format import DatasetWriter
 
     if not name:
         raise UserError("pick a sample to delete")
@@ -279,7 +279,7 @@ def delete_sample(data_dir: Path, dataset: str, name: str) -> str:
 
 
 def validate(data_dir: Path, dataset: str) -> str:
-    from annotate.validate import errors_of, read_lines, validate_dataset
+    from multicrafter.dataset_format import errors_of, read_lines, validate_dataset
 
     root = resolve_dataset(data_dir, dataset)
     problems = validate_dataset(root)

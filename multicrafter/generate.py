@@ -12,9 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ArgumentParser, UserError, run_cli
+from .io import load_image
+from .reference_crops import subject_reference
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line's options (shared with `--help`)."""
     p = ArgumentParser(prog="python -m multicrafter.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="toy", help="toy (embedded), tiny (random, tests), a diffusers folder or hub id")
     p.add_argument("--adapter", default=None, help="named adapter of the model (e.g. ippo, attn) or an adapter folder")
@@ -41,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Check every input, load the model, generate one image and write it (and the attention figure); exit code."""
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -51,14 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be at least 1")
     if args.true_cfg is not None:
-        from .presets import true_cfg_arguments
+        from .presets import true_cfg_arguments  # torch + diffusers: only after the cheap checks have passed
 
         true_cfg_arguments(args.true_cfg)  # checked before anything loads
     if args.attention_out and not args.ref:
         raise UserError("--attention-out needs at least one --ref")
 
-    from .io import load_image
-    from .references import MAX_REFERENCES
+    from .references import MAX_REFERENCES  # imports torch: only after the cheap checks have passed
 
     if len(args.ref) > MAX_REFERENCES:
         raise UserError(f"too many references: {len(args.ref)} (at most {MAX_REFERENCES})")
@@ -71,13 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UserError as exc:
             raise UserError(f"reference {i + 1}: {exc}") from None
         if args.kind and args.kind[i] == "face":
-            from annotate.crops import subject_reference
-
             img, note = subject_reference(img, "face")
             if note:
                 print(f"note: reference {i + 1} ({Path(ref).name}): {note}")
         refs.append(img)
 
+    # the diffusion stack (torch, diffusers) loads only once every input is known to be good: bad input fails fast
     import torch
 
     from .attention_overlay import save_attention_figure

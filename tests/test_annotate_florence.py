@@ -19,7 +19,7 @@ from annotate.florence import (
 )
 from annotate.import_folder import import_folder
 from annotate.segment import Segmenter
-from annotate.validate import errors_of, validate_dataset
+from multicrafter.dataset_format import errors_of, validate_dataset
 from multicrafter.errors import UserError
 
 WORDS = "locate the phrases in caption : a red ball and blue cube".split()

@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from annotate.crops import face_crop, mask_box, reference_crop, refine_mask
 from annotate.grabcut import grabcut_segment
+from annotate.mask_cleanup import refine_mask
 from annotate.sam2 import IMAGENET_MEAN, Sam2Predictor, Sam2Unavailable, load_sam2, preprocess
 from annotate.segment import Segmenter
 from multicrafter.errors import UserError
+from multicrafter.masks import mask_box
+from multicrafter.reference_crops import face_crop, reference_crop
 
 
 def synthetic(seed: int = 0, h: int = 120, w: int = 160) -> tuple[np.ndarray, np.ndarray]:
@@ -204,8 +206,8 @@ def test_face_crop_with_dlib():
 
 
 def test_face_subject_reference_is_face_crop(tmp_path):
-    from annotate.crops import detect_faces
-    from annotate.dataset import DatasetWriter, SubjectSpec
+    from multicrafter.dataset_format import DatasetWriter, SubjectSpec
+    from multicrafter.reference_crops import detect_faces
 
     spec = importlib.util.find_spec("insightface")
     img = Image.open(Path(spec.submodule_search_locations[0]) / "data" / "images" / "t1.jpg").convert("RGB")

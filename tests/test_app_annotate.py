@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from annotate.dataset import load_dataset_samples
 from annotate.florence import Grounding
 from demo import annotate_tab as at
+from multicrafter.dataset_format import load_samples
 from multicrafter.errors import UserError
 from tests.app_fixtures import scene_image
 
@@ -75,7 +75,7 @@ def test_save_browse_open_update_delete_validate(tmp_path):
         at.add_subject(img, "box", "object", mask, pending)
     text, name = at.save_sample(data, "toys", None, img, "a red box", "second", "object", np.flip(mask, 1), pending)
     assert "saved" in text
-    samples = load_dataset_samples(data / "toys")
+    samples = load_samples(data / "toys")
     assert [s.caption for s in samples] == ["a red box"] and [x.name for x in samples[0].subjects] == ["box", "second"]
     assert np.array_equal(samples[0].subjects[0].load_mask(), _truth())
     items, names = at.browse(data, "toys")
@@ -83,7 +83,7 @@ def test_save_browse_open_update_delete_validate(tmp_path):
     path, caption, pend = at.open_sample(data, "toys", name)
     assert caption == "a red box" and [p["name"] for p in pend] == ["box", "second"]
     text, _ = at.save_sample(data, "toys", name, path, "edited", None, "object", None, pend[:1])
-    assert "updated" in text and load_dataset_samples(data / "toys")[0].caption == "edited"
+    assert "updated" in text and load_samples(data / "toys")[0].caption == "edited"
     assert "valid" in at.validate(data, "toys") and "0 error" in at.validate(data, "toys")
     assert "deleted" in at.delete_sample(data, "toys", name)
     assert at.browse(data, "toys")[1] == []

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from annotate.dataset import load_dataset_samples
 from demo import AppConfig, build_app, launch_kwargs
 from demo.jobs import group_members
+from multicrafter.dataset_format import load_samples
 from multicrafter.generation_params import read_generation_params
 from tests.app_fixtures import STEPS, corrupt_png, random_adapter, scene_image, toy_refs
 
@@ -88,7 +88,7 @@ def test_segment_click_and_save_sample_round_trip(app, tmp_path):
                                 subject_name="box", subject_kind="object", mask=handle_file(mask),
                                 api_name="/save_sample")
     assert "saved sample **s1**" in out[0]
-    samples = load_dataset_samples(app["cfg"].data_dir / "mine")
+    samples = load_samples(app["cfg"].data_dir / "mine")
     assert [s.name for s in samples] == ["s1"] and samples[0].caption == "a red box"
     assert np.array_equal(samples[0].subjects[0].load_mask(), m)
 

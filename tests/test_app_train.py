@@ -84,7 +84,7 @@ def test_prepare_run_writes_the_config_copy_and_the_cli_contract(settings):
 
 
 def test_dataset_field_replaces_the_toyworld_source(settings, tmp_path):
-    from annotate.dataset import DatasetWriter, SubjectSpec
+    from multicrafter.dataset_format import DatasetWriter, SubjectSpec
 
     img = scene_image(tmp_path / "s.png")
     DatasetWriter(settings.data_dir / "mine").add_sample(img, "c", [SubjectSpec("a", mask=[[1] * 96] * 96)])

@@ -92,7 +92,7 @@ def test_face_kind_crops_like_the_app(refs, tmp_path):
 def test_subject_reference_crops_a_real_face():
     from skimage.data import astronaut
 
-    from annotate.crops import subject_reference
+    from multicrafter.reference_crops import subject_reference
 
     photo = Image.fromarray(astronaut())
     crop, note = subject_reference(photo, "face")

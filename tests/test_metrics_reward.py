@@ -129,10 +129,11 @@ def test_object_reward_with_clip_embedder_and_masks(tiny):
 
 def test_object_mask_box_reads_01_masks_like_the_dataset():
     """A 0/1 mask (as SAM or a numpy pipeline hands it over) is a subject, not an empty mask."""
-    from annotate.crops import as_bool_mask as annotate_as_bool_mask
+    from multicrafter import dataset_format, reference_crops
     from multicrafter.masks import as_bool_mask
 
-    assert annotate_as_bool_mask is as_bool_mask   # one definition, re-exported for annotate's callers
+    # one definition: the dataset reader and the reference crops read masks exactly as the metrics do
+    assert dataset_format.as_bool_mask is as_bool_mask and reference_crops.as_bool_mask is as_bool_mask
     img, masks = scene(RED, BLUE)
     ones = (np.asarray(masks[0]) > 0).astype(np.uint8)   # values 0/1
     assert mask_box(ones, img.size) == (5, 20, 35, 50)

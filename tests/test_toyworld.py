@@ -145,9 +145,9 @@ def test_writer_format_determinism_and_masks(tmp_path):
             assert subj["box"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
             assert Image.open(tmp_path / "a" / subj["reference"]).size == (64, 64)
     # the project's own dataset reader accepts it
-    from annotate.dataset import load_dataset_samples
+    from multicrafter.dataset_format import load_samples
 
-    assert len(load_dataset_samples(tmp_path / "a")) == 4
+    assert len(load_samples(tmp_path / "a")) == 4
     with pytest.raises(UserError):
         write_dataset(tmp_path / "a", 2, seed=11)
     write_dataset(tmp_path / "a", 2, seed=11, overwrite=True)

@@ -1,5 +1,5 @@
-"""Training data: a DESIGN §6 folder (or a ToyWorld set written on the fly) -> batches of latents, text embeddings,
-packed references and subject masks on the packed latent grid.
+"""Training data: a dataset folder (`multicrafter.dataset_format`) or a ToyWorld set written on the fly -> batches of
+latents, text embeddings, packed references and subject masks on the packed latent grid.
 
 Why this shape: the text encoders and the VAE are frozen, so their outputs can be computed once (`cache: true`), which
 is most of a CPU step. Targets are resized (cover + centre crop) to the configured size or to an aspect bucket of the
@@ -12,6 +12,7 @@ function of (seed, epoch), so the data position (epoch, batch) is all a checkpoi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -22,9 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
+from multicrafter import dataset_format
+from multicrafter.dataset_format import Sample
 from multicrafter.errors import UserError
+from multicrafter.io import atomic_write_bytes
 from multicrafter.losses import masks_to_grid
+from multicrafter.masks import as_bool_mask
 from multicrafter.references import (
     PackedReferences,
     ReferenceOptions,
@@ -35,6 +41,8 @@ from multicrafter.references import (
     reference_size,
     target_grid,
 )
+from multicrafter.toyworld import write_dataset
+from multicrafter.toyworld.prompts import restyle_prompt
 
 ASPECTS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
 TOYWORLD_SPEC = "toyworld_spec.json"
@@ -42,7 +50,7 @@ TOYWORLD_SPEC = "toyworld_spec.json"
 
 @dataclass
 class ToyWorldSource:
-    """A ToyWorld set written once (by `multicrafter.toyworld.write_dataset`) and then read like any §6 folder."""
+    """A ToyWorld set written once (by `multicrafter.toyworld.write_dataset`) and then read like any dataset folder."""
 
     n: int = 8                        # number of scenes
     seed: int = 0
@@ -60,7 +68,7 @@ class ToyWorldSource:
 
 @dataclass
 class DataConfig:
-    dataset: str | None = None        # a DESIGN §6 folder; exactly one of dataset / toyworld
+    dataset: str | None = None        # a dataset folder (multicrafter.dataset_format); exactly one of dataset / toyworld
     toyworld: ToyWorldSource | None = None
     resolution: int = 512             # target side in pixels (multiple of 16); with bucketing: sqrt of the area
     bucketing: bool = False           # aspect-ratio buckets of ~resolution² pixels instead of square crops
@@ -97,8 +105,6 @@ class DataConfig:
 
 def ensure_toyworld(src: ToyWorldSource, output_dir: str | Path) -> Path:
     """Write the ToyWorld set (temp folder + rename) unless a folder with the same spec is already there."""
-    from multicrafter.toyworld import write_dataset
-
     folder = Path(src.folder) if src.folder else Path(output_dir) / "toyworld"
     spec = json.dumps(asdict(src) | {"folder": None}, sort_keys=True)
     if (folder / "metadata.jsonl").is_file() and (folder / TOYWORLD_SPEC).is_file():
@@ -112,24 +118,20 @@ def ensure_toyworld(src: ToyWorldSource, output_dir: str | Path) -> Path:
     return folder
 
 
-def load_samples(root: str | Path):
-    """The §6 samples, validated up front (line-numbered errors); an empty dataset is refused."""
-    from annotate.dataset import load_dataset_samples
-
+def load_samples(root: str | Path) -> list[Sample]:
+    """The dataset's samples, validated up front (line-numbered errors); an empty dataset is refused."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"dataset folder not found: {root}")
-    samples = load_dataset_samples(root)
+    samples = dataset_format.load_samples(root)
     if not samples:
         raise UserError(f"dataset {root} is empty: metadata.jsonl lists no samples")
     return samples
 
 
-def positions_caption(sample) -> str:
+def positions_caption(sample: Sample) -> str:
     """The sample's caption with its subjects named by position only; a caption outside ToyWorld's vocabulary is
     refused with its line (the option needs captions whose subjects can be found)."""
-    from multicrafter.toyworld.prompts import restyle_prompt
-
     try:
         return restyle_prompt(sample.caption, "positions")
     except ValueError:
@@ -231,8 +233,6 @@ class TrainingSet:
         grid = target_grid(it.size[1], it.size[0], self.vae_scale_factor)
         if not it.masks:
             return torch.zeros(0, grid[0] * grid[1])
-        from annotate.crops import as_bool_mask
-
         ms = []
         for p in it.masks:
             with Image.open(p) as m:
@@ -298,8 +298,6 @@ class TrainingSet:
     def precompute(self, pipe, device, dtype, progress: bool = False) -> None:
         if not self.cfg.cache:
             return
-        from tqdm.auto import tqdm
-
         path = self.disk_cache_path(pipe, dtype) if self.cfg.cache_dir else None
         if path is not None and path.is_file():
             try:
@@ -316,10 +314,6 @@ class TrainingSet:
                 bar.update(min(chunk, len(self) - s))
         self.empty_text(pipe, device, dtype)
         if path is not None:
-            import io
-
-            from multicrafter.io import atomic_write_bytes
-
             buf = io.BytesIO()
             torch.save({"items": [self._cache[i] for i in range(len(self))], "empty_text": self._empty_text}, buf)
             atomic_write_bytes(path, buf.getvalue())

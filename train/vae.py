@@ -93,7 +93,7 @@ def build_vae(cfg: VAEModelConfig):
 
 def batch_at(step: int, cfg: VAEConfig) -> torch.Tensor:
     """The training batch of a step: a pure function of (seed, step), so resuming needs no data state."""
-    from multicrafter.toyworld.dataset import build_sample
+    from multicrafter.toyworld.make_dataset import build_sample
 
     d, bs = cfg.data, cfg.train.batch_size
     rng = np.random.default_rng(np.random.SeedSequence([d.seed, 7, step]))
@@ -142,7 +142,7 @@ def vae_loss(vae, x: torch.Tensor, cfg: VAETrainConfig) -> tuple[torch.Tensor, d
 @torch.no_grad()
 def latent_statistics(vae, cfg: VAEConfig) -> tuple[float, float]:
     """FLUX-style normalisation constants: (shift, scale) with scale = 1 / std of the shifted latents."""
-    from multicrafter.toyworld.dataset import build_sample
+    from multicrafter.toyworld.make_dataset import build_sample
 
     zs = []
     for i in range(cfg.train.stats_samples):

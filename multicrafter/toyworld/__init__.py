@@ -1,12 +1,12 @@
 """ToyWorld: a procedural multi-subject world with exact masks and a deterministic leakage benchmark.
 
-Used to train and evaluate the embedded `toy` model offline (DESIGN §5): identities (subjects.py), rendering
-(render.py), scene sampling (scenes.py), prompts (prompts.py), the §6 dataset writer (dataset.py), and the
+Used to train and evaluate the embedded `toy` model offline: identities (subjects.py), rendering
+(render.py), scene sampling (scenes.py), prompts (prompts.py), dataset making (make_dataset.py), and the
 weight-free evaluator (detect.py, evaluate.py) whose scores double as the IPPO rewards on the toy path.
 """
 
-from .dataset import Sample, build_sample, contact_sheet, render_sample, write_dataset
 from .evaluate import METRICS, evaluate_batch, evaluate_image, identity_similarity, reference_region
+from .make_dataset import Sample, build_sample, contact_sheet, render_sample, write_dataset
 from .prompts import make_prompt, parse_prompt
 from .render import render_reference, render_scene
 from .scenes import LAYOUTS, sample_scene

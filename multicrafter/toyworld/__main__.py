@@ -1,4 +1,4 @@
-"""`python -m multicrafter.toyworld --out DIR --n N --seed S [--split train|test]`: write a ToyWorld §6 dataset."""
+"""`python -m multicrafter.toyworld --out DIR --n N --seed S [--split train|test]`: write a ToyWorld dataset."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from collections.abc import Sequence
 
 from ..errors import ArgumentParser, UserError, run_cli
 from ..io import save_image_atomic
+from .make_dataset import build_sample, contact_sheet, write_dataset
 from .scenes import subject_counts
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line's options."""
     p = ArgumentParser(prog="python -m multicrafter.toyworld",
-                                description="Write a ToyWorld dataset (DESIGN §6 format: images, masks, refs, "
-                                            "metadata.jsonl with each scene spec under 'toyworld').")
+                                description="Write a ToyWorld dataset (the project's dataset format: images, masks, "
+                                            "refs, metadata.jsonl with each scene spec under 'toyworld').")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, required=True, help="number of scenes")
     p.add_argument("--seed", type=int, default=0)
@@ -32,11 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Write the dataset (and optionally a contact sheet of its first scenes); returns the exit code."""
     args = build_parser().parse_args(argv)
     if not 0.0 <= args.similar_prob <= 1.0:
         raise UserError(f"--similar-prob must be in [0, 1], got {args.similar_prob}")
-    from .dataset import build_sample, contact_sheet, write_dataset
-
     kwargs = {"n_subjects": args.subjects, "similar_prob": args.similar_prob}
     meta = write_dataset(args.out, args.n, seed=args.seed, split=args.split, size=args.size,
                          ref_size=args.ref_size, overwrite=args.overwrite, workers=args.workers, **kwargs)

@@ -1,7 +1,9 @@
-"""Mask clean-up and the reference crops a sample's subjects need (object crop from the mask, face crop via dlib).
+"""Reference crops of one subject: an object cut out along its mask, a face cut around its detected face.
 
-A clicked mask has specks and holes; the trainer downsamples masks to the latent grid, so small specks become
-whole wrong tokens. References are square crops so they pack like the target latents.
+A reference is a square crop, so it packs like the target latents. The dataset writer makes a subject's reference
+with these when none is given, the app and `python -m multicrafter.generate --kind face` feed face references through
+`subject_reference`, so training data and generation see faces cropped the same way. Faces are found with dlib's HOG
+detector, which ships inside dlib and works offline.
 """
 
 from __future__ import annotations
@@ -10,41 +12,15 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
-from multicrafter.errors import UserError
-from multicrafter.io import load_image
-from multicrafter.masks import as_bool_mask, mask_box
+from .errors import UserError
+from .io import load_image
+from .masks import as_bool_mask, mask_box
 
-__all__ = ["BACKGROUNDS", "as_bool_mask", "detect_faces", "face_crop", "mask_box", "mask_to_image", "reference_crop",
-           "subject_reference",
-           "refine_mask", "square_box"]
+__all__ = ["BACKGROUNDS", "detect_faces", "face_crop", "reference_crop", "square_box", "subject_reference"]
 
 BACKGROUNDS = ("white", "black", "gray", "keep")
 _FILL = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (127, 127, 127)}
-
-
-def mask_to_image(mask: Any) -> Image.Image:
-    """The on-disk form: 8-bit, 0 or 255."""
-    return Image.fromarray(as_bool_mask(mask).astype(np.uint8) * 255, mode="L")
-
-
-def refine_mask(mask: Any, min_area: int | float = 0.002, fill_holes: bool = True) -> np.ndarray:
-    """Remove specks smaller than `min_area` (pixels, or a fraction of the image when < 1) and fill enclosed holes.
-
-    The largest component is always kept, so refinement never empties a non-empty mask.
-    """
-    m = as_bool_mask(mask)
-    if not m.any():
-        return m
-    limit = min_area * m.size if min_area < 1 else min_area
-    labels, n = ndimage.label(m)
-    areas = ndimage.sum_labels(m, labels, index=np.arange(1, n + 1))
-    keep = np.zeros(n + 1, dtype=bool)
-    keep[1:] = areas >= limit
-    keep[1 + int(np.argmax(areas))] = True
-    out = keep[labels]
-    return ndimage.binary_fill_holes(out) if fill_holes else out
 
 
 def square_box(box: list[int] | tuple[int, ...], pad: float) -> tuple[int, int, int, int]:
@@ -88,9 +64,9 @@ def reference_crop(image: Any, mask: Any, pad: float = 0.1, background: str | tu
     return crop.resize((size, size), Image.Resampling.LANCZOS) if size else crop
 
 
-def _face_detector():
+def _face_detector() -> Any:
     try:
-        import dlib
+        import dlib  # optional dependency, needed only when a face is cropped; keeps importing this module light
     except ImportError as exc:
         raise UserError("face crops need dlib (pip install dlib-bin)") from exc
     return dlib.get_frontal_face_detector()

@@ -1,17 +1,15 @@
-"""Building ToyWorld samples and writing them in the DESIGN §6 dataset format (plus a contact sheet).
+"""Making ToyWorld datasets: render samples and write them in the project's dataset format (plus a contact sheet).
 
-Each metadata line carries the §6 keys and, under "toyworld", the full scene spec, so the evaluator and the toy
-rewards can re-derive masks and attributes. Files are written atomically; metadata.jsonl is written last, in one
-atomic replace, so a folder never lists a half-written sample. PNG encoding is deterministic: the same seed gives
-byte-identical files.
+The format and its atomic writes belong to `multicrafter.dataset_format`; this module only renders. Each metadata
+line carries the format's keys and, under "toyworld", the full scene spec, so the evaluator and the toy rewards can
+re-derive masks and attributes. The whole dataset is built in a temporary folder and swapped in when complete
+(`dataset_format.new_dataset`). PNG encoding is deterministic: the same seed gives byte-identical files.
 """
 
 from __future__ import annotations
 
-import json
+import multiprocessing
 import os
-import shutil
-import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +17,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..dataset_format import METADATA, image_file, mask_file, new_dataset, reference_file, save_mask, write_metadata
 from ..errors import UserError
-from ..io import atomic_write_text, replace_dir, save_image_atomic
+from ..io import atomic_write_text, save_image_atomic
 from .render import masks_from_labels, render_reference, render_scene
 from .scenes import sample_scene, with_boxes
 
 
 @dataclass
 class Sample:
+    """One rendered ToyWorld scene: its spec, the image, each subject's exact mask and rendered reference."""
+
     scene: dict                    # the spec, with visible boxes/areas filled
     image: np.ndarray              # HxWx3 uint8
     masks: list[np.ndarray]        # per subject, bool HxW, exactly its visible pixels
@@ -34,6 +35,7 @@ class Sample:
 
     @property
     def prompt(self) -> str:
+        """The scene's caption."""
         return self.scene["prompt"]
 
 
@@ -52,28 +54,28 @@ def build_sample(seed: int, index: int, split: str = "train", size: int = 128, r
 
 
 def metadata_line(sample: Sample, stem: str) -> dict:
-    """The §6 metadata record of a sample saved under `stem`."""
+    """The metadata record of a sample saved under `stem`."""
     subjects = [
-        {"name": s["name"], "kind": "object", "mask": f"masks/{stem}_{k}.png", "reference": f"refs/{stem}_{k}.png",
+        {"name": s["name"], "kind": "object", "mask": mask_file(stem, k), "reference": reference_file(stem, k),
          "box": s["box"]}
         for k, s in enumerate(sample.scene["subjects"])
     ]
-    return {"file_name": f"images/{stem}.png", "caption": sample.prompt, "subjects": subjects, "toyworld": sample.scene}
+    return {"file_name": image_file(stem), "caption": sample.prompt, "subjects": subjects, "toyworld": sample.scene}
 
 
 def _write_one(tmp: Path, width: int, seed: int, i: int, split: str, size: int, ref_size: int,
-               scene_kwargs: dict) -> str:
+               scene_kwargs: dict) -> dict:
     """Render sample `i` and write its files into `tmp`; returns its metadata line (a pure function of the args)."""
     sample = build_sample(seed, i, split=split, size=size, ref_size=ref_size, **scene_kwargs)
     stem = f"{i:0{width}d}"
-    save_image_atomic(Image.fromarray(sample.image), tmp / "images" / f"{stem}.png")
+    save_image_atomic(Image.fromarray(sample.image), tmp / image_file(stem))
     for k, (mask, ref) in enumerate(zip(sample.masks, sample.references)):
-        save_image_atomic(Image.fromarray(mask.astype(np.uint8) * 255), tmp / "masks" / f"{stem}_{k}.png")
-        save_image_atomic(Image.fromarray(ref), tmp / "refs" / f"{stem}_{k}.png")
-    return json.dumps(metadata_line(sample, stem), sort_keys=True)
+        save_mask(mask, tmp / mask_file(stem, k))
+        save_image_atomic(Image.fromarray(ref), tmp / reference_file(stem, k))
+    return metadata_line(sample, stem)
 
 
-def _write_chunk(args: tuple) -> list[str]:
+def _write_chunk(args: tuple) -> list[dict]:
     tmp, width, seed, indices, split, size, ref_size, scene_kwargs = args
     return [_write_one(tmp, width, seed, i, split, size, ref_size, scene_kwargs) for i in indices]
 
@@ -81,7 +83,7 @@ def _write_chunk(args: tuple) -> list[str]:
 def write_dataset(out: str | os.PathLike, n: int, seed: int = 0, split: str = "train", size: int = 128,
                   ref_size: int = 64, overwrite: bool = False, extra_files: dict[str, str] | None = None,
                   workers: int = 1, **scene_kwargs) -> Path:
-    """Write `n` samples to `out` in the §6 format; returns the metadata path.
+    """Write `n` samples to `out` in the dataset format; returns the metadata path.
 
     `workers` > 1 renders in that many processes; every sample depends only on (seed, index), so the files and the
     metadata are byte-identical to a single-process write.
@@ -98,36 +100,21 @@ def write_dataset(out: str | os.PathLike, n: int, seed: int = 0, split: str = "t
     if ref_size < 16:
         raise UserError(f"--ref-size must be >= 16, got {ref_size}")
     root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise UserError(f"output path exists and is not a folder: {root}")
-    exists = root.is_dir() and any(root.iterdir())
-    if exists and not (root / "metadata.jsonl").exists():
-        raise UserError(f"{root} is not empty and holds no dataset (no metadata.jsonl); choose another folder")
-    if exists and not overwrite:
-        raise UserError(f"{root / 'metadata.jsonl'} already exists (pass --overwrite to replace the dataset)")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    with new_dataset(root, overwrite=overwrite) as tmp:
         width = max(5, len(str(max(n - 1, 0))))
         workers = max(1, min(int(workers), n))
         step = max(1, -(-n // (workers * 4)))  # a few chunks per process, in index order
         chunks = [(tmp, width, seed, range(a, min(a + step, n)), split, size, ref_size, scene_kwargs)
                   for a in range(0, n, step)]
         if workers > 1:
-            import multiprocessing
-
             with multiprocessing.get_context("spawn").Pool(workers) as pool:
                 lines = [line for chunk in pool.imap(_write_chunk, chunks) for line in chunk]
         else:
             lines = [line for chunk in map(_write_chunk, chunks) for line in chunk]
-        atomic_write_text(tmp / "metadata.jsonl", "".join(line + "\n" for line in lines))
+        write_metadata(tmp, lines, sort_keys=True)
         for name, text in (extra_files or {}).items():
             atomic_write_text(tmp / name, text)
-        replace_dir(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root / "metadata.jsonl"
+    return root / METADATA
 
 
 MASK_TINTS = ((255, 60, 60), (60, 120, 255), (40, 200, 80), (255, 200, 0))
