@@ -12,7 +12,7 @@ import insightface
 import pytest
 from PIL import Image
 
-from multicrafter.eval.faces import main
+from multicrafter.eval.faces_cli import main
 from multicrafter.io import save_image_atomic
 
 T1 = os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")
@@ -176,7 +176,7 @@ def test_generated_images_folder_is_contained_too(tmp_path):
 
 
 def test_dataset_non_dict_subjects_are_skipped_with_a_note(tmp_path):
-    from multicrafter.eval.faces import read_samples
+    from multicrafter.eval.faces_cli import read_samples
 
     ds = _meta(tmp_path / "ds", {"file_name": "a.png", "subjects": ["left", {"kind": "face", "reference": "r.png"},
                                                                    {"kind": "object", "reference": "o.png"}]})

@@ -15,7 +15,8 @@ from PIL import Image
 
 from multicrafter.errors import UserError
 from multicrafter.metrics.face_dlib import DlibBackend
-from multicrafter.metrics.faces import face_similarity, largest_face, match_faces
+from multicrafter.metrics.face_sim import face_similarity, match_faces
+from multicrafter.metrics.face_types import largest_face
 
 T1 = os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")
 

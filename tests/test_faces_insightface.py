@@ -18,7 +18,8 @@ from PIL import Image
 from torch import nn
 
 from multicrafter.metrics.face_insightface import InsightFaceBackend
-from multicrafter.metrics.faces import face_similarity, get_backend, match_faces
+from multicrafter.metrics.face_registry import get_backend
+from multicrafter.metrics.face_sim import face_similarity, match_faces
 from multicrafter.metrics.loading import ModelUnavailable
 
 T1 = os.path.join(os.path.dirname(insightface.__file__), "data", "images", "t1.jpg")

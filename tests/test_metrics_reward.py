@@ -151,7 +151,7 @@ class CountingBackend:
         self.calls = 0
 
     def faces(self, image):
-        from multicrafter.metrics.faces import Face
+        from multicrafter.metrics.face_types import Face
 
         self.calls += 1
         arr = np.asarray(image, np.float64)
@@ -163,7 +163,7 @@ class CountingBackend:
 
 
 def test_reward_reference_faces_go_through_the_shared_cache():
-    from multicrafter.metrics.faces import reference_faces
+    from multicrafter.metrics.face_sim import reference_faces
 
     backend = CountingBackend()
     reward = RealReward(face=backend)

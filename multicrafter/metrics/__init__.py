@@ -1,8 +1,8 @@
 """Metrics: Hungarian multi-ID matching (shared by faces, objects and ToyWorld) and the paper's image metrics.
 
-CLIP-T/CLIP-I (`clip`), DINO-I (`dino`), AES (`aesthetic`), Face-Sim (`faces`, backends `face_dlib` and
-`face_insightface`), object ID-Sim (`objects`) and the table row (`table`) are imported lazily so that
-`hungarian_match` stays light.
+CLIP-T/CLIP-I (`clip`), DINO-I (`dino`), AES (`aesthetic`), Face-Sim (`face_sim`; shared types in `face_types`,
+backends `face_dlib` and `face_insightface` chosen by name in `face_registry`), object ID-Sim (`objects`) and the
+table row (`table`) are imported lazily so that `hungarian_match` stays light.
 """
 
 from importlib import import_module
@@ -15,9 +15,9 @@ _LAZY = {
     "ClipScorer": "clip",
     "DinoScorer": "dino",
     "AestheticScorer": "aesthetic",
-    "FaceSimResult": "faces",
-    "face_similarity": "faces",
-    "get_backend": "faces",
+    "FaceSimResult": "face_types",
+    "face_similarity": "face_sim",
+    "get_backend": "face_registry",
     "subject_similarity": "objects",
     "load_metric_models": "table",
     "image_metrics": "table",

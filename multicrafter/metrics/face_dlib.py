@@ -11,26 +11,16 @@ used. The raw distance is kept in every match report.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .faces import Face, prepare_rgb, too_small
+from .face_types import Face, dlib_model_dir, hog_detect, prepare_rgb, too_small
 from .loading import ModelUnavailable
 
 SAME_PERSON_DISTANCE = 0.6
 CHIP_SIZE, CHIP_PADDING = 150, 0.25   # what dlib_face_recognition_resnet_model_v1 was trained on
-
-
-def model_dir() -> Path:
-    """Folder holding dlib's .dat models from face-recognition-models (its __init__ needs pkg_resources, so find
-    the files without importing it)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable("the dlib face backend needs the face-recognition-models package (pip install it)")
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
 
 
 class DlibBackend:
@@ -45,10 +35,10 @@ class DlibBackend:
         `upsample`: image doublings before detection; None = 1 for images under 1000 px (HOG finds faces ≥ 80 px),
         else 0. `max_side`: larger images are downscaled first (speed; boxes are reported in original pixels)."""
         try:
-            import dlib
+            import dlib  # optional dependency (dlib-bin), loaded only when this backend is built
         except ImportError:
             raise ModelUnavailable("the dlib face backend needs the dlib-bin package (pip install dlib-bin)") from None
-        folder = Path(models) if models else model_dir()
+        folder = Path(models) if models else dlib_model_dir()
         paths = {k: folder / f for k, f in (("sp", "shape_predictor_5_face_landmarks.dat"),
                                             ("rec", "dlib_face_recognition_resnet_model_v1.dat"))}
         for p in paths.values():
@@ -63,9 +53,11 @@ class DlibBackend:
         self.max_side = int(max_side)
 
     def detect(self, arr: np.ndarray) -> list[tuple[Any, float]]:
+        """dlib rectangles with detector scores, best first, on an RGB uint8 array."""
         return hog_detect(self.detector, arr, self.threshold, self.upsample)
 
     def faces(self, image: Any) -> list[Face]:
+        """Every face of the image with its 128-d descriptor, best first; boxes in the input's pixels."""
         arr, scale = prepare_rgb(image, self.max_side)
         if too_small(arr):
             return []
@@ -84,12 +76,7 @@ class DlibBackend:
         return out
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(clip(1 - distance / 0.6, 0, 1), euclidean distance) between two sets of descriptors."""
         dist = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1)
         return np.clip(1.0 - dist / SAME_PERSON_DISTANCE, 0.0, 1.0), dist
 
-
-def hog_detect(detector: Any, arr: np.ndarray, threshold: float, upsample: int | None) -> list[tuple[Any, float]]:
-    """dlib rectangles with scores, best first, on an RGB uint8 array (upsample None: 1 below 1000 px, else 0)."""
-    up = upsample if upsample is not None else int(max(arr.shape[:2]) < 1000)
-    rects, scores, _ = detector.run(arr, up, threshold)
-    return sorted(zip(rects, scores), key=lambda t: -t[1])

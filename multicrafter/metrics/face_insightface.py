@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .faces import Face, prepare_rgb, too_small
+from .face_types import Face, dlib_model_dir, hog_detect, prepare_rgb, too_small
 from .loading import ModelUnavailable
 
 PROVIDERS = ["CPUExecutionProvider"]
@@ -50,7 +50,7 @@ class InsightFaceBackend:
             raise ValueError(f"unknown insightface detector '{detector}' (expected scrfd or dlib)")
         folder = find_model_folder(root, model_name)
         try:
-            from insightface.model_zoo import get_model
+            from insightface.model_zoo import get_model  # optional dependency (and onnxruntime): only for this backend
         except ImportError:
             raise ModelUnavailable("the insightface backend needs the insightface package") from None
         self.det = self.rec = None
@@ -79,12 +79,10 @@ class InsightFaceBackend:
         self.folder = folder
         self._hog: Any = None
         if detector == "dlib":
-            import dlib
-
-            from .face_dlib import model_dir
+            import dlib  # optional dependency, needed only for detector="dlib"
 
             self._hog = dlib.get_frontal_face_detector()
-            self._sp68 = dlib.shape_predictor(str(model_dir() / "shape_predictor_68_face_landmarks.dat"))
+            self._sp68 = dlib.shape_predictor(str(dlib_model_dir() / "shape_predictor_68_face_landmarks.dat"))
 
     def keypoints(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(n, 5) boxes+score and (n, 5, 2) ArcFace keypoints on an RGB array."""
@@ -94,8 +92,6 @@ class InsightFaceBackend:
             if kps is None:
                 raise ModelUnavailable(f"the detection model in {self.folder} gives no keypoints (need a *_kps model)")
             return boxes, kps
-        from .face_dlib import hog_detect
-
         rows, pts = [], []
         for rect, score in hog_detect(self._hog, arr, 0.0, None):
             p = np.array([[q.x, q.y] for q in self._sp68(arr, rect).parts()], dtype=np.float32)
@@ -104,7 +100,8 @@ class InsightFaceBackend:
         return np.asarray(rows, np.float32).reshape(-1, 5), np.asarray(pts, np.float32).reshape(-1, 5, 2)
 
     def faces(self, image: Any) -> list[Face]:
-        from insightface.utils.face_align import norm_crop
+        """Every face of the image with its L2-normalised ArcFace embedding, best first; boxes in the input's pixels."""
+        from insightface.utils.face_align import norm_crop  # optional dependency: only for this backend
 
         arr, scale = prepare_rgb(image, self.max_side)
         if too_small(arr):
@@ -121,5 +118,6 @@ class InsightFaceBackend:
         return sorted(out, key=lambda f: -f.score)
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine clipped to [0, 1], raw cosine) between two sets of normalised embeddings."""
         cos = a @ b.T
         return np.clip(cos, 0.0, 1.0), cos

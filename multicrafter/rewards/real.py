@@ -17,7 +17,9 @@ from PIL import Image
 from ..metrics.aesthetic import DEFAULT_AES_CLIP, DEFAULT_AES_FILE, DEFAULT_AES_HEAD, AestheticScorer
 from ..metrics.clip import DEFAULT_CLIP, ClipScorer
 from ..metrics.dino import DEFAULT_DINO, DinoScorer
-from ..metrics.faces import FaceBackend, RefCache, get_backend, match_faces, reference_faces
+from ..metrics.face_registry import get_backend
+from ..metrics.face_sim import RefCache, match_faces, reference_faces
+from ..metrics.face_types import FaceBackend
 from ..metrics.loading import ModelUnavailable
 from ..metrics.objects import Embed, subject_similarity
 from .base import RewardBatch, RewardOutput

@@ -1,9 +1,10 @@
 """`python -m multicrafter.eval faces`: Hungarian Face-Sim of generated images against reference photos.
 
 One image:   --image gen.png --ref a.png --ref b.png [--json out.json]
-A whole run: --dataset DIR [--images OUT_DIR] — DIR/metadata.jsonl in the dataset format (DESIGN §6): each line's
-`file_name` is the generated image (looked up in --images when given, else in DIR) and its face subjects'
-`reference` files are the references (a plain `"refs": [...]` list also works).
+A whole run: --dataset DIR [--images OUT_DIR] — DIR/metadata.jsonl in the dataset format
+(`multicrafter.dataset_format`): each line's `file_name` is the generated image (looked up in --images when given,
+else in DIR) and its face subjects' `reference` files are the references (a plain `"refs": [...]` list also works,
+so a run folder needs no masks).
 Writes JSON (face_sim, matches, faces_detected, per-reference scores, notes) and prints a markdown table.
 `--metrics clip_t,clip_i,dino_i,aes` (or `all`) adds the paper's other columns (prompt from --prompt or the
 dataset caption); a metric whose weights are not on this machine is reported as null with a one-line note.
@@ -12,10 +13,10 @@ dataset caption); a metric whose weights are not on this machine is reported as 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from ..dataset_format import METADATA, errors_of, read_lines
 from ..errors import ArgumentParser, UserError, run_cli
 from ..io import atomic_write_json, atomic_write_text, load_image
 from ..metrics.defaults import (
@@ -27,18 +28,21 @@ from ..metrics.defaults import (
     IMAGE_METRICS,
     LABELS,
 )
-from ..metrics.faces import FaceBackend, face_similarity, get_backend
+from ..metrics.face_registry import BACKENDS, DEFAULT_BACKEND, get_backend
+from ..metrics.face_sim import face_similarity
+from ..metrics.face_types import FaceBackend
 from ..paths import resolve_inside
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse and check the command line (argparse errors exit 2 with one line)."""
     p = ArgumentParser(prog="python -m multicrafter.eval faces", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="generated image")
     src.add_argument("--dataset", help="folder with metadata.jsonl (benchmark run mode)")
     p.add_argument("--ref", action="append", default=[], help="reference photo (repeat, one per person)")
     p.add_argument("--images", help="with --dataset: folder holding the generated images (default: the dataset)")
-    p.add_argument("--backend", choices=["dlib", "insightface"], default="dlib")
+    p.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND)
     p.add_argument("--det-threshold", type=float, help="detector score threshold (dlib HOG: 0, insightface: 0.5)")
     p.add_argument("--insightface-root", help="folder with buffalo_l/antelopev2 ONNX files (or its parent)")
     p.add_argument("--insightface-name", default="buffalo_l", help="model pack name under the root")
@@ -68,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_backend(args: argparse.Namespace) -> FaceBackend:
+    """The face backend the options ask for."""
     if args.backend == "dlib":
         return get_backend("dlib", **({"threshold": args.det_threshold} if args.det_threshold is not None else {}))
     kw: dict[str, Any] = {"root": args.insightface_root, "model_name": args.insightface_name,
@@ -78,6 +83,7 @@ def make_backend(args: argparse.Namespace) -> FaceBackend:
 
 
 def single_table(res: dict[str, Any], refs: list[str]) -> str:
+    """Markdown table of one image's Face-Sim: one row per reference, its matched face and similarity."""
     lines = ["| reference | matched face (box) | similarity | raw |", "|---|---|---|---|"]
     by_ref = {m["reference"]: m for m in res["matches"]}
     for i, name in enumerate(refs):
@@ -89,14 +95,16 @@ def single_table(res: dict[str, Any], refs: list[str]) -> str:
 
 
 def metrics_table(values: dict[str, Any]) -> str:
+    """Markdown table of the extra metrics ("missing" where weights were not available); "" without any."""
     rows = [f"| {LABELS[k]} | {'missing' if v is None else f'{v:.4f}'} |" for k, v in values.items()]
     return "\n".join(["| metric | value |", "|---|---|", *rows]) if rows else ""
 
 
 def sample_metrics(models: Any, image, prompt: str, refs: list) -> dict[str, float | None]:
+    """The extra metrics of one image ({} when none were asked for)."""
     if models is None:
         return {}
-    from ..metrics.table import image_metrics
+    from ..metrics.table import image_metrics  # imports torch and transformers: only when --metrics asks for them
 
     vals = image_metrics(models, [image], [prompt], [refs])
     return {k: (None if v is None else v[0]) for k, v in vals.items()}
@@ -129,21 +137,23 @@ def _face_refs(row: dict, where: str, notes: list[str]) -> list[Any]:
 
 def read_samples(dataset: Path, images: Path | None,
                  notes: list[str] | None = None) -> list[tuple[str, Path, list[Path], str]]:
-    """(file_name, generated image, reference paths, caption) per line; every path stays inside its folder."""
-    meta = dataset / "metadata.jsonl"
-    if not meta.is_file():
-        raise UserError(f"no metadata.jsonl in {dataset}")
+    """(file_name, generated image, reference paths, caption) per line; every path stays inside its folder.
+
+    Lines come from the dataset format's reader; images and masks are not required to exist here (the generated
+    images live in `images` when given), so the strict validator is not run.
+    """
+    meta = dataset / METADATA
+    records, problems = read_lines(dataset)
+    bad = errors_of(problems)
+    if bad:
+        raise UserError(f"{meta}:{bad[0].line}: {bad[0].message}" if bad[0].line else f"{meta}: {bad[0].message}")
     notes = notes if notes is not None else []
     samples = []
-    for n, line in enumerate(meta.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, row in records:
         where = f"{meta}:{n}"
-        try:
-            row = json.loads(line)
-            name = row["file_name"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{where}: not a JSON object with a file_name") from None
+        if "file_name" not in row:
+            raise UserError(f"{where}: not a JSON object with a file_name")
+        name = row["file_name"]
         refs = _face_refs(row, where, notes)
         if not refs:
             raise UserError(f"{where}: sample {name} has no face references")
@@ -162,6 +172,7 @@ def read_samples(dataset: Path, images: Path | None,
 
 def run_dataset(args: argparse.Namespace, backend: FaceBackend,
                 models: Any) -> tuple[dict[str, Any], str]:
+    """Score every sample of --dataset: the JSON summary (means, per-sample rows, matches) and its markdown table."""
     notes: list[str] = []
     samples = read_samples(Path(args.dataset), Path(args.images) if args.images else None, notes)
     extra = list(models.wanted) if models else []
@@ -184,11 +195,12 @@ def run_dataset(args: argparse.Namespace, backend: FaceBackend,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `python -m multicrafter.eval faces`; returns the exit code."""
     args = parse_args(argv)
     backend = make_backend(args)
     models = None
     if args.metrics:
-        from ..metrics.table import load_metric_models
+        from ..metrics.table import load_metric_models  # torch and transformers: only when --metrics asks for them
 
         models = load_metric_models(args.metrics, args.clip_model, args.dino_model, args.aes_clip, args.aes_head,
                                     args.aes_head_file)

@@ -8,81 +8,25 @@ face (none detected, or only faces of other people) contributes 0, which also ma
 Every backend maps its similarity into [0, 1] with 0 meaning "not this person" (see each backend's docstring:
 `dlib` uses 1 − distance/0.6 clipped, `insightface` the ArcFace cosine clipped at 0). Clipping matters for the
 reward: a wrong face must never score below a missing face, or the policy learns to draw no faces at all.
+
+Works with any `FaceBackend` (see `face_types`); `face_registry.get_backend` builds one by name.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..errors import UserError
 from ..io import load_image
+from .face_types import MIN_SIDE, Face, FaceBackend, FaceSimResult, largest_face
 from .hungarian import hungarian_match
 
-MIN_SIDE = 32  # below this no face detector can work; the image scores 0 with a note
-
-
-@dataclass
-class Face:
-    box: tuple[float, float, float, float]   # x0, y0, x1, y1 in the input image's pixels
-    score: float                             # detector confidence (backend scale)
-    embedding: np.ndarray                    # backend embedding (dlib 128-d, ArcFace 512-d)
-
-    @property
-    def area(self) -> float:
-        return max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1])
-
-
-class FaceBackend(Protocol):
-    name: str
-    scale: str   # one line: what a similarity of 0 and 1 mean on this backend
-
-    def faces(self, image: Image.Image) -> list[Face]: ...
-
-    def similarity(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(n, d) × (m, d) → (similarity in [0, 1], raw backend value such as a distance or cosine), both (n, m)."""
-        ...
-
-
-@dataclass
-class FaceSimResult:
-    face_sim: float
-    matches: list[dict[str, Any]]            # {"reference", "face", "similarity", "raw", "box"} per matched pair
-    per_reference: list[float]
-    faces_detected: int
-    reference_faces: list[int]               # faces found in each reference image
-    backend: str = ""
-    scale: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"face_sim": self.face_sim, "matches": self.matches, "per_reference": self.per_reference,
-                "faces_detected": self.faces_detected, "reference_faces": self.reference_faces,
-                "backend": self.backend, "scale": self.scale, "notes": self.notes}
-
-
-def prepare_rgb(image: Any, max_side: int) -> tuple[np.ndarray, float]:
-    """Any image input → contiguous uint8 RGB array, downscaled so its longer side ≤ max_side; returns the scale
-    factor (original pixels per array pixel). Greyscale/RGBA/palette images are converted; unreadable ones raise."""
-    img = load_image(image, mode="RGB")
-    scale = 1.0
-    if max(img.size) > max_side:
-        scale = max(img.size) / max_side
-        img = img.resize((max(1, round(img.width / scale)), max(1, round(img.height / scale))), Image.BILINEAR)
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8)), scale
-
-
-def too_small(arr: np.ndarray) -> bool:
-    return min(arr.shape[:2]) < MIN_SIDE
-
-
-def largest_face(faces: Sequence[Face]) -> Face | None:
-    return max(faces, key=lambda f: f.area) if faces else None
+__all__ = ["CACHE_LIMIT", "RefCache", "face_similarity", "image_key", "match_faces", "reference_faces"]
 
 
 def match_faces(generated: Sequence[Face], references: Sequence[Face | None], backend: FaceBackend,
@@ -163,15 +107,3 @@ def face_similarity(image: Any, references: Sequence[Any], backend: FaceBackend)
     result.reference_faces = counts
     return result
 
-
-def get_backend(name: str = "dlib", **kwargs: Any) -> FaceBackend:
-    """`dlib` (offline default) or `insightface` (needs a local buffalo_l/antelopev2 folder); kwargs go to it."""
-    if name == "dlib":
-        from .face_dlib import DlibBackend
-
-        return DlibBackend(**kwargs)
-    if name == "insightface":
-        from .face_insightface import InsightFaceBackend
-
-        return InsightFaceBackend(**kwargs)
-    raise UserError(f"unknown face backend '{name}' (expected dlib or insightface)")
