@@ -23,6 +23,8 @@ from .masks import as_bool_mask
 
 @dataclass
 class BleedingReport:
+    """Per subject: how much of its attention map falls outside its region, and how the maps overlap."""
+
     names: list[str]
     bleeding: np.ndarray    # (N,) fraction of map i's mass outside region i
     on_others: np.ndarray   # (N,) fraction of map i's mass inside other subjects' regions
@@ -32,6 +34,7 @@ class BleedingReport:
 
     @property
     def mean_bleeding(self) -> float:
+        """Bleeding averaged over subjects (0 with none)."""
         return float(self.bleeding.mean()) if len(self.bleeding) else 0.0
 
     def rows(self) -> list[list[Any]]:
@@ -59,7 +62,7 @@ def downsample_mask(mask: Any, grid: tuple[int, int]) -> np.ndarray:
     h, w = grid
     if m.shape == (h, w):
         return m > 0.5
-    import cv2
+    import cv2  # slow to import, and only this resize needs it: the rest of the module stays numpy-only
 
     cover = cv2.resize(m.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
     return cover >= 0.5

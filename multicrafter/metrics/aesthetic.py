@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 
 from .clip import ClipScorer
@@ -49,9 +50,11 @@ class AestheticHead(nn.Module):
 
     @property
     def in_features(self) -> int:
+        """Width of the CLIP image embedding the head expects."""
         return self.linears[0].in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_features) embeddings -> (B,) aesthetic scores."""
         for lin in self.linears:
             x = lin(x)
         return x.squeeze(-1)
@@ -67,8 +70,6 @@ def load_head(path: str | Path) -> AestheticHead:
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -41,7 +41,7 @@ class ClipScorer:
     def load(cls, source: str = DEFAULT_CLIP, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              batch_size: int = 16, option: str | None = "--clip-model", load_tokenizer: bool = True) -> ClipScorer:
         """Load by hub id or local folder; raises ModelUnavailable (one line) when the weights are not here."""
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import AutoTokenizer, CLIPModel  # seconds to import: only when a scorer is loaded
 
         kwargs = {"dtype": dtype} if dtype is not None else {}
         model = load_pretrained(CLIPModel, source, "CLIP", option, **kwargs)
@@ -52,6 +52,7 @@ class ClipScorer:
 
     @property
     def dim(self) -> int:
+        """Width of the projected text and image embeddings."""
         return int(self.model.config.projection_dim)
 
     @torch.inference_mode()

@@ -35,7 +35,7 @@ class DinoScorer:
     def load(cls, source: str = DEFAULT_DINO, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              batch_size: int = 16, option: str | None = "--dino-model") -> DinoScorer:
         """Load by hub id or local folder (ViT or DINOv2); raises ModelUnavailable (one line) when not here."""
-        from transformers import AutoConfig, AutoModel, ViTModel
+        from transformers import AutoConfig, AutoModel, ViTModel  # seconds to import: only when a scorer is loaded
 
         config = load_pretrained(AutoConfig, source, "DINO", option)
         kwargs = {"dtype": dtype} if dtype is not None else {}
@@ -51,6 +51,7 @@ class DinoScorer:
 
     @property
     def dim(self) -> int:
+        """Width of the CLS-token image embedding."""
         return int(self.model.config.hidden_size)
 
     @torch.inference_mode()

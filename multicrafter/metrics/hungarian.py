@@ -15,6 +15,8 @@ from scipy.optimize import linear_sum_assignment
 
 @dataclass
 class HungarianResult:
+    """A one-to-one matching of references to detections and its score."""
+
     score: float                                   # sum of matched similarities / number of references
     matches: list[tuple[int, int, float]] = field(default_factory=list)  # (reference index, detection index, sim)
     per_reference: list[float] = field(default_factory=list)            # matched similarity per reference (0 if none)

@@ -9,11 +9,14 @@ or inventing a number.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
 from ..errors import UserError
 
@@ -54,8 +57,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def _in_cache(repo: str, filename: str) -> bool:
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         return isinstance(try_to_load_from_cache(repo, filename), str)
     except Exception:  # noqa: BLE001 - a malformed id is simply not cached
         return False
@@ -118,8 +119,6 @@ def resolve_file(source: str | os.PathLike, filename: str, what: str, option: st
             return path / filename
         raise unavailable(what, src, option, f"no file {filename}" if path.is_dir() else "no such file or folder")
     try:
-        from huggingface_hub import hf_hub_download
-
         return Path(hf_hub_download(src, filename, **_offline_kwargs(src, filename, what, option)))
     except ModelUnavailable as exc:
         raise ModelUnavailable(str(exc).replace(f"'{src}'", f"'{src}/{filename}'")) from None
@@ -131,8 +130,6 @@ def resolve_file(source: str | os.PathLike, filename: str, what: str, option: st
 
 def read_json_config(source: str | os.PathLike, filename: str) -> dict[str, Any] | None:
     """Read an optional JSON file (e.g. preprocessor_config.json) from a folder or the hub cache; None if absent."""
-    import json
-
     src = str(source)
     path: Path | None = None
     if looks_local(src):
@@ -140,8 +137,6 @@ def read_json_config(source: str | os.PathLike, filename: str) -> dict[str, Any]
         path = cand if cand.is_file() else None
     else:
         try:
-            from huggingface_hub import try_to_load_from_cache
-
             found = try_to_load_from_cache(src, filename)
             path = Path(found) if isinstance(found, str) else None
         except Exception:  # noqa: BLE001 - optional file

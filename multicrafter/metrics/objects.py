@@ -28,6 +28,8 @@ Embed = Callable[[Sequence[Image.Image]], torch.Tensor]   # e.g. DinoScorer.imag
 
 @dataclass
 class SubjectSimResult:
+    """Object ID-Sim of one generated image against its references, with the matched pairs and notes."""
+
     score: float
     matches: list[dict[str, Any]]            # {"reference", "crop", "similarity", "box"}
     per_reference: list[float]
@@ -35,6 +37,7 @@ class SubjectSimResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """Plain JSON-serialisable form."""
         return {"score": self.score, "matches": self.matches, "per_reference": self.per_reference,
                 "crops": self.crops, "notes": self.notes}
 

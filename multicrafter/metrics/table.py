@@ -31,6 +31,8 @@ __all__ = ["IMAGE_METRICS", "LABELS", "MetricModels", "image_metrics", "load_met
 
 @dataclass
 class MetricModels:
+    """The scorers one table row needs; a metric whose weights are not available is None, its reason in `missing`."""
+
     clip: ClipScorer | None = None
     dino: DinoScorer | None = None
     aes: AestheticScorer | None = None

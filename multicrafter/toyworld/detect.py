@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from .render import BACKGROUNDS, draw_sprite, texture_tone
-from .subjects import COLOUR_ARRAY, PATTERNS, SHAPES, Identity
+from .subjects import COLOUR_ARRAY, COLOUR_NAMES, PATTERNS, SHAPES, Identity
 
 FG_THRESHOLD = 45.0        # RGB distance from every background tone above which a pixel is foreground
 TONE_MAX_GAP = 75.0        # a second border tone farther than this from the first is not a background texture
@@ -45,11 +45,11 @@ class Region:
 
     @property
     def presence(self) -> np.ndarray:
+        """Per palette colour, its presence in the region in [0, 1] (covering PRESENCE of the region or more: 1)."""
         return np.clip(self.colour_hist / PRESENCE, 0.0, 1.0)
 
     def predicted(self) -> dict:
         """Best-guess attributes: shape, unordered top-2 colours, pattern."""
-        from .subjects import COLOUR_NAMES
         top = np.argsort(-self.colour_hist, kind="stable")[:2]
         return {"shape": SHAPES[int(np.argmax(self.shape_post))],
                 "colours": sorted(COLOUR_NAMES[int(i)] for i in top),
@@ -90,6 +90,7 @@ def _tone_d2(img: np.ndarray, tones: np.ndarray) -> np.ndarray:
 
 
 def foreground_mask(img: np.ndarray, tones: np.ndarray) -> np.ndarray:
+    """HxW bool: pixels farther than FG_THRESHOLD (RGB distance) from every background tone."""
     return _tone_d2(img, tones).min(-1) > FG_THRESHOLD**2
 
 

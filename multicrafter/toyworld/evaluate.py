@@ -56,6 +56,7 @@ MIN_SIDE = 16
 
 
 def overall_score(id_sim: float, leakage: float, layout: float, quality: float) -> float:
+    """The overall score: identity discounted by leakage, plus layout and quality (weights in WEIGHTS)."""
     w = WEIGHTS
     return w["identity"] * id_sim * (1 - leakage) + w["layout"] * layout + w["quality"] * quality
 
@@ -74,6 +75,7 @@ def attribute_similarity(a: Region, b: Region) -> dict[str, float]:
 
 
 def identity_similarity(a: Region, b: Region) -> float:
+    """Mean of the shape, colour and pattern similarities of two regions, in [0, 1]."""
     s = attribute_similarity(a, b)
     return (s["shape"] + s["colour"] + s["pattern"]) / 3.0
 

@@ -49,6 +49,7 @@ def subject_phrase(subject: dict, style: str = "full") -> str:
 
 
 def background_phrase(background: dict) -> str:
+    """The prompt's background phrase, e.g. 'on a plain white background'."""
     colour, texture = background["colour"], background["texture"]
     if texture == "plain":
         return f"on a plain {colour} background"

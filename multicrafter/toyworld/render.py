@@ -30,6 +30,7 @@ _STAR_INNER = 0.45
 
 
 def texture_tone(colour: str) -> tuple[int, int, int]:
+    """The second tone of a textured background: the base colour darkened by TEXTURE_TONE."""
     return tuple(int(round(c * TEXTURE_TONE)) for c in BACKGROUNDS[colour])
 
 

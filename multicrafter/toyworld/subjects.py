@@ -38,6 +38,8 @@ SIMILAR_KINDS = ("colour", "pattern")
 
 @dataclass(frozen=True)
 class Identity:
+    """One ToyWorld subject: a shape in a body colour with a pattern in an accent colour."""
+
     shape: str
     body: str      # main colour
     accent: str    # pattern colour
@@ -45,6 +47,7 @@ class Identity:
 
     @property
     def id(self) -> str:
+        """Stable identifier 'shape-body-accent-pattern'."""
         return f"{self.shape}-{self.body}-{self.accent}-{self.pattern}"
 
     @property
@@ -54,13 +57,16 @@ class Identity:
 
     @property
     def colours(self) -> tuple[str, str]:
+        """(body, accent) colour names."""
         return (self.body, self.accent)
 
     def to_dict(self) -> dict:
+        """The form stored in scene specs (and metadata lines)."""
         return {"id": self.id, "shape": self.shape, "colours": [self.body, self.accent], "pattern": self.pattern}
 
     @staticmethod
     def from_dict(d: dict) -> Identity:
+        """Inverse of `to_dict`."""
         body, accent = d["colours"]
         return Identity(shape=d["shape"], body=body, accent=accent, pattern=d["pattern"])
 
@@ -98,6 +104,7 @@ def identities(split: str = "train") -> tuple[Identity, ...]:
 
 
 def by_id(identity_id: str) -> Identity:
+    """The identity with this id; ValueError for a malformed or unknown id."""
     try:
         shape, body, accent, pattern = identity_id.split("-")
     except ValueError:
