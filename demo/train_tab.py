@@ -19,7 +19,7 @@ import gradio as gr
 import yaml
 
 from multicrafter.errors import UserError
-from train.common import read_metrics
+from train.metrics_log import read_metrics
 
 from .inputs import list_datasets, resolve_dataset, ui_errors
 from .jobs import JOB_NAME, LOG_NAME, Job, JobRunner, python_module_argv

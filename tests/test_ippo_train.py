@@ -17,9 +17,10 @@ from multicrafter.errors import UserError
 from multicrafter.rewards.base import RewardOutput
 from multicrafter.rewards.toyworld_reward import ToyReward
 from multicrafter.rollout import GroupInput, RolloutOptions, rollout
-from train.common import load_config, read_metrics
+from train.config import load_config
 from train.ippo import IPPOConfig, cached_groups, main, train
 from train.ippo_inputs import load_prompts, score
+from train.metrics_log import read_metrics
 
 CONFIG = Path(__file__).resolve().parent.parent / "train" / "configs" / "tiny_ippo.yaml"
 REQUIRED = ("step", "reward", "reward_text", "reward_aes", "reward_id", "ratio_mean", "ratio_first", "clip_frac",
@@ -240,3 +241,14 @@ def test_the_group_cache_never_drops_a_prompt_the_step_needs():
         assert got == [f"ctx{i}" for i in step_ids]
         assert len(cache) <= 4
     assert encoded == [0, 1, 2, 3, 4, 5, 6]  # [1, 4] kept 1 when it cleared; [5, 5] encoded 5 once
+
+
+def test_a_folder_held_by_a_live_run_is_refused_before_anything_is_written(tmp_path):
+    from train.run_lock import LOCK_FILE, RunLock
+
+    with RunLock(tmp_path):
+        with pytest.raises(UserError, match=f"output dir {tmp_path} is used by a running job") as err:
+            main(["--config", str(CONFIG), "--output-dir", str(tmp_path), "--max-steps", "1"])
+        assert "\n" not in str(err.value)
+        assert [p.name for p in tmp_path.iterdir()] == [LOCK_FILE]
+    assert list(tmp_path.iterdir()) == []

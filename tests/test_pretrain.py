@@ -21,7 +21,9 @@ from multicrafter.attention import CaptureAttnProcessor
 from multicrafter.errors import UserError
 from multicrafter.losses import noisy_latents, sample_sigmas
 from multicrafter.references import predict_velocity
-from train.common import load_checkpoint, read_metrics
+from train.checkpoints import load_checkpoint
+from train.config import load_config
+from train.metrics_log import read_metrics
 from train.pretrain import PretrainConfig, Trainer, main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,8 +61,6 @@ def world(tmp_path_factory) -> Path:
 
 
 def _trainer(tmp_path: Path, world: Path, **overrides) -> Trainer:
-    from train.common import load_config
-
     cfg = load_config(write_cfg(tmp_path / "cfg", world, **overrides), PretrainConfig)
     return Trainer(cfg, tmp_path / "out")
 
@@ -306,6 +306,7 @@ def test_bad_configs_stop_with_one_line(tmp_path, world, case):
     with pytest.raises(UserError) as e:
         main(["--config", str(cfg), "--output-dir", str(tmp_path / "out")])
     assert needle in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "run.lock").exists()          # a failed start releases the folder
 
 
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
@@ -323,8 +324,6 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
                                   "toy_adapter_baseline",
                                   "toy_adapter_attn", "toy_adapter_attn_moe", "flux_dev_adapter"])
 def test_shipped_configs_parse(name):
-    from train.common import load_config
-
     cfg = load_config(REPO / "train" / "configs" / f"{name}.yaml", PretrainConfig)
     assert cfg.train.mode == ("base" if name.startswith("recipe/") else "adapter")
     if name == "flux_dev_adapter":  # the paper's settings
@@ -472,19 +471,44 @@ def test_references_at_timestep_zero_train_and_carry_to_inference(tmp_path, worl
     assert pipe.reference_options.ref_timestep_zero
 
 
-def test_stopping_with_max_steps_logs_what_an_uninterrupted_run_logs(tmp_path, world):
-    """With log_every 2, a run cut at step 3 must not log step 3 (the full run does not), so the resumed file equals
-    the uninterrupted one."""
+def test_stopping_with_max_steps_logs_what_an_uninterrupted_run_logs(tmp_path, world, monkeypatch):
+    """With log_every 2 (and runs this short treated as long), a run cut at step 3 logs step 3 so its curve ends
+    where it stopped, and drops that record when resumed, so the resumed file equals the uninterrupted one."""
+    monkeypatch.setattr("train.metrics_log.SHORT_RUN_STEPS", 0)
     cfg = write_cfg(tmp_path, world, train__max_steps=4, output__log_every=2, output__checkpoint_every=0,
                     adapter__type="lora", attention_loss__weight=0.0)
     full, cut = tmp_path / "full", tmp_path / "cut"
     main(["--config", str(cfg), "--output-dir", str(full)])
     main(["--config", str(cfg), "--output-dir", str(cut), "--max-steps", "3"])
-    assert [r["step"] for r in read_metrics(cut)] == [2]
+    assert [r["step"] for r in read_metrics(cut)] == [2, 3]
     main(["--config", str(cfg), "--output-dir", str(cut), "--resume"])
     a, b = read_metrics(full), read_metrics(cut)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4]
     assert [[r[k] for k in LOSS_KEYS] for r in a] == [[r[k] for k in LOSS_KEYS] for r in b]
+
+
+def test_a_short_run_of_a_long_config_logs_every_step(tmp_path, world):
+    """--max-steps 6 of a config with log_every 10 (what the Train tab starts): the curve has all 6 points."""
+    cfg = write_cfg(tmp_path, world, train__max_steps=2000, output__log_every=10, output__checkpoint_every=0,
+                    adapter__type="lora", attention_loss__weight=0.0, data__num_validation=0)
+    out = tmp_path / "run"
+    assert main(["--config", str(cfg), "--output-dir", str(out), "--max-steps", "6"]) == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_folder_held_by_a_live_run_is_refused_before_anything_is_written(tmp_path, world):
+    from train.run_lock import LOCK_FILE, RunLock
+
+    cfg = write_cfg(tmp_path, world, adapter__type="lora")
+    out = tmp_path / "held"
+    with RunLock(out):
+        for extra in ([], ["--resume"]):
+            with pytest.raises(UserError) as err:
+                main(["--config", str(cfg), "--output-dir", str(out), *extra])
+            assert str(err.value) == (f"output dir {out} is used by a running job (pid {os.getpid()}); stop it or "
+                                      "choose another --output-dir")
+            assert [p.name for p in out.iterdir()] == [LOCK_FILE]
+    assert list(out.iterdir()) == []
 
 
 def test_ref_timestep_zero_reaches_validation_and_survives_it(tmp_path, world):

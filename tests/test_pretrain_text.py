@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from multicrafter import MultiCrafterPipeline
 from multicrafter.errors import UserError
 from tests.test_pretrain import LOSS_KEYS, write_cfg
-from train.common import load_config, read_metrics
+from train.config import load_config
+from train.metrics_log import read_metrics
 from train.pretrain import PretrainConfig, Trainer, main
 
 TEXT = dict(train__mode="base", attention_loss__weight=0.0, train__train_text_encoders=True,
@@ -96,7 +97,7 @@ def test_bad_text_settings_stop_with_one_line(tmp_path, world, over, needle):
 def test_local_position_bias_gives_each_head_one_window_of_neighbours():
     from transformers.models.t5.modeling_t5 import T5Attention
 
-    from train.pretrain import local_position_bias
+    from train.toy_base import local_position_bias
 
     bias = local_position_bias(32, 4, 128, strength=6.0)
 
@@ -115,7 +116,7 @@ def test_local_position_bias_gives_each_head_one_window_of_neighbours():
 def test_local_heads_make_a_word_depend_on_its_neighbours():
     """The toy's diagnosis in a test: the tiny random T5 (the frozen-text base's text side) gives a word almost the
     same vector whatever surrounds it; rebuilt with local windows it does not."""
-    from train.pretrain import rebuild_t5_position_bias
+    from train.toy_base import rebuild_t5_position_bias
 
     pipe = MultiCrafterPipeline.from_pretrained("tiny")
     tok = pipe.tokenizer_2

@@ -1,30 +1,34 @@
-"""train.common: typed YAML configs, metrics truncation on resume, atomic checkpoints, RNG round trip, schedules."""
+"""What the trainers share: typed YAML configs, metrics.jsonl (which steps, truncation on resume), atomic
+checkpoints, RNG round trip, schedules, the accelerator, and the output folder's lock."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from multicrafter.errors import UserError
-from train.common import (
-    EMA,
-    MetricsLogger,
-    OptimConfig,
-    build_optimizer,
+from train.checkpoints import (
     capture_rng_state,
     latest_checkpoint,
     load_checkpoint,
-    load_config,
-    lr_factor,
-    read_metrics,
+    resolve_resume,
     restore_rng_state,
     save_checkpoint,
-    setup_accelerator,
 )
+from train.config import load_config
+from train.metrics_log import SHORT_RUN_STEPS, LogSchedule, MetricsLogger, read_metrics
+from train.optim import EMA, OptimConfig, build_optimizer, lr_factor
+from train.run_lock import LOCK_FILE, RunLock
+from train.run_setup import claim_output_dir, resume_point, setup_accelerator
 
 
 @dataclass
@@ -148,8 +152,6 @@ def test_setup_accelerator_cpu():
 
 
 def test_resolve_resume_refuses_existing_checkpoints_without_resume(tmp_path, capsys):
-    from train.common import resolve_resume
-
     assert resolve_resume(tmp_path / "new", resume=False) is None
     assert resolve_resume(tmp_path, resume=True) is None
     assert "starting from step 0" in capsys.readouterr().out
@@ -160,3 +162,109 @@ def test_resolve_resume_refuses_existing_checkpoints_without_resume(tmp_path, ca
         resolve_resume(tmp_path, resume=False)
     assert "\n" not in str(err.value)
     assert resolve_resume(tmp_path, resume=True) == tmp_path / "checkpoint-3"
+
+
+# ------------------------------------------------------------------------------------------------ which steps are logged
+
+
+def test_short_runs_log_every_step_and_every_run_logs_its_last_step():
+    tab_run = LogSchedule(every=10, horizon=2000, stop=6)          # --max-steps 6 of a long config (the Train tab)
+    assert [s for s in range(1, 7) if tab_run.due(s)] == [1, 2, 3, 4, 5, 6]
+    full = LogSchedule(every=10, horizon=2000, stop=2000)
+    assert [s for s in range(1, 31) if full.due(s)] == [10, 20, 30] and full.due(2000)
+    cut = LogSchedule(every=10, horizon=2000, stop=73)              # stopped early: its last step is logged too
+    assert [s for s in range(61, 74) if cut.due(s)] == [70, 73]
+    rare = LogSchedule(every=500, horizon=200, stop=200)            # log_every beyond the run: every step
+    assert all(rare.due(s) for s in range(1, 201))
+    assert SHORT_RUN_STEPS < 73
+
+
+@pytest.mark.parametrize("every, horizon", [(1, 200), (10, 200), (7, 40), (300, 200)])
+def test_a_resumed_metrics_file_equals_an_uninterrupted_one(tmp_path, every, horizon):
+    """A run logs the steps its schedule calls due, is cut at any step (its checkpoint) and resumed to the end, maybe
+    through more cuts: the file then holds exactly the steps of one uninterrupted run to the same end."""
+    def run(folder, start, stop, resumed):
+        schedule = LogSchedule(every, horizon, stop)
+        with MetricsLogger(folder, resume_step=start if resumed else None, keep=schedule.due) as m:
+            for s in range(start + 1, stop + 1):
+                if schedule.due(s):
+                    m.log({"step": s})
+
+    for end in (30, 45, horizon):
+        ref = tmp_path / f"full{end}"
+        run(ref, 0, end, False)
+        want = [r["step"] for r in read_metrics(ref)]
+        for cuts in ([3], [17], [44], [12, 29], [60, 150], [51, 52, 53]):
+            cuts = [c for c in cuts if c < end]
+            folder = tmp_path / f"cut{end}-{'-'.join(map(str, cuts))}"
+            start = 0
+            for c in cuts:
+                run(folder, start, c, start > 0)
+                with open(folder / "metrics.jsonl", "a") as fh:   # steps a killed run logged after its checkpoint
+                    fh.write(json.dumps({"step": c + 1}) + "\n")
+                start = c
+            run(folder, start, end, start > 0)
+            assert [r["step"] for r in read_metrics(folder)] == want, (end, cuts)
+
+
+# ------------------------------------------------------------------------------------------------ the output folder's lock
+
+HOLD = """
+import sys, time
+from train.run_lock import RunLock
+lock = RunLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_folder_held_by_a_live_run_is_refused_and_a_dead_runs_lock_taken_over(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in tmp_path.iterdir())
+        with pytest.raises(UserError) as err:
+            RunLock(tmp_path).acquire()
+        assert str(err.value) == (f"output dir {tmp_path} is used by a running job (pid {holder.pid}); stop it or "
+                                  "choose another --output-dir")
+        assert sorted(p.name for p in tmp_path.iterdir()) == before == [LOCK_FILE]
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == holder.pid      # the owner's record is kept
+    finally:
+        holder.kill()   # SIGKILL: no clean-up, the lock file stays behind
+        holder.wait()
+    assert (tmp_path / LOCK_FILE).is_file()
+    lock = RunLock(tmp_path)
+    note = lock.acquire()
+    assert note and f"pid {holder.pid}" in note and "taking it over" in note
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_the_lock_is_released_on_exceptions_and_held_per_folder(tmp_path):
+    with pytest.raises(RuntimeError), RunLock(tmp_path / "a"):
+        assert (tmp_path / "a" / LOCK_FILE).is_file()
+        with pytest.raises(UserError, match="is used by a running job"):
+            RunLock(tmp_path / "a").acquire()
+        with RunLock(tmp_path / "b"):      # another folder is free
+            pass
+        raise RuntimeError("the run failed")
+    assert not (tmp_path / "a" / LOCK_FILE).exists()
+    with RunLock(tmp_path / "a") as again:  # free again, no note about a dead run
+        assert again.held
+
+
+def test_claim_and_resume_point_in_a_single_process(tmp_path, capsys):
+    acc = setup_accelerator(cpu=True)
+    lock = claim_output_dir(acc, tmp_path)
+    assert lock.held and capsys.readouterr().out == ""
+    with pytest.raises(UserError, match="used by a running job"):
+        claim_output_dir(acc, tmp_path)
+    assert resume_point(acc, tmp_path, resume=False) is None
+    save_checkpoint(tmp_path, 2, {"x": 1})
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        resume_point(acc, tmp_path, resume=False)
+    assert resume_point(acc, tmp_path, resume=True) == tmp_path / "checkpoint-2"
+    lock.release()

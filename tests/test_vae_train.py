@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from multicrafter.errors import UserError
-from train.common import read_metrics
+from train.metrics_log import read_metrics
 from train.vae import main
 
 TINY = {
@@ -51,3 +51,15 @@ def test_resume_is_bit_exact_and_the_final_vae_loads(tmp_path, config):
     vae = AutoencoderKL.from_pretrained(cut / "vae")
     assert vae.config.block_out_channels == [8, 8] and vae.config.scaling_factor != 1.0
     assert [p.name for p in cut.iterdir() if "vae" in p.name] == ["vae"]   # no temp folders left
+
+
+def test_a_folder_held_by_a_live_run_is_refused_before_anything_is_written(tmp_path, config):
+    from train.run_lock import LOCK_FILE, RunLock
+
+    out = tmp_path / "held"
+    with RunLock(out):
+        with pytest.raises(UserError, match=f"output dir {out} is used by a running job") as err:
+            main(["--config", str(config), "--output-dir", str(out)])
+        assert "\n" not in str(err.value)
+        assert [p.name for p in out.iterdir()] == [LOCK_FILE]
+    assert list(out.iterdir()) == []

@@ -19,9 +19,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
 from multicrafter.errors import ArgumentParser, UserError, run_cli
 from multicrafter.io import replace_dir
-from multicrafter.presets import MANIFEST, read_manifest
+from multicrafter.presets import MANIFEST, SAMPLING_CONFIG, read_manifest, true_cfg_arguments
 
 MAX_BYTES = 40 * 2**20
 KEEP_SUFFIXES = (".safetensors", ".json", ".txt", ".md")
@@ -41,10 +45,6 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 def to_half(folder: Path) -> None:
     """Rewrite every safetensors file under `folder` with float32 tensors stored as float16 (metadata kept)."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     for f in sorted(folder.rglob("*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:
             meta = fh.metadata()
@@ -62,8 +62,6 @@ def set_true_cfg(folder: Path, scale: float) -> None:
 
     Why: the toy base is trained with 10 % empty captions, so it has an unconditional branch, and at 20 steps its
     conditional samples are washed out (held-out overall 0.521 without, 0.570 with a scale of 3; runs/toy_notes.md)."""
-    from multicrafter.presets import SAMPLING_CONFIG, true_cfg_arguments
-
     arguments = true_cfg_arguments(scale)  # checks the value
     path = folder / SAMPLING_CONFIG
     data = json.loads(path.read_text()) if path.is_file() else {}

@@ -6,8 +6,9 @@ One iteration (a linear Flow-GRPO-style loop): pick the window S for this iterat
 `groups_per_step` prompts (SDE inside S, ODE elsewhere, log pi_old stored for S only); score them (failures are 0,
 never a crash); normalise advantages within each prompt's group; then `inner_updates` optimizer steps on the GSPO
 loss, each recomputing log pi_theta of the stored window transitions through the same code as the rollout (the first
-one has ratio exactly 1, logged as `ratio_first`). Only adapter parameters train. Prompts and noise are pure
-functions of (seed, step, process), so `--resume` continues exactly where the last checkpoint left off.
+one has ratio exactly 1, logged as `ratio_first`); log the step and checkpoint. Only adapter parameters train. Prompts
+and noise are pure functions of (seed, step, process), so `--resume` continues exactly where the last checkpoint left
+off, with one process or several (data parallel: each process rolls out its own prompts, gradients are averaged).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from multicrafter.adapters import DEFAULT_LORA_TARGETS, AdapterConfig, adapter_parameters, add_adapter, save_adapter
 from multicrafter.errors import UserError, run_cli
 from multicrafter.gspo import compute_advantages, gspo_loss
 from multicrafter.io import save_image_atomic
 from multicrafter.moe_lora import MoELoRAConfig, set_router_noise
+from multicrafter.ref_timestep import install_ref_timestep
 from multicrafter.rewards.base import COMPONENTS
 from multicrafter.rollout import (
     GroupContext,
@@ -41,24 +44,14 @@ from multicrafter.rollout import (
     window_log_probs,
 )
 from multicrafter.sde import WindowSchedule
-from train.common import (
-    OptimConfig,
-    build_model,
-    build_optimizer,
-    capture_rng_state,
-    config_to_dict,
-    grad_norm,
-    load_checkpoint,
-    load_config,
-    parse_set_overrides,
-    resolve_resume,
-    restore_rng_state,
-    save_checkpoint,
-    seed_everything,
-    setup_accelerator,
-    training_parser,
-)
-from train.ippo_inputs import PromptsConfig, RewardConfig, build_reward, load_prompts, score
+
+from .checkpoints import gather_rng_states, load_checkpoint, restore_rank_rng_state, save_on_main, seed_everything
+from .config import config_to_dict, load_config, parse_set_overrides, training_parser
+from .data import ToyWorldSource
+from .ippo_inputs import PromptsConfig, RewardConfig, build_reward, load_prompts, score
+from .metrics_log import MetricsLogger
+from .optim import OptimConfig, build_optimizer, grad_norm
+from .run_setup import build_model, claim_output_dir, parse_dtype, resume_point, setup_accelerator
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -122,7 +115,7 @@ class TrainConfig:
 @dataclass
 class IPPOConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(toyworld=_default_toyworld()))
+    prompts: PromptsConfig = field(default_factory=lambda: PromptsConfig(toyworld=ToyWorldSource()))
     sampling: RolloutOptions = field(default_factory=RolloutOptions)
     window: WindowConfig = field(default_factory=WindowConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -144,25 +137,15 @@ class IPPOConfig:
                               seed=self.train.seed)
 
 
-def _default_toyworld():
-    from train.data import ToyWorldSource
-
-    return ToyWorldSource()
-
-
-# ----------------------------------------------------------------------------------------------- model
+# ----------------------------------------------------------------------------------------------- setup
 
 
 def setup_adapter(pipe, cfg: ModelConfig) -> list[torch.nn.Parameter]:
     """Load the starting adapter or add a fresh one; return the trainable parameters (adapter only)."""
-    from multicrafter.adapters import DEFAULT_LORA_TARGETS, AdapterConfig, adapter_parameters, add_adapter
-
     transformer = pipe.transformer
     if cfg.adapter:
         pipe.load_adapter(cfg.adapter)
         if pipe.reference_options.ref_timestep_zero:  # trained with references at t = 0: rollouts must match inference
-            from multicrafter.ref_timestep import install_ref_timestep
-
             install_ref_timestep(transformer).enabled = True
     else:
         add_adapter(transformer, AdapterConfig(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
@@ -170,8 +153,6 @@ def setup_adapter(pipe, cfg: ModelConfig) -> list[torch.nn.Parameter]:
                                                moe=cfg.moe, extra={"trained_by": "ippo"}))
         pipe.adapter_name = "ippo"
     set_router_noise(transformer, 0.0)  # GSPO needs identical routing in rollout and update
-    from train.common import parse_dtype
-
     dtype = parse_dtype(cfg.adapter_dtype)
     params = adapter_parameters(transformer)
     for p in params:
@@ -185,7 +166,36 @@ def setup_adapter(pipe, cfg: ModelConfig) -> list[torch.nn.Parameter]:
     return params
 
 
-# ----------------------------------------------------------------------------------------------- update
+# ----------------------------------------------------------------------------------------------- rollout inputs
+
+
+def _seed_for(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def pick_groups(n_prompts: int, step: int, per_process: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Prompt indices of this process at `step` (a fixed permutation per step, cycled when the pool is small)."""
+    perm = np.random.default_rng(_seed_for(seed, step, 7)).permutation(n_prompts)
+    total = per_process * world
+    chosen = [int(perm[i % n_prompts]) for i in range(total)]
+    return chosen[rank * per_process : (rank + 1) * per_process]
+
+
+def cached_groups(cache: dict[int, Any], ids: Sequence[int], encode: Callable[[int], Any],
+                  limit: int = 64) -> list[Any]:
+    """The encoded groups of `ids`, encoding only new prompts. The cache is bounded (FLUX T5 embeddings are ~4 MB per
+    prompt on the GPU); when it is full, every entry except this step's is dropped, never one this step needs."""
+    new = [i for i in dict.fromkeys(ids) if i not in cache]
+    if new and len(cache) + len(new) > limit:
+        keep = {i: cache[i] for i in ids if i in cache}
+        cache.clear()
+        cache.update(keep)
+    for i in new:
+        cache[i] = encode(i)
+    return [cache[i] for i in ids]
+
+
+# ----------------------------------------------------------------------------------------------- GSPO update
 
 
 def policy_update(model, ro: Rollout, advantages: torch.Tensor, cfg: GSPOConfig, optimizer, lr_scheduler,
@@ -239,70 +249,32 @@ def policy_update(model, ro: Rollout, advantages: torch.Tensor, cfg: GSPOConfig,
     }
 
 
-# ----------------------------------------------------------------------------------------------- loop helpers
-
-
-def _seed_for(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-def pick_groups(n_prompts: int, step: int, per_process: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
-    """Prompt indices of this process at `step` (a fixed permutation per step, cycled when the pool is small)."""
-    perm = np.random.default_rng(_seed_for(seed, step, 7)).permutation(n_prompts)
-    total = per_process * world
-    chosen = [int(perm[i % n_prompts]) for i in range(total)]
-    return chosen[rank * per_process : (rank + 1) * per_process]
-
-
-def cached_groups(cache: dict[int, Any], ids: Sequence[int], encode: Callable[[int], Any],
-                  limit: int = 64) -> list[Any]:
-    """The encoded groups of `ids`, encoding only new prompts. The cache is bounded (FLUX T5 embeddings are ~4 MB per
-    prompt on the GPU); when it is full, every entry except this step's is dropped, never one this step needs."""
-    new = [i for i in dict.fromkeys(ids) if i not in cache]
-    if new and len(cache) + len(new) > limit:
-        keep = {i: cache[i] for i in ids if i in cache}
-        cache.clear()
-        cache.update(keep)
-    for i in new:
-        cache[i] = encode(i)
-    return [cache[i] for i in ids]
-
-
-def image_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
-    """Rows of `cols` images (one row per prompt group)."""
-    w, h = images[0].size
-    rows = math.ceil(len(images) / cols)
-    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
-    for i, im in enumerate(images):
-        grid.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[np.isfinite(arr)]
-    return float(arr.mean()) if arr.size else None
-
-
-# ----------------------------------------------------------------------------------------------- train
+# ----------------------------------------------------------------------------------------------- the loop
 
 
 def train(cfg: IPPOConfig, output_dir: str | Path | None = None, max_steps: int | None = None, resume: bool = False,
           reward_fn: Callable | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run IPPO; returns {"output_dir", "adapter_dir", "last": last metrics record, "steps": steps run now}."""
-    from multicrafter.adapters import save_adapter
-    from train.common import MetricsLogger
-
     out = Path(output_dir or cfg.train.output_dir)
     total = cfg.train.max_steps if max_steps is None else max_steps
     if total < 0:
         raise UserError(f"--max-steps must be >= 0, got {total}")
     accelerator = setup_accelerator(cfg.train, gradient_accumulation_steps=1)
-    ckpt = resolve_resume(out, resume, accelerator.is_main_process)
+    lock = claim_output_dir(accelerator, out)   # before anything is written there
+    try:
+        return _train(cfg, accelerator, out, total, resume, reward_fn,
+                      log if accelerator.is_main_process else (lambda s: None))
+    finally:
+        lock.release()
+
+
+def _train(cfg: IPPOConfig, accelerator, out: Path, total: int, resume: bool, reward_fn: Callable | None,
+           log: Callable[[str], None]) -> dict[str, Any]:
+    # setup: resume point, reward (config problems surface before any model loads), prompts, model + adapter, optimizer
+    ckpt = resume_point(accelerator, out, resume)
     seed_everything(cfg.train.seed)
-    reward_fn = reward_fn or build_reward(cfg.reward)        # config and model problems surface before any step
-    active = cfg.reward.active
-    schedule = cfg.window_schedule()
+    reward_fn = reward_fn or build_reward(cfg.reward)
+    active, schedule, G = cfg.reward.active, cfg.window_schedule(), cfg.sampling.group_size
     with accelerator.main_process_first():  # the main process writes the ToyWorld prompt set, the others read it
         prompts: list[GroupInput] = load_prompts(cfg.prompts, out)
     pipe = build_model(cfg.model.name, cfg.model.dtype, device=accelerator.device)
@@ -313,6 +285,7 @@ def train(cfg: IPPOConfig, output_dir: str | Path | None = None, max_steps: int 
     optimizer, lr_scheduler = build_optimizer(params, cfg.optim, horizon)
     model, optimizer = accelerator.prepare(pipe.transformer, optimizer)
     named = {n: p for n, p in pipe.transformer.named_parameters() if p.requires_grad}
+    adapter_dir = out / "adapter"
 
     start = 0
     if ckpt is not None:
@@ -325,27 +298,24 @@ def train(cfg: IPPOConfig, output_dir: str | Path | None = None, max_steps: int 
                 p.copy_(state["adapter"][n])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-        restore_rng_state(state["rng"])
+        restore_rank_rng_state(accelerator, state["rng"], ckpt)
         start = int(state["step"])
         log(f"resumed from {ckpt} at step {start}")
-    metrics = MetricsLogger(out, resume_step=start if ckpt is not None else None,
-                            enabled=accelerator.is_main_process)
-    contexts: dict[int, GroupContext] = {}
-    adapter_dir = out / "adapter"
-    last: dict[str, Any] = {}
-    G = cfg.sampling.group_size
 
     def checkpoint(step: int) -> None:
-        accelerator.wait_for_everyone()
+        state = {"step": step, "adapter": {n: p.detach().cpu().clone() for n, p in named.items()},
+                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                 "rng": gather_rng_states(accelerator), "config": config_to_dict(cfg)}
         if accelerator.is_main_process:
             save_adapter(pipe.transformer, adapter_dir)
-            save_checkpoint(out, step, {
-                "step": step, "adapter": {n: p.detach().cpu().clone() for n, p in named.items()},
-                "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "rng": capture_rng_state(), "config": config_to_dict(cfg)}, keep_last=cfg.train.keep_last)
+        save_on_main(accelerator, out, step, state, cfg.train.keep_last)
 
+    metrics = MetricsLogger(out, resume_step=start if ckpt is not None else None, enabled=accelerator.is_main_process)
+    contexts: dict[int, GroupContext] = {}
+    last: dict[str, Any] = {}
     try:
         for step in range(start + 1, total + 1):
+            # rollout: this process's prompts, SDE inside the window
             t0 = time.perf_counter()
             window = schedule.steps(step - 1)
             ids = pick_groups(len(prompts), step, cfg.train.groups_per_step, cfg.train.seed,
@@ -353,33 +323,23 @@ def train(cfg: IPPOConfig, output_dir: str | Path | None = None, max_steps: int 
             groups = cached_groups(contexts, ids, lambda i: encode_group(pipe, prompts[i], cfg.sampling))
             gen = torch.Generator().manual_seed(_seed_for(cfg.train.seed, step, accelerator.process_index))
             ro = rollout(pipe, groups, window, cfg.sampling, generator=gen, model=model)
+            # reward and group-normalised advantages
             t1 = time.perf_counter()
             scores = score(reward_fn, ro, active)
             adv = compute_advantages({k: scores.components[k] for k in active}, active, G,
                                      cfg.reward.aggregation, cfg.gspo.adv_clip)
+            # GSPO update
             t2 = time.perf_counter()
             stats = policy_update(model, ro, adv.values, cfg.gspo, optimizer, lr_scheduler, params,
                                   cfg.optim.max_grad_norm, accelerator)
             t3 = time.perf_counter()
-            comps = {k: _gather(accelerator, scores.components[k]) for k in COMPONENTS}
-            rewards = _gather(accelerator, adv.reward.tolist())
-            zero = _gather(accelerator, adv.zero_std.float().tolist())
-            record = {
-                "step": step, "reward": _mean(rewards), **{f"reward_{k}": _mean(v) for k, v in comps.items()},
-                "reward_std": float(np.std(rewards)) if rewards else None,
-                **{k: stats[k] for k in ("ratio_mean", "ratio_first", "clip_frac", "approx_kl")},
-                "window_start": window[0], "window_end": window[-1] + 1,
-                **{k: v for k, v in stats.items() if k not in ("ratio_mean", "ratio_first", "clip_frac", "approx_kl")},
-                "zero_std_frac": _mean(zero), "adv_abs_mean": float(adv.values.abs().mean()),
-                "reward_failures": scores.failed, "reward_notes": len(scores.notes),
-                "lr": lr_scheduler.get_last_lr()[0], "nfe_per_image": ro.network_evals / ro.num_images,
-                "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_train": t3 - t2,
-            }
-            metrics.log(record)
-            last = record
-            log(f"step {step}/{total} reward {_fmt(record['reward'])} ratio_first {record['ratio_first']:.6f} "
-                f"clip {record['clip_frac']:.3f} kl {record['approx_kl']:.2e} window {window[0]}-{window[-1]} "
-                f"zero-std {_fmt(record['zero_std_frac'])} ({t3 - t0:.1f}s)")
+            # metrics (every process's rewards), samples, checkpoint
+            last = _record(accelerator, step, window, scores, adv, stats, ro, lr_scheduler.get_last_lr()[0],
+                           (t1 - t0, t2 - t1, t3 - t2))
+            metrics.log(last)
+            log(f"step {step}/{total} reward {_fmt(last['reward'])} ratio_first {last['ratio_first']:.6f} "
+                f"clip {last['clip_frac']:.3f} kl {last['approx_kl']:.2e} window {window[0]}-{window[-1]} "
+                f"zero-std {_fmt(last['zero_std_frac'])} ({t3 - t0:.1f}s)")
             if scores.failed:
                 log(f"  reward failures this step: {scores.failed} image(s) scored 0 ({scores.notes[0]})")
             if cfg.train.sample_every and step % cfg.train.sample_every == 0 and accelerator.is_main_process:
@@ -393,11 +353,47 @@ def train(cfg: IPPOConfig, output_dir: str | Path | None = None, max_steps: int 
     return {"output_dir": str(out), "adapter_dir": str(adapter_dir), "last": last, "steps": total - start}
 
 
+def _record(accelerator, step: int, window: list[int], scores, adv, stats: dict[str, Any], ro: Rollout, lr: float,
+            times: tuple[float, float, float]) -> dict[str, Any]:
+    """The step's metrics line: rewards over every process's images, the GSPO statistics, timings."""
+    comps = {k: _gather(accelerator, scores.components[k]) for k in COMPONENTS}
+    rewards = _gather(accelerator, adv.reward.tolist())
+    zero = _gather(accelerator, adv.zero_std.float().tolist())
+    first = ("ratio_mean", "ratio_first", "clip_frac", "approx_kl")
+    return {
+        "step": step, "reward": _mean(rewards), **{f"reward_{k}": _mean(v) for k, v in comps.items()},
+        "reward_std": float(np.std(rewards)) if rewards else None,
+        **{k: stats[k] for k in first},
+        "window_start": window[0], "window_end": window[-1] + 1,
+        **{k: v for k, v in stats.items() if k not in first},
+        "zero_std_frac": _mean(zero), "adv_abs_mean": float(adv.values.abs().mean()),
+        "reward_failures": scores.failed, "reward_notes": len(scores.notes),
+        "lr": lr, "nfe_per_image": ro.network_evals / ro.num_images,
+        "time_rollout": times[0], "time_reward": times[1], "time_train": times[2],
+    }
+
+
+def image_grid(images: Sequence[Image.Image], cols: int) -> Image.Image:
+    """Rows of `cols` images (one row per prompt group)."""
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
 def _gather(accelerator, values: list[float]) -> list[float]:
     if accelerator.num_processes == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float32, device=accelerator.device)
     return accelerator.gather(t).cpu().tolist()
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    return float(arr.mean()) if arr.size else None
 
 
 def _fmt(v: float | None) -> str:
@@ -408,7 +404,8 @@ def _fmt(v: float | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return training_parser("python -m train.ippo", __doc__.split("\n\n")[0], "YAML config (train/configs/*_ippo.yaml)", "override train.output_dir")
+    return training_parser("python -m train.ippo", __doc__.split("\n\n")[0],
+                           "YAML config (train/configs/*_ippo.yaml)", "override train.output_dir")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -423,5 +420,5 @@ if __name__ == "__main__":
     run_cli(main)
 
 
-__all__ = ["GSPOConfig", "IPPOConfig", "ModelConfig", "TrainConfig", "WindowConfig", "policy_update", "setup_adapter",
-           "train", "main", "cached_groups"]
+__all__ = ["GSPOConfig", "IPPOConfig", "ModelConfig", "TrainConfig", "WindowConfig", "cached_groups", "main",
+           "policy_update", "setup_adapter", "train"]

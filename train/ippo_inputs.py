@@ -9,6 +9,7 @@ before the first step, with one line.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Any
 
 from multicrafter.errors import UserError, one_line
 from multicrafter.rewards.base import COMPONENTS, RewardBatch
+from multicrafter.rewards.toyworld_reward import ToyReward
 from multicrafter.rollout import GroupInput, Rollout
-from train.data import ToyWorldSource, ensure_toyworld, load_samples
+
+from .data import ToyWorldSource, ensure_toyworld, load_samples
 
 # ----------------------------------------------------------------------------------------------- prompts
 
@@ -81,10 +84,9 @@ class RewardConfig:
 def build_reward(cfg: RewardConfig):
     """The reward function, checked before training: a weighted component the reward cannot compute is an error."""
     if cfg.kind == "toy":
-        from multicrafter.rewards.toyworld_reward import ToyReward
-
         fn = ToyReward()
     elif cfg.kind == "real":
+        # an optional heavy backend (CLIP, aesthetic head, face models): imported only when a run asks for it
         from multicrafter.rewards.real import RealReward
 
         try:
@@ -112,8 +114,6 @@ def build_reward(cfg: RewardConfig):
 
 def _is_reward_fn(obj: Any) -> bool:
     """A factory is called with no arguments; a reward function takes the batch."""
-    import inspect
-
     try:
         return len(inspect.signature(obj).parameters) >= 1
     except (TypeError, ValueError):

@@ -19,21 +19,25 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from multicrafter.errors import ArgumentParser, UserError, run_cli
-from train.common import (
-    MetricsLogger,
-    OptimConfig,
-    build_optimizer,
+from multicrafter.io import replace_dir
+from multicrafter.toyworld.make_dataset import build_sample
+
+from .checkpoints import (
     capture_rng_state,
     checkpoint_step,
     load_checkpoint,
-    load_config,
     resolve_resume,
     restore_rng_state,
     save_checkpoint,
 )
+from .config import load_config
+from .metrics_log import LogSchedule, MetricsLogger
+from .optim import OptimConfig, build_optimizer
+from .run_lock import RunLock
 
 
 @dataclass
@@ -80,8 +84,6 @@ class VAEConfig:
 
 
 def build_vae(cfg: VAEModelConfig):
-    from diffusers import AutoencoderKL
-
     n = len(cfg.block_out_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=cfg.latent_channels, layers_per_block=cfg.layers_per_block,
@@ -93,8 +95,6 @@ def build_vae(cfg: VAEModelConfig):
 
 def batch_at(step: int, cfg: VAEConfig) -> torch.Tensor:
     """The training batch of a step: a pure function of (seed, step), so resuming needs no data state."""
-    from multicrafter.toyworld.make_dataset import build_sample
-
     d, bs = cfg.data, cfg.train.batch_size
     rng = np.random.default_rng(np.random.SeedSequence([d.seed, 7, step]))
     crops = []
@@ -142,8 +142,6 @@ def vae_loss(vae, x: torch.Tensor, cfg: VAETrainConfig) -> tuple[torch.Tensor, d
 @torch.no_grad()
 def latent_statistics(vae, cfg: VAEConfig) -> tuple[float, float]:
     """FLUX-style normalisation constants: (shift, scale) with scale = 1 / std of the shifted latents."""
-    from multicrafter.toyworld.make_dataset import build_sample
-
     zs = []
     for i in range(cfg.train.stats_samples):
         s = build_sample(cfg.data.seed + 1, i, split="train", size=cfg.data.scene_size, ref_size=cfg.data.ref_size)
@@ -155,8 +153,6 @@ def latent_statistics(vae, cfg: VAEConfig) -> tuple[float, float]:
 
 def save_vae(vae, target: Path) -> Path:
     """`save_pretrained` into a temp sibling folder swapped in at the end: `target` is never a half-written VAE."""
-    from multicrafter.io import replace_dir
-
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -181,13 +177,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--finalize needs --resume (it finalizes the latest checkpoint)")
     cfg = load_config(args.config, VAEConfig)
     out = Path(args.output_dir or cfg.train.output_dir)
+    with RunLock(out):   # before anything is written there
+        train(cfg, out, args.max_steps, args.resume, args.finalize)
+    return 0
+
+
+def train(cfg: VAEConfig, out: Path, max_steps: int | None, resume: bool, finalize: bool) -> None:
+    """Train to `max_steps` (default train.steps); at the end (or with `finalize`) save OUT/vae."""
     torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.data.seed)
     device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     vae = build_vae(cfg.model).to(device).train()
     opt, sched = build_optimizer(list(vae.parameters()), cfg.optim, cfg.train.steps)
     start = 0
-    ckpt = resolve_resume(out, args.resume)
+    ckpt = resolve_resume(out, resume)
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         vae.load_state_dict({k: v.to(device) for k, v in state["vae"].items()})
@@ -196,8 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         restore_rng_state(state["rng"])
         start = checkpoint_step(ckpt)
         print(f"resumed from {ckpt} (step {start})")
-    logger = MetricsLogger(out, resume_step=start if ckpt is not None else None)
-    end = start if args.finalize else min(cfg.train.steps, args.max_steps or cfg.train.steps)
+    end = start if finalize else min(cfg.train.steps, max_steps or cfg.train.steps)
+    schedule = LogSchedule(cfg.train.log_every, cfg.train.steps, end)
+    logger = MetricsLogger(out, resume_step=start if ckpt is not None else None, keep=schedule.due)
     # Its own generator: creating the iterator draws a seed, which must not come from the global RNG just restored
     # (the posterior samples use that one), or a resumed run would differ from an uninterrupted one.
     loader = torch.utils.data.DataLoader(_StepBatches(cfg, start, end), batch_size=None, shuffle=False,
@@ -205,29 +209,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          generator=torch.Generator().manual_seed(cfg.data.seed))
     bar = tqdm(zip(range(start, end), loader), initial=start, total=end, desc="vae", dynamic_ncols=True)
     t0 = time.perf_counter()
-    for step, x in bar:
-        x = x.to(device)
-        loss, parts = vae_loss(vae, x, cfg.train)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.optim.max_grad_norm)
-        opt.step()
-        sched.step()
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == end:
-            logger.log({"step": step + 1, "loss": float(loss.detach()), **parts, "grad_norm": float(gn),
-                        "lr": sched.get_last_lr()[0], "sec_per_step": (time.perf_counter() - t0) / (step + 1 - start)})
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", psnr=f"{parts['psnr']:.1f}")
-        if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
-            save_checkpoint(out, step + 1, {"vae": vae.state_dict(), "optimizer": opt.state_dict(),
-                                            "scheduler": sched.state_dict(), "rng": capture_rng_state()},
-                            keep_last=cfg.train.keep_last)
-    if end >= cfg.train.steps or args.finalize:
+    with logger:
+        for step, x in bar:
+            x = x.to(device)
+            loss, parts = vae_loss(vae, x, cfg.train)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.optim.max_grad_norm)
+            opt.step()
+            sched.step()
+            if schedule.due(step + 1):
+                logger.log({"step": step + 1, "loss": float(loss.detach()), **parts, "grad_norm": float(gn),
+                            "lr": sched.get_last_lr()[0],
+                            "sec_per_step": (time.perf_counter() - t0) / (step + 1 - start)})
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", psnr=f"{parts['psnr']:.1f}")
+            if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == end:
+                save_checkpoint(out, step + 1, {"vae": vae.state_dict(), "optimizer": opt.state_dict(),
+                                                "scheduler": sched.state_dict(), "rng": capture_rng_state()},
+                                keep_last=cfg.train.keep_last)
+    if end >= cfg.train.steps or finalize:
         vae.eval()
         shift, scale = latent_statistics(vae, cfg)
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
         save_vae(vae.to("cpu"), out / "vae")
         print(f"saved {out / 'vae'} (shift_factor {shift:.4f}, scaling_factor {scale:.4f})")
-    return 0
 
 
 if __name__ == "__main__":
