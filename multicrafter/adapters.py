@@ -22,13 +22,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch  # save_file/load_file looked up at call time, where a crash test replaces them
 import torch
 from diffusers.loaders import FluxLoraLoaderMixin
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import UserError, one_line
@@ -260,7 +260,7 @@ def write_adapter_dir(directory: str | os.PathLike, cfg: AdapterConfig, lora_sd:
             FluxLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=lora_sd,
                                                   transformer_lora_adapter_metadata=lora_meta)
         if moe_sd is not None:
-            save_file(moe_sd, str(tmp / MOE_FILE), metadata={"format": "pt"})
+            safetensors.torch.save_file(moe_sd, str(tmp / MOE_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(config_text + "\n")
         for f in tmp.iterdir():  # the data must be on disk before the folder becomes visible under its name
             with open(f, "rb") as fh:
@@ -387,7 +387,7 @@ def load_adapter(transformer: nn.Module, directory: str | os.PathLike,
         if not (d / MOE_FILE).is_file():
             raise UserError(f"{d} has no {MOE_FILE} but {CONFIG_FILE} asks for MoE-LoRA")
         try:
-            moe_sd = load_file(str(d / MOE_FILE))
+            moe_sd = safetensors.torch.load_file(str(d / MOE_FILE))
         except Exception as exc:
             raise UserError(f"cannot read {d / MOE_FILE}: {one_line(exc)}") from None
         _check_moe_weights(transformer, cfg.moe, moe_sd, d / MOE_FILE)
