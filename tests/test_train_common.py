@@ -151,6 +151,20 @@ def test_setup_accelerator_cpu():
         setup_accelerator(mixed_precision="fp8", cpu=True)
 
 
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharded_setups_are_refused(monkeypatch, kind):
+    """Checkpoints hold whole weights written by the main process: a sharded launch is refused with one line."""
+    from accelerate.utils import DistributedType
+
+    class Launched:
+        def __init__(self, **kwargs):
+            self.distributed_type = DistributedType[kind]
+
+    monkeypatch.setattr("train.run_setup.Accelerator", Launched)
+    with pytest.raises(UserError, match=f"{kind} is not supported: training is single-process or data parallel"):
+        setup_accelerator(cpu=True)
+
+
 def test_resolve_resume_refuses_existing_checkpoints_without_resume(tmp_path, capsys):
     assert resolve_resume(tmp_path / "new", resume=False) is None
     assert resolve_resume(tmp_path, resume=True) is None
