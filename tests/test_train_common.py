@@ -270,6 +270,13 @@ def test_the_lock_is_released_on_exceptions_and_held_per_folder(tmp_path):
         assert again.held
 
 
+def test_an_unusable_output_dir_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match="cannot use output dir") as err:
+        RunLock(tmp_path / "file" / "run").acquire()
+    assert "\n" not in str(err.value)
+
+
 def test_claim_and_resume_point_in_a_single_process(tmp_path, capsys):
     acc = setup_accelerator(cpu=True)
     lock = claim_output_dir(acc, tmp_path)

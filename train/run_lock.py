@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from multicrafter.errors import UserError
+from multicrafter.errors import UserError, one_line
 
 try:
     import fcntl
@@ -52,9 +52,12 @@ class RunLock:
         """Take the lock; returns a note when a dead run's lock file was taken over, else None."""
         if fcntl is None or self._fd is not None:
             return None
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise UserError(f"cannot use output dir {self.output_dir}: {one_line(exc)}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
