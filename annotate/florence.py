@@ -7,7 +7,6 @@ it raises one clear message and the rest of annotation works unchanged.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -23,19 +22,20 @@ from multicrafter.dataset_format import DatasetWriter, SubjectSpec
 from multicrafter.errors import UserError, one_line
 from multicrafter.io import load_image
 from multicrafter.masks import mask_box
-from multicrafter.metrics.loading import allow_downloads
+from multicrafter.metrics.loading import ModelUnavailable, load_pretrained, read_json_config
 
 from .mask_cleanup import refine_mask
 from .sam2 import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_FLORENCE = "florence-community/Florence-2-base-ft"
+FLORENCE_OPTION = ("MULTICRAFTER_FLORENCE", "--florence")  # how a local copy is passed (app variable, CLI flag)
 GROUNDING_PROMPT = "Locate the phrases in the caption: {}"
 _LOC = re.compile(r"<loc_(\d+)>")
 _PHRASE = re.compile(r"([^<>]*?)((?:<loc_\d+>){4,})")
 
 
-class FlorenceUnavailable(UserError):
-    """No Florence-2 weights could be loaded."""
+class FlorenceUnavailable(ModelUnavailable):
+    """No Florence-2 weights could be loaded (offline and not cached, a failed download, or a bad folder)."""
 
 
 @dataclass
@@ -75,24 +75,20 @@ class FlorenceGrounder:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = DEFAULT_FLORENCE, device: str = "cpu",
                         **kwargs: Any) -> FlorenceGrounder:
+        """Load a hub id (downloaded on first use unless HF_HUB_OFFLINE=1) or a local folder; FlorenceUnavailable
+        (one line) when it cannot be loaded."""
         from transformers import AutoTokenizer, Florence2ForConditionalGeneration  # heavy: only when grounding is used
 
-        src = str(name_or_path)
-        local = Path(src).is_dir()
         try:
-            only_local = local or not allow_downloads()
-            model = Florence2ForConditionalGeneration.from_pretrained(src, local_files_only=only_local)
-            tok = AutoTokenizer.from_pretrained(src, local_files_only=only_local)
-        except Exception as exc:  # noqa: BLE001 - any loading failure is the same message for the user
-            raise FlorenceUnavailable(f"Florence-2 weights not available ({src}: {type(exc).__name__}); automatic "
-                                      "pre-annotation is off - annotate by clicking instead") from None
+            model = load_pretrained(Florence2ForConditionalGeneration, name_or_path, "Florence-2", FLORENCE_OPTION)
+            tok = load_pretrained(AutoTokenizer, name_or_path, "Florence-2 tokenizer", FLORENCE_OPTION)
+        except ModelUnavailable as exc:
+            raise FlorenceUnavailable(str(exc)) from None
         size, mean, std = 768, IMAGENET_MEAN, IMAGENET_STD
-        cfg = Path(src) / "preprocessor_config.json" if local else None
-        if cfg is not None and cfg.is_file():
-            pre = json.loads(cfg.read_text())
-            s = pre.get("size", size)
-            size = int(s.get("height", size) if isinstance(s, dict) else s)
-            mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
+        pre = read_json_config(name_or_path, "preprocessor_config.json") or {}
+        s = pre.get("size", size)
+        size = int(s.get("height", size) if isinstance(s, dict) else s)
+        mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
         return cls(model.to(device), tok, image_size=size, mean=mean, std=std, device=device, **kwargs)
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:

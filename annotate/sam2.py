@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,34 +17,32 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from multicrafter.errors import UserError
-from multicrafter.metrics.loading import allow_downloads  # one opt-in rule for every model download
+from multicrafter.metrics.loading import ModelUnavailable, load_pretrained  # one loading rule for every model
 
 DEFAULT_SAM2 = "facebook/sam2.1-hiera-tiny"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-__all__ = ["DEFAULT_SAM2", "IMAGENET_MEAN", "IMAGENET_STD", "Sam2Predictor", "Sam2Unavailable", "allow_downloads",
+SAM2_OPTION = ("MULTICRAFTER_SAM2", "--sam2")  # how a local copy is passed (the app's variable, the CLIs' flag)
+
+__all__ = ["DEFAULT_SAM2", "IMAGENET_MEAN", "IMAGENET_STD", "SAM2_OPTION", "Sam2Predictor", "Sam2Unavailable",
            "image_key", "load_sam2", "preprocess"]
 
 
-class Sam2Unavailable(UserError):
-    """No SAM 2 weights could be loaded (offline, not downloaded, or a bad folder)."""
+class Sam2Unavailable(ModelUnavailable):
+    """No SAM 2 weights could be loaded (offline and not cached, a failed download, or a bad folder)."""
 
 
 def load_sam2(name_or_path: str | os.PathLike = DEFAULT_SAM2, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """A `Sam2Model` from a hub id (facebook/sam2.1-hiera-tiny|small|base-plus|large) or a local folder."""
+    """A `Sam2Model` from a hub id (facebook/sam2.1-hiera-tiny|small|base-plus|large; downloaded on first use unless
+    HF_HUB_OFFLINE=1) or a local folder; Sam2Unavailable (one line) when it cannot be loaded."""
     from transformers import Sam2Model  # heavy: imported only when SAM 2 weights are loaded
 
-    src = str(name_or_path)
-    local = Path(src).is_dir()
     try:
-        model = Sam2Model.from_pretrained(src, dtype=dtype, local_files_only=local or not allow_downloads())
-    except Exception as exc:  # noqa: BLE001 - missing files, no network, wrong folder: one message for the user
-        where = "folder" if local else "hub id"
-        raise Sam2Unavailable(f"SAM 2 weights not available ({where} {src}: {type(exc).__name__}); "
-                              "download them or pass a local folder") from None
+        model = load_pretrained(Sam2Model, name_or_path, "SAM 2", SAM2_OPTION, dtype=dtype)
+    except ModelUnavailable as exc:
+        raise Sam2Unavailable(str(exc)) from None
     return model.to(device).eval()
 
 

@@ -65,26 +65,41 @@ class Segmenter:
     """segment(image, points, labels, box) -> SegmentResult, whatever backend is available."""
 
     def __init__(self, sam2: str | os.PathLike | Any | None = None, device: str = "cpu"):
-        """`sam2`: hub id or folder (default facebook/sam2.1-hiera-tiny), a loaded Sam2Model, or "grabcut"."""
+        """`sam2`: hub id or folder (default facebook/sam2.1-hiera-tiny, downloaded on first use unless
+        HF_HUB_OFFLINE=1), a loaded Sam2Model, or "grabcut"."""
         self.predictor = None
-        self.note = ""
+        self.note = ""     # added to every result: why GrabCut is used
+        self.reason = ""   # why SAM 2 is not in use (one line), empty when it is
+        self.source = ""
         if isinstance(sam2, str) and sam2 == "grabcut":
-            self.note = "using GrabCut (chosen)"
+            self.reason = "GrabCut chosen (sam2=grabcut)"
+            self.note = self.reason
             return
         from . import sam2 as sam2_backend  # imports torch: only when SAM 2 is wanted, GrabCut-only use stays light
 
         if sam2 is None or isinstance(sam2, (str, os.PathLike)):
+            self.source = str(sam2 or sam2_backend.DEFAULT_SAM2)
             try:
-                self.predictor = sam2_backend.Sam2Predictor.from_pretrained(sam2 or sam2_backend.DEFAULT_SAM2,
-                                                                            device=device)
+                self.predictor = sam2_backend.Sam2Predictor.from_pretrained(self.source, device=device)
             except sam2_backend.Sam2Unavailable as exc:
-                self.note = f"{exc}; using the offline GrabCut segmenter instead"
+                self.reason = str(exc)
+                self.note = f"GrabCut fallback: {exc}"
         else:
+            self.source = "a loaded Sam2Model"
             self.predictor = sam2_backend.Sam2Predictor(sam2, device=device)
 
     @property
     def backend(self) -> str:
         return "sam2" if self.predictor is not None else "grabcut"
+
+    def describe(self) -> str:
+        """The backend in use and why, in markdown: '**SAM 2** (facebook/sam2.1-hiera-tiny)' or
+        '**GrabCut fallback** - SAM 2 (...) is not available offline: ...'."""
+        if self.predictor is not None:
+            return f"**SAM 2** ({self.source})"
+        if self.source:
+            return f"**GrabCut fallback** - {self.reason}"
+        return f"**GrabCut** ({self.reason})" if self.reason else "**GrabCut**"
 
     def segment(self, image: Any, points: Any = None, labels: Any = None, box: Any = None,
                 multimask: bool = True) -> SegmentResult:

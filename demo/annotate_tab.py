@@ -39,9 +39,8 @@ class Backends:
             return self._segmenter
 
     def backend_line(self) -> str:
-        seg = self.segmenter()
-        name = "SAM 2" if seg.backend == "sam2" else "GrabCut (offline fallback)"
-        return f"Segmentation backend: **{name}**" + (f" - {seg.note}" if seg.note else "")
+        """The backend in use and why: SAM 2 (which weights), or GrabCut with the reason SAM 2 is not in use."""
+        return f"Segmentation backend: {self.segmenter().describe()}"
 
     def grounder(self):
         with self._lock:
@@ -324,8 +323,9 @@ def build(data_dir: Path, backends: Backends) -> None:
             with gr.Row():
                 seg_btn = gr.Button("Segment", size="sm")
                 clear = gr.Button("Clear clicks", size="sm")
-            backend = gr.Markdown("Segmentation backend: chosen on first use (SAM 2 if its weights are present, "
-                                  "otherwise the offline GrabCut fallback)", elem_id="ann-backend")
+            backend = gr.Markdown("Segmentation backend: chosen on first use (SAM 2, downloaded on first use unless "
+                                  "HF_HUB_OFFLINE=1; otherwise the GrabCut fallback, with the reason)",
+                                  elem_id="ann-backend")
         with gr.Column():
             editor = gr.ImageEditor(label="Mask (magenta). Brush: magenta adds, cyan removes; the eraser undoes "
                                     "strokes", type="numpy", image_mode="RGBA", format="png", sources=[],

@@ -72,5 +72,6 @@ def test_import_folder(tmp_path):
     res = subprocess.run([sys.executable, "-m", "annotate.import_folder", str(src), "--out", str(tmp_path / "d3"),
                           "--florence", "florence-community/Florence-2-base-ft"], cwd=REPO, capture_output=True,
                          text=True, env=dict(env, HF_HUB_OFFLINE="1"))
-    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Florence-2 weights not available" in res.stderr
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "Florence-2 (florence-community/Florence-2-base-ft) is not available offline" in res.stderr
     assert not (tmp_path / "d3").exists()  # failed before writing anything

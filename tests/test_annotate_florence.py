@@ -77,12 +77,32 @@ def test_tiny_florence_runs_end_to_end(tiny_florence_dir):
     assert seen["pixel_values"].shape == (1, 3, 64, 64)
 
 
-def test_florence_unavailable_is_one_clear_message(tmp_path):
-    with pytest.raises(FlorenceUnavailable, match="Florence-2 weights not available") as info:
+def test_florence_unavailable_is_one_clear_message(tmp_path, monkeypatch):
+    from tests.hub_cache import use_hub_cache
+
+    use_hub_cache(monkeypatch, tmp_path / "hub")   # offline (as every test) with an empty cache
+    with pytest.raises(FlorenceUnavailable) as info:
         FlorenceGrounder.from_pretrained("florence-community/Florence-2-base-ft")
-    assert "\n" not in str(info.value)
-    with pytest.raises(FlorenceUnavailable):
+    assert str(info.value) == ("Florence-2 (florence-community/Florence-2-base-ft) is not available offline: run once "
+                               "online or pass MULTICRAFTER_FLORENCE=/path/to/folder or --florence /path/to/folder")
+    assert isinstance(info.value, UserError)
+    with pytest.raises(FlorenceUnavailable, match="folder has no config.json"):
         FlorenceGrounder.from_pretrained(tmp_path)
+
+
+def test_florence_hub_id_loads_from_the_hugging_face_cache_offline(tiny_florence_dir, tmp_path, monkeypatch):
+    """A hub id in the cache layout loads offline, preprocessor_config.json included (same call as a download)."""
+    from tests.hub_cache import place_in_hub_cache, use_hub_cache
+
+    cache = use_hub_cache(monkeypatch, tmp_path / "hub")
+    place_in_hub_cache(cache, "tiny-org/florence", tiny_florence_dir)
+    g = FlorenceGrounder.from_pretrained("tiny-org/florence", max_new_tokens=4)
+    assert g.image_size == 64   # from the cached preprocessor_config.json, not the 768 default
+    local = FlorenceGrounder.from_pretrained(tiny_florence_dir, max_new_tokens=4)
+    img = Image.new("RGB", (50, 30), (200, 20, 20))
+    assert torch.equal(g._pixels(img), local._pixels(img))
+    for a, b in zip(g.model.parameters(), local.model.parameters()):
+        assert torch.equal(a, b)
 
 
 def scene(seed: int):

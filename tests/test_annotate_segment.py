@@ -50,13 +50,30 @@ def test_grabcut_from_clicks_recovers_object():
 
 def test_segmenter_falls_back_to_grabcut_and_says_so(tmp_path):
     seg = Segmenter(tmp_path / "no-weights-here")
-    assert seg.backend == "grabcut" and "GrabCut" in seg.note and "SAM 2 weights not available" in seg.note
+    assert seg.backend == "grabcut" and seg.note.startswith("GrabCut fallback: SAM 2 (")
+    assert "no such folder" in seg.note and "MULTICRAFTER_SAM2=/path/to/folder" in seg.note
+    assert seg.describe().startswith("**GrabCut fallback** - SAM 2") and "\n" not in seg.describe()
     img, true = synthetic()
     res = seg.segment(img, box=[36, 29, 125, 96])
     assert res.backend == "grabcut" and "GrabCut" in res.note
     assert res.masks.shape == (1, 120, 160) and iou(res.masks[0], true) >= 0.9
-    with pytest.raises(Sam2Unavailable, match="facebook/sam2.1-hiera-tiny"):
-        load_sam2("facebook/sam2.1-hiera-tiny")  # offline, nothing cached: one clear message
+    assert Segmenter("grabcut").describe() == "**GrabCut** (GrabCut chosen (sam2=grabcut))"
+
+
+def test_sam2_offline_and_not_cached_is_one_line_and_grabcut(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 (tests always run offline) and an empty cache: the default SAM 2 id is named with the way
+    to pass a folder, and the segmenter falls back to GrabCut."""
+    from tests.hub_cache import use_hub_cache
+
+    use_hub_cache(monkeypatch, tmp_path / "hub")
+    with pytest.raises(Sam2Unavailable) as err:
+        load_sam2()
+    assert str(err.value) == ("SAM 2 (facebook/sam2.1-hiera-tiny) is not available offline: run once online or pass "
+                              "MULTICRAFTER_SAM2=/path/to/folder or --sam2 /path/to/folder")
+    assert isinstance(err.value, UserError)
+    seg = Segmenter()
+    assert seg.backend == "grabcut" and str(err.value) in seg.note
+    assert not any((tmp_path / "hub").iterdir())   # nothing fetched, nothing half-written
 
 
 # ---------------------------------------------------------------- prompt checks and bad input
@@ -140,6 +157,25 @@ def test_sam2_points_and_box_end_to_end(tiny_sam2_dir):
     assert boxed.masks.shape == (1, 120, 160) and boxed.scores.shape == (1,)
     mixed = seg.segment(img, points=[[80, 62]], box=[36, 29, 125, 96])
     assert mixed.masks.shape == (1, 120, 160)
+
+
+def test_sam2_hub_id_loads_from_the_hugging_face_cache_offline(tiny_sam2_dir, tmp_path, monkeypatch):
+    """Offline, a hub id whose files are in the cache (models--OWNER--NAME/snapshots/<rev> + refs/main) loads
+    through the same from_pretrained call that downloads it online."""
+    from multicrafter.metrics import loading
+    from tests.hub_cache import place_in_hub_cache, use_hub_cache
+
+    assert loading.hub_kwargs() == {"local_files_only": True}
+    cache = use_hub_cache(monkeypatch, tmp_path / "hub")
+    place_in_hub_cache(cache, "facebook/sam2.1-hiera-tiny", tiny_sam2_dir)
+    seg = Segmenter()   # the default id
+    assert seg.backend == "sam2" and seg.note == ""
+    assert seg.describe() == "**SAM 2** (facebook/sam2.1-hiera-tiny)"
+    local = Sam2Predictor.from_pretrained(tiny_sam2_dir)
+    img, _ = synthetic()
+    a, _ = seg.predictor.predict(Image.fromarray(img), [[80, 62]], [1])
+    b, _ = local.predict(Image.fromarray(img), [[80, 62]], [1])
+    assert np.array_equal(a, b)   # the same weights
 
 
 def test_sam2_embedding_reused_per_image_and_prompts_scaled(tiny_sam2_dir):

@@ -136,8 +136,8 @@ def test_hub_id_offline_is_one_clear_line():
         ClipScorer.load("openai/clip-vit-base-patch32")
     msg = str(err.value)
     assert isinstance(err.value, UserError) and "\n" not in msg
-    assert "openai/clip-vit-base-patch32" in msg and "not in the Hugging Face cache" in msg and "--clip-model DIR" in msg
-    assert "MULTICRAFTER_ALLOW_DOWNLOAD=1" in msg
+    assert msg == ("CLIP (openai/clip-vit-base-patch32) is not available offline: run once online or pass "
+                   "--clip-model /path/to/folder")
 
 
 @pytest.mark.parametrize("bad", ["/nonexistent/clip", "./no/such/folder"])
@@ -177,7 +177,7 @@ def test_dino_embeddings_and_dino_i(dino):
 
 
 def test_dino_hub_id_offline():
-    with pytest.raises(ModelUnavailable, match="facebook/dino-vits16.*not in the Hugging Face cache.*--dino-model"):
+    with pytest.raises(ModelUnavailable, match="DINO .facebook/dino-vits16. is not available offline.*--dino-model"):
         DinoScorer.load()
 
 
@@ -215,7 +215,8 @@ def test_linear_head_and_safetensors(tmp_path, clip):
 
 
 def test_aesthetic_unavailable_and_corrupt_head(tmp_path, clip):
-    with pytest.raises(ModelUnavailable, match="trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth.*not in the Hugging Face cache"):
+    with pytest.raises(ModelUnavailable, match="trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth. is not available "
+                       "offline: run once online or pass --aes-head /path/to/aesthetic-model.pth"):
         AestheticScorer.load(clip=clip)
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelUnavailable, match="bad.pth is unreadable"):
@@ -226,48 +227,90 @@ def test_aesthetic_unavailable_and_corrupt_head(tmp_path, clip):
 
 def test_hub_id_already_in_the_cache_loads_offline(tmp_path, clip_dir, monkeypatch):
     """A hub id works offline when the Hugging Face cache holds it (snapshot layout written by hand here)."""
-    import shutil
+    from tests.hub_cache import place_in_hub_cache, use_hub_cache
 
-    from huggingface_hub import constants
-
-    repo = tmp_path / "models--tiny-org--tiny-clip"
-    snap = repo / "snapshots" / ("0" * 40)
-    shutil.copytree(clip_dir, snap)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    cache = use_hub_cache(monkeypatch, tmp_path / "hub")
+    place_in_hub_cache(cache, "tiny-org/tiny-clip", clip_dir)
+    (tmp_path / "aes").mkdir()
+    torch.save({f"layers.{k}": v for k, v in _laion_head(PROJ).state_dict().items()}, tmp_path / "aes" / "h.pth")
+    place_in_hub_cache(cache, "tiny-org/aes", tmp_path / "aes")
     scorer = ClipScorer.load("tiny-org/tiny-clip")
     local = ClipScorer.load(str(clip_dir))
     imgs = _images(2)
     assert torch.allclose(scorer.image_embeddings(imgs), local.image_embeddings(imgs))
-    with pytest.raises(ModelUnavailable, match="tiny-org/other.*not in the Hugging Face cache"):
+    assert AestheticScorer.load(clip=scorer, head="tiny-org/aes", head_filename="h.pth").head.in_features == PROJ
+    with pytest.raises(ModelUnavailable, match="CLIP .tiny-org/other. is not available offline"):
         ClipScorer.load("tiny-org/other")
 
 
-def test_no_download_without_the_opt_in_even_when_the_hub_answers(monkeypatch):
-    """Same rule as SAM 2 / Florence-2: the hub is only asked with MULTICRAFTER_ALLOW_DOWNLOAD=1."""
+class _Recorder:
+    """Stands in for a transformers class: records the from_pretrained call, then fails like the hub would."""
+
+    calls: list = []
+    error: Exception = OSError("x is not a local folder and is not a valid model identifier")
+
+    @classmethod
+    def from_pretrained(cls, src, **kwargs):
+        cls.calls.append((src, kwargs))
+        raise cls.error
+
+
+def _online(monkeypatch):
     from multicrafter.metrics import loading
 
-    monkeypatch.setattr(loading, "hub_reachable", lambda: True)
-    monkeypatch.setattr(loading, "_in_cache", lambda repo, filename: repo == "org/cached")
+    monkeypatch.setattr(loading, "is_offline_mode", lambda: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("MULTICRAFTER_ALLOW_DOWNLOAD", raising=False)
-    assert not loading.allow_downloads()
-    assert loading._offline_kwargs("org/cached", "config.json", "CLIP", "--clip-model") == {"local_files_only": True}
-    with pytest.raises(ModelUnavailable, match="org/new.*MULTICRAFTER_ALLOW_DOWNLOAD=1"):
-        loading._offline_kwargs("org/new", "config.json", "CLIP", "--clip-model")
-    monkeypatch.setenv("MULTICRAFTER_ALLOW_DOWNLOAD", "1")
-    assert loading.allow_downloads()
-    assert loading._offline_kwargs("org/new", "config.json", "CLIP", "--clip-model") == {}
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")   # HF's own offline switch still wins
-    assert not loading.allow_downloads()
-    with pytest.raises(ModelUnavailable):
-        loading._offline_kwargs("org/new", "config.json", "CLIP", "--clip-model")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    return loading
 
 
-def test_annotate_uses_the_same_download_rule():
+def test_hub_ids_download_on_first_use_unless_hf_hub_offline(monkeypatch):
+    """Online, a hub id is the plain from_pretrained call (local_files_only=False: the libraries download it);
+    HF_HUB_OFFLINE=1, read at call time, turns the same call into a cache-only one. No network is touched here."""
+    loading = _online(monkeypatch)
+    assert loading.hub_kwargs() == {"local_files_only": False}
+    _Recorder.calls = []
+    with pytest.raises(ModelUnavailable) as err:
+        loading.load_pretrained(_Recorder, "org/new", "CLIP", "--clip-model", dtype="x")
+    assert _Recorder.calls == [("org/new", {"local_files_only": False, "dtype": "x"})]
+    assert str(err.value) == ("CLIP (org/new) could not be downloaded (OSError: x is not a local folder and is not a "
+                              "valid model identifier); check the id, or pass --clip-model /path/to/folder")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert loading.hub_kwargs() == {"local_files_only": True}
+    with pytest.raises(ModelUnavailable, match=r"^CLIP \(org/new\) is not available offline: run once online"):
+        loading.load_pretrained(_Recorder, "org/new", "CLIP", "--clip-model")
+    assert _Recorder.calls[-1] == ("org/new", {"local_files_only": True})
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert loading.hub_kwargs() == {"local_files_only": True}
+
+
+def test_online_without_a_connection_says_offline(monkeypatch):
+    """No network while HF_HUB_OFFLINE is unset: the hub library's connection error reads as 'not available offline'."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    loading = _online(monkeypatch)
+    monkeypatch.setattr(_Recorder, "error", OSError("We couldn't reach the Hub"))
+    _Recorder.error.__cause__ = LocalEntryNotFoundError("cannot find the requested files in the local cache")
+    with pytest.raises(ModelUnavailable, match=r"^DINO \(org/dino\) is not available offline: .*--dino-model"):
+        loading.load_pretrained(_Recorder, "org/dino", "DINO", "--dino-model")
+
+
+def test_annotate_models_follow_the_same_rule(monkeypatch):
+    """SAM 2 and Florence-2 load through the same call: online it is a download (local_files_only=False)."""
+    import transformers
+
     from annotate import florence, sam2
-    from multicrafter.metrics.loading import allow_downloads
 
-    assert sam2.allow_downloads is allow_downloads and florence.allow_downloads is allow_downloads
+    assert issubclass(sam2.Sam2Unavailable, ModelUnavailable)
+    assert issubclass(florence.FlorenceUnavailable, ModelUnavailable)
+    _online(monkeypatch)
+    _Recorder.calls = []
+    monkeypatch.setattr(transformers, "Sam2Model", _Recorder)
+    monkeypatch.setattr(transformers, "Florence2ForConditionalGeneration", _Recorder)
+    with pytest.raises(sam2.Sam2Unavailable, match="SAM 2 .facebook/sam2.1-hiera-tiny. could not be downloaded"):
+        sam2.load_sam2()
+    with pytest.raises(florence.FlorenceUnavailable, match="MULTICRAFTER_FLORENCE=/path/to/folder"):
+        florence.FlorenceGrounder.from_pretrained()
+    assert [(src, kw["local_files_only"]) for src, kw in _Recorder.calls] == [
+        (sam2.DEFAULT_SAM2, False), (florence.DEFAULT_FLORENCE, False)]

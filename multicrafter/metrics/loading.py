@@ -1,28 +1,45 @@
-"""The one place metric weights are loaded: a Hugging Face hub id or a local folder/file, never a silent download.
+"""The one place auxiliary weights are loaded (metric models, SAM 2, Florence-2): a hub id or a local folder/file.
 
-No CLIP, DINO or aesthetic weights ship with any package. A hub id is read from the Hugging Face cache only, unless
-the user opts in with MULTICRAFTER_ALLOW_DOWNLOAD=1 (`allow_downloads`, the same rule SAM 2 and Florence-2 follow). Every failure to get weights becomes `ModelUnavailable`, a `UserError` whose single line names
-the model and how to supply a local copy, so CLIs and the UI can report the metric as missing instead of crashing
-or inventing a number.
+A hub id is loaded the way the Hugging Face libraries load it: `from_pretrained` / `hf_hub_download` download it on
+first use (with the libraries' own progress bars) and read the cache afterwards. With HF_HUB_OFFLINE=1 (or
+TRANSFORMERS_OFFLINE=1) the same call gets `local_files_only=True`, so only the cache is read. A local folder or file
+is used as it is. Every failure to get weights becomes `ModelUnavailable`, a `UserError` whose single line names the
+model and how to pass a local copy, so command lines and the app can report the model as missing instead of
+crashing or inventing a number.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub import hf_hub_download, is_offline_mode
 
 from ..errors import UserError
 
+# Hints to pass a local copy: "--clip-model" (a flag) or "MULTICRAFTER_SAM2" (an environment variable), or several.
+Option = str | Sequence[str] | None
+
 
 class ModelUnavailable(UserError):
-    """Weights for a metric model cannot be found (offline, not cached, wrong path, unreadable files)."""
+    """Weights for a model cannot be found (offline and not cached, a failed download, wrong path, bad files)."""
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1), read at call time: then hub ids come from the local cache only."""
+    return bool(is_offline_mode()) or _truthy("HF_HUB_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE")
+
+
+def hub_kwargs() -> dict[str, Any]:
+    """The `local_files_only` every hub load here passes: False (download on first use) unless offline."""
+    return {"local_files_only": hub_offline()}
 
 
 def looks_local(source: str | os.PathLike) -> bool:
@@ -31,62 +48,49 @@ def looks_local(source: str | os.PathLike) -> bool:
     return Path(s).expanduser().exists() or s.startswith(("/", ".", "~")) or s.count("/") > 1
 
 
-def _hint(what: str, option: str | None) -> str:
-    flag = f" with {option} DIR" if option else ""
-    return f"download it where there is network (e.g. `hf download ID --local-dir DIR`) and pass the folder{flag}"
+def pass_hint(option: Option, target: str = "/path/to/folder") -> str:
+    """'pass --clip-model /path/to/folder' / 'pass MULTICRAFTER_SAM2=/path/to/folder or --sam2 /path/to/folder'."""
+    options = [option] if isinstance(option, str) else list(option or [])
+    forms = [f"{o} {target}" if o.startswith("-") else f"{o}={target}" for o in options]
+    return "pass " + (" or ".join(forms) if forms else f"a local copy ({target})")
 
 
-def unavailable(what: str, source: str | os.PathLike, option: str | None, reason: str) -> ModelUnavailable:
-    """Build the one-line error for a model that cannot be loaded."""
-    reason = " ".join(str(reason).split())[:160]
-    return ModelUnavailable(f"{what} model '{source}' is unavailable ({reason}); {_hint(what, option)}")
+def _short(reason: object) -> str:
+    return " ".join(str(reason).split())[:160]
 
 
-@functools.lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP connect to the hub; without it huggingface_hub retries for about a minute per model offline."""
-    if _truthy("HF_HUB_OFFLINE"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def unavailable(what: str, source: str | os.PathLike, option: Option, reason: str,
+                target: str = "/path/to/folder") -> ModelUnavailable:
+    """One line for a local folder/file that cannot be used: '<what> (<source>) is not available (<reason>); pass ...'."""
+    return ModelUnavailable(f"{what} ({source}) is not available ({_short(reason)}); {pass_hint(option, target)}")
 
 
-def _in_cache(repo: str, filename: str) -> bool:
-    try:
-        return isinstance(try_to_load_from_cache(repo, filename), str)
-    except Exception:  # noqa: BLE001 - a malformed id is simply not cached
-        return False
+def _is_connection_error(exc: BaseException) -> bool:
+    """Offline and not cached, as the hub libraries report it (no file locally and no connection to fetch it)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc).lower()
+    return any(k in text for k in ("connect", "offline", "local_files_only", "cached files", "local cache"))
 
 
-def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+def hub_unavailable(what: str, repo: str, option: Option, exc: BaseException,
+                    target: str = "/path/to/folder") -> ModelUnavailable:
+    """One line for a hub id that could not be loaded: not cached while offline, or a failed download."""
+    hint = pass_hint(option, target)
+    if hub_offline() or _is_connection_error(exc):
+        return ModelUnavailable(f"{what} ({repo}) is not available offline: run once online or {hint}")
+    return ModelUnavailable(f"{what} ({repo}) could not be downloaded ({type(exc).__name__}: {_short(exc)}); "
+                            f"check the id, or {hint}")
 
 
-def allow_downloads() -> bool:
-    """Weights are fetched from the Hub only when asked (MULTICRAFTER_ALLOW_DOWNLOAD=1) and HF_HUB_OFFLINE is off."""
-    return os.environ.get("MULTICRAFTER_ALLOW_DOWNLOAD", "").strip() == "1" and not _truthy("HF_HUB_OFFLINE")
-
-
-NOT_CACHED = "not in the Hugging Face cache and downloads are off (MULTICRAFTER_ALLOW_DOWNLOAD=1 allows them)"
-
-
-def _offline_kwargs(repo: str, filename: str, what: str, option: str | None) -> dict[str, Any]:
-    """Hub id: the cache only (local_files_only), or fail now with the one-line message; with the opt-in and a
-    reachable hub, a normal (downloading) load."""
-    if allow_downloads() and hub_reachable():
-        return {}
-    if _in_cache(repo, filename):
-        return {"local_files_only": True}
-    reason = NOT_CACHED if not allow_downloads() else "offline and not in the Hugging Face cache"
-    raise unavailable(what, repo, option, reason)
-
-
-def load_pretrained(cls: Any, source: str | os.PathLike, what: str, option: str | None = None, **kwargs: Any) -> Any:
-    """`cls.from_pretrained(source)` in eval mode; missing/offline weights raise ModelUnavailable (one line)."""
+def load_pretrained(cls: Any, source: str | os.PathLike, what: str, option: Option = None, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(source)` in eval mode: a hub id downloads on first use (cache only when offline), a
+    folder is read as it is; missing weights raise ModelUnavailable (one line)."""
     src = str(source)
     if looks_local(src):
         path = Path(src).expanduser()
@@ -94,42 +98,43 @@ def load_pretrained(cls: Any, source: str | os.PathLike, what: str, option: str 
             raise unavailable(what, src, option, "no such folder")
         if not (path / "config.json").is_file():
             raise unavailable(what, src, option, "folder has no config.json")
-        src = str(path)
+        try:
+            model = cls.from_pretrained(str(path), **kwargs)
+        except Exception as exc:  # noqa: BLE001 - unreadable or mismatched files: one line for the user
+            raise unavailable(what, src, option, f"{type(exc).__name__}: {exc}") from None
     else:
-        kwargs = {**_offline_kwargs(src, "config.json", what, option), **kwargs}
-    try:
-        model = cls.from_pretrained(src, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc).lower()
-        reason = "offline and not in the Hugging Face cache" if offline and not looks_local(src) else str(exc)
-        raise unavailable(what, source, option, reason) from None
+        try:
+            model = cls.from_pretrained(src, **{**hub_kwargs(), **kwargs})
+        except Exception as exc:  # noqa: BLE001 - not cached, no network, unknown id, gated: one line for the user
+            raise hub_unavailable(what, src, option, exc) from None
     if hasattr(model, "eval"):
         model.eval()
     return model
 
 
-def resolve_file(source: str | os.PathLike, filename: str, what: str, option: str | None = None) -> Path:
-    """Find a single weights file: a local file, `filename` inside a local folder, or `filename` of a hub repo."""
+def resolve_file(source: str | os.PathLike, filename: str, what: str, option: Option = None) -> Path:
+    """Find a single weights file: a local file, `filename` inside a local folder, or `filename` of a hub repo
+    (downloaded on first use; the cache only when offline)."""
     src = str(source)
+    target = f"/path/to/{filename}"
     if looks_local(src):
         path = Path(src).expanduser()
         if path.is_file():
             return path
         if path.is_dir() and (path / filename).is_file():
             return path / filename
-        raise unavailable(what, src, option, f"no file {filename}" if path.is_dir() else "no such file or folder")
+        reason = f"no file {filename}" if path.is_dir() else "no such file or folder"
+        raise unavailable(what, src, option, reason, target)
     try:
-        return Path(hf_hub_download(src, filename, **_offline_kwargs(src, filename, what, option)))
-    except ModelUnavailable as exc:
-        raise ModelUnavailable(str(exc).replace(f"'{src}'", f"'{src}/{filename}'")) from None
+        return Path(hf_hub_download(src, filename, **hub_kwargs()))
     except Exception as exc:  # noqa: BLE001 - any hub failure means "not available here"
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc).lower()
-        reason = "offline and not in the Hugging Face cache" if offline else f"{type(exc).__name__}: {exc}"
-        raise unavailable(what, f"{src}/{filename}", option, reason) from None
+        raise hub_unavailable(what, f"{src}/{filename}", option, exc, target) from None
 
 
 def read_json_config(source: str | os.PathLike, filename: str) -> dict[str, Any] | None:
-    """Read an optional JSON file (e.g. preprocessor_config.json) from a folder or the hub cache; None if absent."""
+    """Read an optional JSON file (e.g. preprocessor_config.json) from a folder or a hub repo; None if absent.
+
+    A hub file is fetched like the weights (download on first use, the cache only when offline)."""
     src = str(source)
     path: Path | None = None
     if looks_local(src):
@@ -137,9 +142,8 @@ def read_json_config(source: str | os.PathLike, filename: str) -> dict[str, Any]
         path = cand if cand.is_file() else None
     else:
         try:
-            found = try_to_load_from_cache(src, filename)
-            path = Path(found) if isinstance(found, str) else None
-        except Exception:  # noqa: BLE001 - optional file
+            path = Path(hf_hub_download(src, filename, **hub_kwargs()))
+        except Exception:  # noqa: BLE001 - optional file: absent, not cached or unreachable all mean "use defaults"
             path = None
     if path is None:
         return None
