@@ -8,6 +8,8 @@ Every flag has an environment variable for Spaces: MULTICRAFTER_MODEL, MULTICRAF
 (training is off by default on a Space, i.e. when SPACE_ID is set), MULTICRAFTER_TRAIN=1 (like --train; so is MULTICRAFTER_DISABLE_TRAIN=0),
 MULTICRAFTER_DATA_DIR, MULTICRAFTER_RUNS_DIR,
 MULTICRAFTER_OUTPUT_DIR, MULTICRAFTER_SAM2, MULTICRAFTER_FLORENCE; the port also follows GRADIO_SERVER_PORT.
+Hub models (SAM 2, Florence-2) download on first use as the Hugging Face libraries do; HF_HUB_OFFLINE=1 keeps
+them to the local cache.
 """
 
 from __future__ import annotations
@@ -41,8 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=env("MULTICRAFTER_DATA_DIR", "datasets"), help="where datasets live")
     p.add_argument("--runs-dir", default=env("MULTICRAFTER_RUNS_DIR", "runs"), help="where training runs go")
     p.add_argument("--output-dir", default=env("MULTICRAFTER_OUTPUT_DIR", "outputs"), help="generated images")
-    p.add_argument("--sam2", default=env("MULTICRAFTER_SAM2"), help="SAM 2 hub id or folder (else GrabCut)")
-    p.add_argument("--florence", default=env("MULTICRAFTER_FLORENCE"), help="Florence-2 hub id or folder")
+    p.add_argument("--sam2", default=env("MULTICRAFTER_SAM2"),
+                   help="SAM 2 hub id or folder for the Annotate tab (default facebook/sam2.1-hiera-tiny; hub ids "
+                        "download on first use unless HF_HUB_OFFLINE=1; GrabCut when unavailable, or 'grabcut')")
+    p.add_argument("--florence", default=env("MULTICRAFTER_FLORENCE"),
+                   help="Florence-2 hub id or folder for auto-annotation (default "
+                        "florence-community/Florence-2-base-ft, downloaded on first use unless HF_HUB_OFFLINE=1)")
     p.add_argument("--device", default=env("MULTICRAFTER_DEVICE"), help="cpu, cuda, ... (default: cuda if present)")
     p.add_argument("--no-warmup", action="store_true", help="load the model on the first request, not at launch")
     return p

@@ -15,8 +15,10 @@ __all__ = ["AppConfig", "ModelHolder", "build_app", "gpu_decorator", "launch_kwa
 CSS = ".gradio-container {max-width: 1400px !important}"
 
 
-def gpu_decorator(duration: int = 120) -> Callable:
-    """`spaces.GPU` on Hugging Face ZeroGPU Spaces (when the `spaces` package is importable); identity otherwise."""
+def gpu_decorator(duration: int | Callable[..., int] = 120) -> Callable:
+    """`spaces.GPU` on Hugging Face ZeroGPU Spaces (when the `spaces` package is importable); identity otherwise.
+
+    `duration`: seconds, or a function of the handler's arguments returning them (ZeroGPU's dynamic duration)."""
     try:
         import spaces  # type: ignore[import-not-found]
     except ImportError:
@@ -52,7 +54,7 @@ def build_app(model: str | ModelHolder = "toy", adapter: str | None = None, conf
             gr.Markdown(f"**Note:** {holder.note}", elem_id="model-note")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
-                gen_inputs = generate_tab.build(holder, Path(cfg.output_dir), examples, gpu)
+                gen_inputs = generate_tab.build(holder, Path(cfg.output_dir), examples, gpu_decorator)
             with gr.Tab("Attention", id="attention"):
                 attention_tab.build(holder, Path(cfg.output_dir), examples, gpu, gen_inputs)
             with gr.Tab("Annotate", id="annotate"):

@@ -36,8 +36,9 @@ class AppConfig:
     runs_dir: Path = Path("runs")         # training runs started from the Train tab
     output_dir: Path = Path("outputs")    # generated PNGs
     train_enabled: bool = True
-    sam2: str | None = None               # SAM 2 hub id or folder (default: facebook/sam2.1-hiera-tiny, offline cache)
-    florence: str | None = None           # Florence-2 hub id or folder for auto-annotation
+    sam2: str | None = None               # SAM 2 hub id or folder (default facebook/sam2.1-hiera-tiny), or "grabcut"
+    florence: str | None = None           # Florence-2 hub id or folder for auto-annotation (hub ids: downloaded on
+                                          # first use unless HF_HUB_OFFLINE=1)
     device: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -131,7 +132,8 @@ class ModelHolder:
     def defaults(self) -> dict[str, Any]:
         """Sizes and steps that suit the model: tiny/toy are 128 px models, FLUX wants 1024 px and 28 steps."""
         if self.name == "tiny":
-            return dict(size=128, steps=8, guidance=3.5, max_sequence_length=64, true_cfg=1.0)
+            return dict(size=128, steps=8, guidance=3.5, max_sequence_length=64, true_cfg=1.0, negative_prompt="",
+                        reference_sizes=self._reference_sizes())
         if self.name == "toy":
             d = dict(size=128, steps=20, guidance=1.0, max_sequence_length=64)
         else:
@@ -141,9 +143,27 @@ class ModelHolder:
         d.update({k: own[key] for k, key in (("guidance", "guidance_scale"), ("steps", "num_inference_steps"),
                                              ("size", "height"), ("max_sequence_length", "max_sequence_length"))
                   if key in own})
-        # true CFG against the empty prompt (the toy: 3); the pipeline applies it itself, the app only reports it
+        # true CFG (the toy: 3, against the empty prompt): the Generate tab's starting values
         d["true_cfg"] = float(own.get("true_cfg_scale") or 1.0)
+        d["negative_prompt"] = str(own.get("negative_prompt") or "")
+        d["reference_sizes"] = self._reference_sizes()
         return d
+
+    def _reference_sizes(self) -> tuple[int, int]:
+        """(long side for one reference, for several) the model uses before any adapter: the model folder's
+        multicrafter_references.json, tiny's own, else UNO's 512 / 320 (a hub id's file is read when it loads)."""
+        from multicrafter import presets
+        from multicrafter.references import ReferenceOptions
+
+        if self.name == "tiny":
+            opts = ReferenceOptions(**presets.TINY_REFERENCE_SIZES)
+        else:
+            folder = _model_folder(self.name)
+            try:
+                opts = presets.reference_options_for(str(folder)) if folder.is_dir() else ReferenceOptions()
+            except UserError:
+                opts = ReferenceOptions()  # reported when the model loads
+        return opts.long_side_single, opts.long_side_multi
 
     def _folder_sampling_defaults(self) -> dict[str, Any]:
         from multicrafter.presets import sampling_defaults_for

@@ -67,6 +67,29 @@ def test_generate_with_two_references(app):
     assert params["num_inference_steps"] == STEPS and "Saved" in notes
 
 
+def test_generate_new_inputs_come_last_with_defaults(app):
+    """Reference long side, negative prompt, true CFG and randomize seed are optional trailing inputs: a call made
+    the old way (positional, 17 inputs) still works, and the new ones act when given."""
+    client = app["client"]
+    info = client.view_api(return_format="dict", print_info=False)
+    params = info["named_endpoints"]["/generate"]["parameters"]
+    new = ["reference_long_side", "negative_prompt", "true_cfg", "randomize_seed"]
+    assert [p["parameter_name"] for p in params][-4:] == new
+    assert all(p["parameter_has_default"] for p in params[-4:])
+    a = _gen_args(app["refs"])
+    old_style = [a["references"], "a", "b", "", "", "object", "object", "object", "object", a["prompt"], 1, STEPS,
+                 3.5, 64, 64, "none", ""]
+    _, download, p_old, _ = client.predict(*old_style, api_name="/generate")
+    assert p_old["seed"] == 1 and p_old["true_cfg_scale"] == 1.0 and "negative_prompt" not in p_old
+    _, download, p_new, notes = client.predict(**_gen_args(app["refs"], reference_long_side=32,
+                                                           negative_prompt="blurry", true_cfg=2.0,
+                                                           randomize_seed=True), api_name="/generate")
+    meta = read_generation_params(download)
+    assert meta == p_new and meta["reference_long_side"] == 32 and p_old["reference_long_side"] == 48
+    assert meta["negative_prompt"] == "blurry" and meta["true_cfg_scale"] == 2.0
+    assert f"Seed **{meta['seed']}** (drawn at random)" in notes
+
+
 def test_attention_maps_and_adapter_off(app):
     args = _gen_args(app["refs"], adapter="folder...", adapter_folder=app["adapter"])
     on, off, table, summary, block, step, notes = app["client"].predict(

@@ -118,3 +118,126 @@ def test_attention_without_adapter_says_there_is_nothing_to_compare(holder, inpu
     with pytest.raises(UserError, match="masks"):
         attention_tab.run_attention(holder, tmp_path, [(r, None) for r in inputs["refs"]], [], [], "p", 0, STEPS,
                                     3.5, SIZE, SIZE, NO_ADAPTER, None, masks=inputs["masks"][:1])
+
+
+def _png(path):
+    return np.asarray(Image.open(path))
+
+
+def test_reference_long_side_default_is_the_models_and_a_value_replaces_it(holder, inputs, tmp_path):
+    refs = [(r, None) for r in inputs["refs"]]
+    _, _, auto, notes = generate_tab.generate(holder, tmp_path, refs, ["a", "b"], [], "p", 0, STEPS, 3.5, SIZE, SIZE,
+                                              NO_ADAPTER, None)
+    assert auto["reference_long_side"] == holder.defaults()["reference_sizes"][1] == 48   # tiny, several refs
+    assert "references at 48 px" in notes
+    path, _, small, _ = generate_tab.generate(holder, tmp_path, refs, ["a", "b"], [], "p", 0, STEPS, 3.5, SIZE,
+                                              SIZE, NO_ADAPTER, None, reference_long_side=32)
+    assert small["reference_long_side"] == 32 and read_generation_params(path)["reference_long_side"] == 32
+    assert not np.array_equal(_png(path), _png(_gen(holder, tmp_path, inputs["refs"], prompt="p")[0]))
+
+
+def test_negative_prompt_is_used_with_true_cfg_only(holder, inputs, tmp_path):
+    def run(**kw):
+        path, _, params, notes = generate_tab.generate(holder, tmp_path, [(r, None) for r in inputs["refs"]], [],
+                                                       [], "two shapes", 5, STEPS, 3.5, SIZE, SIZE, NO_ADAPTER, None,
+                                                       **kw)
+        return _png(path), params, notes
+
+    plain, p0, _ = run()
+    assert p0["true_cfg_scale"] == 1.0 and "negative_prompt" not in p0        # tiny: no true CFG by default
+    ignored, _, notes = run(negative_prompt="blurry")
+    assert np.array_equal(plain, ignored) and "negative prompt was not used" in notes
+    cfg_empty, p1, _ = run(true_cfg=2.0)
+    cfg_neg, p2, notes2 = run(true_cfg=2.0, negative_prompt="blurry")
+    assert p1["true_cfg_scale"] == 2.0 and p1["negative_prompt"] == "" and p2["negative_prompt"] == "blurry"
+    assert "true CFG 2" in notes2
+    assert not np.array_equal(plain, cfg_empty) and not np.array_equal(cfg_empty, cfg_neg)
+
+
+def test_true_cfg_defaults_to_the_models_own(inputs, tmp_path, monkeypatch):
+    """The toy asks for true CFG 3 against the empty prompt; left out, the tab uses (and records) exactly that."""
+    holder = ModelHolder("tiny")
+    monkeypatch.setattr(holder, "defaults", lambda: dict(ModelHolder("tiny").defaults(), true_cfg=3.0))
+    seen = {}
+    monkeypatch.setattr(generate_tab, "run_pipeline",
+                        lambda *a, **kw: seen.update(kw) or (_FakeOut(), None))
+    _, _, params, _ = generate_tab.generate(holder, tmp_path, [(inputs["refs"][0], None)], [], [], "p", 0, STEPS,
+                                            3.5, SIZE, SIZE, NO_ADAPTER, None)
+    assert seen["true_cfg"] == 3.0 and seen["negative_prompt"] == "" and seen["reference_long_side"] is None
+    assert params["true_cfg_scale"] == 3.0 and params["negative_prompt"] == ""
+
+
+class _FakeOut:
+    images = [Image.new("RGB", (SIZE, SIZE))]
+    reference_images = [Image.new("RGB", (48, 32))]
+
+
+def test_randomize_seed_draws_one_and_reports_it(holder, inputs, tmp_path, monkeypatch):
+    real_draw, drawn = generate_tab.draw_seed, iter([123456, 77])
+    assert 0 <= real_draw() <= generate_tab.MAX_SEED
+    monkeypatch.setattr(generate_tab, "draw_seed", lambda: next(drawn))
+    path, _, params, notes = _gen_random(holder, inputs, tmp_path)
+    assert params["seed"] == 123456 == read_generation_params(path)["seed"]
+    assert "Seed **123456** (drawn at random)" in notes
+    again = _gen(holder, tmp_path, inputs["refs"], seed=123456)[0]         # the reported seed reproduces the image
+    assert np.array_equal(_png(path), _png(again))
+    assert _gen_random(holder, inputs, tmp_path)[2]["seed"] == 77
+
+
+def _gen_random(holder, inputs, tmp_path):
+    return generate_tab.generate(holder, tmp_path, [(r, None) for r in inputs["refs"]], ["alpha", "beta"],
+                                 ["object", "object"], "two shapes", 999, STEPS, 3.5, SIZE, SIZE, NO_ADAPTER, None,
+                                 randomize_seed=True)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(reference_long_side=8), "reference long side must be 0"),
+    (dict(reference_long_side=5000), "16 to 1024"),
+    (dict(reference_long_side="big"), "reference long side must be a number"),
+    (dict(true_cfg=0.5), "true CFG scale must be at least 1"),
+    (dict(seed=-1), "seed must be a whole number"),
+    (dict(seed=1.5), "seed must be a whole number"),
+])
+def test_new_controls_refuse_bad_values_in_one_line(holder, inputs, tmp_path, kw, message):
+    seed = kw.pop("seed", 0)
+    with pytest.raises(UserError, match=message) as err:
+        generate_tab.generate(holder, tmp_path / "out", [(r, None) for r in inputs["refs"]], [], [], "p", seed, STEPS,
+                              3.5, SIZE, SIZE, NO_ADAPTER, None, **kw)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_gpu_seconds_grows_with_the_work_and_stays_in_zerogpu_range():
+    base = generate_tab.gpu_seconds(28, 1024, 1024, 2)
+    assert 30 <= base <= 300
+    assert generate_tab.gpu_seconds(50, 1024, 1024, 2) > base                  # steps
+    assert generate_tab.gpu_seconds(28, 1024, 1024, 4) > base                  # references
+    assert generate_tab.gpu_seconds(28, 1024, 1024, 2, reference_long_side=1024) > base
+    assert generate_tab.gpu_seconds(28, 1024, 1024, 2, true_cfg=3.0) > base   # two passes per step
+    assert generate_tab.gpu_seconds(28, 1024, 768, 2) < base                    # pixels
+    assert generate_tab.gpu_seconds(2, 128, 128, 1) == 30                      # tiny/toy work: the floor
+    assert generate_tab.gpu_seconds(100, 1536, 1536, 4, 1024, 10.0) == 300    # the ceiling
+    assert generate_tab.gpu_seconds("?", None, 1024, 1) == generate_tab.gpu_seconds(generate_tab.MAX_STEPS, 1536,
+                                                                                   1024, 1)   # unreadable: largest
+    refs = [("a.png", None), ("b.png", None)]
+    handler_args = ["n1", "n2", "", "", "object", "object", "object", "object", "p", 0, 28, 3.5, 1024, 1024, "none",
+                    ""]
+    assert generate_tab.generate_gpu_seconds(refs, *handler_args) == base
+    assert generate_tab.generate_gpu_seconds(refs, *handler_args, 0, "", 3.0, False) == \
+        generate_tab.gpu_seconds(28, 1024, 1024, 2, true_cfg=3.0)
+
+
+def test_the_app_asks_zerogpu_for_a_duration_per_request(monkeypatch, tmp_path):
+    """With `spaces` present the Generate handler is wrapped in spaces.GPU(duration=<function of its arguments>)."""
+    import demo
+
+    calls = []
+
+    def fake_gpu(duration=120):
+        calls.append(duration)
+        return lambda fn: fn
+
+    monkeypatch.setattr(demo, "gpu_decorator", fake_gpu)
+    demo.build_app(ModelHolder("tiny"), config=demo.AppConfig(model="tiny", output_dir=tmp_path, data_dir=tmp_path,
+                                                                 runs_dir=tmp_path))
+    assert generate_tab.generate_gpu_seconds in calls
+    assert all(callable(c) or 30 <= c <= 300 for c in calls)

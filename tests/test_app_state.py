@@ -28,3 +28,22 @@ def test_defaults_report_the_model_folders_true_cfg(tmp_path):
     assert ModelHolder(str(tmp_path)).defaults()["true_cfg"] == 1.0
     (tmp_path / "multicrafter_sampling.json").write_text(json.dumps({"true_cfg_scale": 2.5, "negative_prompt": ""}))
     assert ModelHolder(str(tmp_path)).defaults()["true_cfg"] == 2.5
+
+
+def test_defaults_give_the_generate_tabs_starting_values(tmp_path):
+    """Negative prompt and reference sizes come from the model folder (its sampling and reference files), with
+    UNO's 512 / 320 px when a folder (or a hub id not loaded yet) says nothing."""
+    import json
+
+    toy = ModelHolder("toy").defaults()
+    assert toy["negative_prompt"] == "" and toy["reference_sizes"] == (64, 64)
+    assert ModelHolder("tiny").defaults()["reference_sizes"] == (64, 48)
+    assert ModelHolder("black-forest-labs/FLUX.1-dev").defaults()["reference_sizes"] == (512, 320)
+    (tmp_path / "multicrafter_sampling.json").write_text(json.dumps({"true_cfg_scale": 2.0,
+                                                                     "negative_prompt": "blurry"}))
+    (tmp_path / "multicrafter_references.json").write_text(json.dumps({"long_side_single": 384,
+                                                                       "long_side_multi": 256}))
+    d = ModelHolder(str(tmp_path)).defaults()
+    assert d["negative_prompt"] == "blurry" and d["reference_sizes"] == (384, 256)
+    (tmp_path / "multicrafter_references.json").write_text("{broken")
+    assert ModelHolder(str(tmp_path)).defaults()["reference_sizes"] == (512, 320)   # reported when it loads
