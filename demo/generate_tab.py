@@ -60,7 +60,8 @@ def gpu_seconds(steps: Any, height: Any, width: Any, n_references: int, referenc
     tokens = (num(height, 1536) / 16) * (num(width, 1536) / 16) + text_tokens + n * (side / 16) ** 2
     r = tokens / _TOKENS_1024
     passes = 2 if num(true_cfg, 1.0) > 1 else 1
-    seconds = GPU_OVERHEAD_SECONDS + num(steps, MAX_STEPS) * passes * GPU_SECONDS_PER_STEP_1024 * (0.85 * r + 0.15 * r * r)
+    per_step = GPU_SECONDS_PER_STEP_1024 * (0.85 * r + 0.15 * r * r)
+    seconds = GPU_OVERHEAD_SECONDS + num(steps, MAX_STEPS) * passes * per_step
     low, high = GPU_SECONDS_RANGE
     return int(min(high, max(low, math.ceil(seconds))))
 
@@ -100,7 +101,7 @@ def check_reference_side(value: Any) -> int | None:
 
 
 def check_true_cfg(value: Any) -> float | None:
-    """True CFG scale (1 = off) or None to keep the model and adapter's own."""
+    """True CFG scale (1 = off), or None when not given (empty)."""
     if value is None or value == "":
         return None
     try:
