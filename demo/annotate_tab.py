@@ -1,5 +1,5 @@
 """Annotate tab: clicks/boxes -> mask (SAM 2 or GrabCut, named on screen), brush correction, subjects, caption,
-reference crops, and the §6 dataset (save, browse, delete, validate, Florence-2 auto-annotation)."""
+reference crops, and the dataset (save, browse, delete, validate, Florence-2 auto-annotation)."""
 
 from __future__ import annotations
 
