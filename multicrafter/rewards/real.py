@@ -39,6 +39,7 @@ class RealReward:
 
     @property
     def components(self) -> tuple[str, ...]:
+        """The components this reward can compute (those whose models loaded)."""
         have = {"text": self.text, "aes": self.aes, "id": self.face or self.subject}
         return tuple(k for k, v in have.items() if v is not None)
 
