@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The toy model's GPU stages inside one fixed time budget (for a GPU job with a hard time limit):
-#   1.  the large-batch base: the shift-3 base continued with large batches (recipe/base_large_batch.yaml); a 40-step
-#       probe measures
-#       the step time and the horizon (train.max_steps) is set so the stage ends in time. The probe is the run's own
-#       first 40 steps (inside the warm-up, so their LRs do not depend on the horizon): the resumed run is exactly a
-#       run with that horizon from step 0, and `--set train.max_steps=N` reproduces it.
+# The GPU recipe that trains the toy within a fixed time budget (BUDGET seconds, for a GPU job with a hard time limit):
+#   1.  the large-batch base: the shift-3 base continued with large batches (recipe/base_large_batch.yaml); a PROBE-step
+#       probe (40) measures the step time and the horizon (train.max_steps) is set so the stage ends in time. The probe
+#       is the run's own first steps (inside the warm-up, so their LRs do not depend on the horizon): the resumed run is
+#       exactly a run with that horizon from step 0, and `--set train.max_steps=N` reproduces it.
 #   2.  the three ablation rows (toy_adapter_*.yaml, unchanged budgets) at the same time on the one GPU;
 #   3.  IPPO (toy_ippo.yaml) in whatever time is left; its checkpoints resume anywhere.
-# Every stage is cut off by `timeout` so the script always ends by BUDGET seconds, and each stage's results are
-# packed into $PACK (one tar per stage or row, written then renamed) as soon as it ends: a cut-off stage still leaves
-# its last checkpoint (every 500 adapter steps, every 10 IPPO steps), which `--resume` continues on any machine.
+# Every stage is bounded by the budget (train/gpu_budget.sh), so the script always ends by BUDGET seconds, and each
+# stage's results are packed into $PACK (one tar per stage or row, written then renamed) as soon as it ends: a cut-off
+# stage still leaves its last checkpoint (every 500 adapter steps, every 10 IPPO steps), which `--resume` continues on
+# any machine. tests/test_toy_gpu_script.py runs it on a CPU with every stage shrunk and a clock it moves forward.
 #   BUDGET=480 PACK=/tmp/pack bash train/toy_gpu.sh          (then untar the packs into runs/)
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Several adapter rows trained at once from the toy base on one GPU, then each scored on held-out scenes on that GPU
-# (variants of the ablation, for a GPU job with a hard time limit). ROWS holds one row per line:
+# The GPU recipe that trains several adapter rows of the toy at once within a fixed time budget (BUDGET seconds, for a
+# GPU job with a hard time limit), then scores each on held-out scenes on that GPU. ROWS holds one row per line:
 #   NAME CONFIG [--set KEY=VALUE ...]
 # Each row runs `python -m train.pretrain --config train/configs/CONFIG.yaml --output-dir $RUNS/NAME --resume
 #   --set model.name=$BASE $COMMON_SET <the row's sets>` (all rows at once, after a 1-step run that writes the data
 # and the encoding cache they share) and is then scored by `python -m multicrafter.eval toy --model toy --adapter
 # $RUNS/NAME/adapter $EVAL_ARGS` (all at once; EVAL_BASE=1 adds the base, --no-adapter). IPPO_FROM=NAME then runs IPPO
 # (toy_ippo.yaml + $IPPO_SET) from that row's adapter in the time left. Rerunning continues every row (`--resume`).
-# Every stage is bounded by `timeout`, so the script ends by BUDGET seconds, and each stage is packed into $PACK as it
-# ends: rows.tar (each row's adapter, or its last checkpoint if cut off, metrics and log), evals.tar (eval_NAME.json),
-# ippo.tar and ippo_checkpoint.tar; a tar over SPLIT_MB is cut into NAME.00, NAME.01, ... (`cat NAME.* | tar -x`;
-# train/gpu_budget.sh). $PACK never holds a half-written file.
-# Measured on one H200 (16 cores): 8 rows at once ran each 2-4x slower than 5 rows at once (the host, not the GPU);
-# 8 evaluations of 200 scenes x 3 seeds at once took ~2 minutes.
+# Every stage is bounded by the budget (train/gpu_budget.sh), so the script ends by BUDGET seconds, and each stage is
+# packed into $PACK as it ends: rows.tar (each row's adapter, or its last checkpoint if cut off, metrics and log),
+# evals.tar (eval_NAME.json), ippo.tar and ippo_checkpoint.tar; a tar over SPLIT_MB is cut into NAME.00, NAME.01, ...
+# (`cat NAME.* | tar -x`). $PACK never holds a half-written file.
+# The rows share the host's CPU cores as well as the GPU: with 16 cores, 8 rows at once ran each 2-4x slower than 5
+# rows at once (bench/results/gpu_toy_rows_capacity.md); 8 evaluations of 200 scenes x 3 seeds at once took ~2 minutes.
 #   BUDGET=480 PACK=/tmp/pack ROWS=$'baseline toy_adapter_baseline\nattn toy_adapter_attn' bash train/toy_gpu_rows.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,11 +24,11 @@ LOG_TAG=toy_gpu_rows; source train/gpu_budget.sh   # START, left, log, bounded, 
 mkdir -p "$PACK" "$RUNS"
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-names=(); sets=()
+names=(); sets=(); rests=()
 while read -r name config rest; do
   [ -n "$name" ] || continue
   [ -f "train/configs/$config.yaml" ] || { log "row $name: no train/configs/$config.yaml"; exit 2; }
-  names+=("$name"); sets+=("--config train/configs/$config.yaml --output-dir $RUNS/$name $rest")
+  names+=("$name"); sets+=("--config train/configs/$config.yaml --output-dir $RUNS/$name"); rests+=("$rest")
 done <<< "$ROWS"
 [ "${#names[@]}" -gt 0 ] || { log "ROWS names no row"; exit 2; }
 
@@ -36,14 +36,14 @@ done <<< "$ROWS"
 rm -rf "$RUNS/_prepare"
 # shellcheck disable=SC2086  # the sets are words on purpose
 bounded "$EVAL_RESERVE" python -m train.pretrain ${sets[0]} --output-dir "$RUNS/_prepare" --max-steps 1 \
-  --set "model.name=$BASE" --set output.progress=false ${COMMON_SET:-} > "$RUNS/_prepare.log" 2>&1 \
+  --set "model.name=$BASE" --set output.progress=false ${COMMON_SET:-} ${rests[0]} > "$RUNS/_prepare.log" 2>&1 \
   || { log "preparing the data failed (rc $?)"; tail -5 "$RUNS/_prepare.log"; exit 1; }
 log "data and encodings ready"
 pids=()
 for i in "${!names[@]}"; do
   # shellcheck disable=SC2086
   OMP_NUM_THREADS=2 bounded "$EVAL_RESERVE" python -m train.pretrain ${sets[$i]} --resume --set "model.name=$BASE" \
-    --set output.progress=false ${COMMON_SET:-} > "$RUNS/${names[$i]}.log" 2>&1 &
+    --set output.progress=false ${COMMON_SET:-} ${rests[$i]} > "$RUNS/${names[$i]}.log" 2>&1 &
   pids+=($!)
 done
 for i in "${!pids[@]}"; do wait "${pids[$i]}" || log "row ${names[$i]} stopped early (rc $?)"; done
