@@ -156,21 +156,22 @@ def test_bad_checkpoints_are_refused_with_one_line(tmp_path, mutate, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, run_main):
+    from multicrafter.convert_uno import main
+
     save_file(uno_checkpoint(), tmp_path / "dit_lora.safetensors")
-    ok = subprocess.run([sys.executable, "-m", "multicrafter.convert_uno", "--in", str(tmp_path / "dit_lora.safetensors"),
-                         "--out", str(tmp_path / "a"), "--base", "tiny"], capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
+    ok = run_main(main, ["--in", tmp_path / "dit_lora.safetensors", "--out", tmp_path / "a", "--base", "tiny"])
+    assert ok.code == 0, ok.err
     assert (tmp_path / "a" / "pytorch_lora_weights.safetensors").exists()
+    # A tiny-sized UNO file does not fit FLUX.1-dev (the default base): refused before writing.
+    wrong = run_main(main, ["--in", tmp_path / "dit_lora.safetensors", "--out", tmp_path / "c"])
+    assert wrong.code != 0 and "do not fit" in wrong.err and not (tmp_path / "c").exists()
+    # The command line end to end: a bad file is one line on stderr, no traceback, a non-zero exit.
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     bad = subprocess.run([sys.executable, "-m", "multicrafter.convert_uno", "--in", str(tmp_path / "junk.safetensors"),
                           "--out", str(tmp_path / "b")], capture_output=True, text=True)
     assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "cannot read" in bad.stderr
-    # A tiny-sized UNO file does not fit FLUX.1-dev (the default base): refused before writing.
-    wrong = subprocess.run([sys.executable, "-m", "multicrafter.convert_uno", "--in",
-                            str(tmp_path / "dit_lora.safetensors"), "--out", str(tmp_path / "c")],
-                           capture_output=True, text=True)
-    assert wrong.returncode != 0 and "do not fit" in wrong.stderr and not (tmp_path / "c").exists()
+    assert "Traceback" not in bad.stderr and not (tmp_path / "b").exists()
 
 
 def uno_size(w, h, long_side):
