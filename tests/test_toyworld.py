@@ -170,8 +170,14 @@ def test_cli_writes_dataset_and_contact_sheet(tmp_path, capsys):
     (["--n", "-1"], "--n must be"),
     (["--n", "2", "--similar-prob", "2"], "similar-prob"),
 ])
-def test_cli_bad_input_is_one_line(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, "-m", "multicrafter.toyworld", "--out", str(tmp_path / "x"), *args],
+def test_cli_bad_input_is_one_line(tmp_path, run_main, args, message):
+    r = run_main(toyworld_main, ["--out", tmp_path / "x", *args])
+    assert r.code == 2
+    assert r.err.strip().count("\n") == 0 and message in r.err and "Traceback" not in r.err
+
+
+def test_cli_bad_input_is_one_line_from_the_real_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "multicrafter.toyworld", "--out", str(tmp_path / "x"), "--n", "-1"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "--n must be" in proc.stderr and "Traceback" not in proc.stderr

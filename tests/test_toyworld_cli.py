@@ -1,4 +1,6 @@
-"""`python -m multicrafter.eval toy`: ground-truth sanity row, JSON keys, one-line errors, and the model path."""
+"""`python -m multicrafter.eval toy`: ground-truth sanity row, JSON keys, one-line errors, and the model path.
+
+The bad inputs run the command in this process (through run_cli); one also runs as a real subprocess."""
 
 import json
 import subprocess
@@ -18,6 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "multicrafter.eval", "toy", *args], capture_output=True, text=True,
                           cwd=ROOT)
+
+
+@pytest.fixture
+def run(run_main):
+    """`run(*args)`: `python -m multicrafter.eval toy ARGS` in this process (through run_cli); `.code`, `.err`."""
+    from multicrafter.eval.__main__ import main
+
+    return lambda *args: run_main(main, ["toy", *args])
 
 
 def test_ground_truth_row_json_and_table(tmp_path, capsys):
@@ -86,17 +96,24 @@ def test_split_train_scores_the_toys_own_training_scenes(tmp_path):
     (["--model", "ground-truth", "--n", "2", "--subjects", "5"], "between 1 and 4"),
     (["--model", "ground-truth", "--n", "2", "--similar-prob", "1.5"], "--similar-prob must be in [0, 1]"),
 ])
-def test_bad_input_one_line(args, message):
-    proc = _run(*args)
+def test_bad_input_one_line(run, args, message):
+    r = run(*args)
+    assert r.code != 0 and "Traceback" not in r.err
+    assert r.err.strip().startswith("error:") and r.err.strip().count("\n") == 0
+    assert message in r.err
+
+
+def test_bad_input_one_line_from_the_real_command():
+    proc = _run("--model", "tiny", "--n", "1", "--device", "gpu0")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error:") and proc.stderr.strip().count("\n") == 0
-    assert message in proc.stderr
+    assert "is not a torch device" in proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
-def test_cuda_without_a_gpu_is_one_line():
-    proc = _run("--model", "tiny", "--n", "1", "--device", "cuda")
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "torch sees no CUDA GPU" in proc.stderr
+def test_cuda_without_a_gpu_is_one_line(run):
+    r = run("--model", "tiny", "--n", "1", "--device", "cuda")
+    assert r.code != 0 and "Traceback" not in r.err and "torch sees no CUDA GPU" in r.err
 
 
 def test_unloadable_model_is_a_user_error():
