@@ -70,6 +70,7 @@ def click_image_pixel(page, selector: str, xy: tuple[int, int]) -> None:
 
 def take(model: str, out: Path, width: int = 1400, height: int = 1000,
          attention_adapter: str | None = None) -> list[Path]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # offline: Annotate uses local SAM 2 weights or GrabCut, no download
     from playwright.sync_api import sync_playwright
 
     from demo import AppConfig, build_app, launch_kwargs
@@ -136,7 +137,17 @@ def take(model: str, out: Path, width: int = 1400, height: int = 1000,
                 page.wait_for_timeout(800)
                 shot("annotate")
 
-                # Train: a short run of the tiny model, shot while its curves grow, then stopped
+                # Train: a short run of the tiny model, shot while its curves grow, then stopped. The status line
+                # names the run folder; it is shown as the app's --runs-dir gave it (runs/NAME), on every redraw.
+                page.evaluate("""prefix => {
+                    const fix = root => {
+                        const walk = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+                        for (let n = walk.nextNode(); n; n = walk.nextNode())
+                            if (n.nodeValue.includes(prefix)) n.nodeValue = n.nodeValue.split(prefix).join("");
+                    };
+                    new MutationObserver(() => fix(document.body)).observe(
+                        document.body, {subtree: true, childList: true, characterData: true});
+                }""", str(Path(tmp).resolve()) + "/")
                 page.get_by_role("tab", name="Train").click()
                 page.wait_for_selector("#train-start", state="visible", timeout=30_000)
                 steps = page.get_by_label("Max steps (0 = config)")
@@ -151,11 +162,6 @@ def take(model: str, out: Path, width: int = 1400, height: int = 1000,
                 else:
                     raise RuntimeError(f"the training run did not log {TRAIN_STEPS_SHOWN} steps in 5 minutes")
                 page.wait_for_timeout(2500)   # the next log line redraws the curves with the latest records
-                page.evaluate("""prefix => {   // the run folder as the app's --runs-dir gave it: runs/NAME
-                    const walk = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
-                    for (let n = walk.nextNode(); n; n = walk.nextNode())
-                        if (n.nodeValue.includes(prefix)) n.nodeValue = n.nodeValue.split(prefix).join("");
-                }""", str(Path(tmp).resolve()) + "/")
                 shot("train")
                 page.locator("#train-stop").click()
                 page.wait_for_timeout(1000)
