@@ -1,4 +1,6 @@
-"""`python -m multicrafter.eval faces`: single-image and dataset modes, JSON/markdown, one-line errors."""
+"""`python -m multicrafter.eval faces`: single-image and dataset modes, JSON/markdown, one-line errors.
+
+Bad inputs run the command in this process (through run_cli); one also runs as a real subprocess."""
 
 from __future__ import annotations
 
@@ -38,6 +40,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "multicrafter.eval", "faces", *args], capture_output=True,
                           text=True, env=env, cwd=ROOT, timeout=120)
+
+
+@pytest.fixture
+def run(run_main):
+    """`run(*args)`: `python -m multicrafter.eval faces ARGS` in this process (through run_cli); `.code`, `.out`, `.err`."""
+    from multicrafter.eval.__main__ import main as eval_main
+
+    return lambda *args: run_main(eval_main, ["faces", *args])
 
 
 def test_single_image_json_and_markdown(files, capsys):
@@ -87,16 +97,23 @@ def test_dataset_mode(files, tmp_path):
      "insightface model pack 'buffalo_l' not found"),
     (["--dataset", "{d}"], "no metadata.jsonl"),
 ])
-def test_bad_input_is_one_line(files, args, expect):
-    proc = run_cli(*[a.format(d=files) for a in args])
+def test_bad_input_is_one_line(files, run, args, expect):
+    r = run(*[a.format(d=files) for a in args])
+    assert r.code == 2
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.err
+
+
+def test_bad_input_is_one_line_from_the_real_command(files):
+    proc = run_cli("--image", str(files / "corrupt.png"), "--ref", str(files / "left.png"))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not a valid image" in lines[0], proc.stderr
 
 
-def test_help():
-    proc = run_cli("--help")
-    assert proc.returncode == 0 and "--backend" in proc.stdout and "--dataset" in proc.stdout
+def test_help(run):
+    r = run("--help")
+    assert r.code == 0 and "--backend" in r.out and "--dataset" in r.out
 
 
 def test_missing_metric_weights_are_reported_not_invented(files, capsys):
@@ -133,11 +150,11 @@ def test_extra_metrics_from_local_folders(files, tmp_path):
     assert res["clip_i"] > 0 and res["dino_i"] > 0    # one reference is the image itself (cosine 1)
 
 
-def test_clip_t_without_prompt_is_refused(files):
-    proc = run_cli("--image", str(files / "gen.png"), "--ref", str(files / "left.png"), "--metrics", "clip_t")
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: CLIP-T needs --prompt (see --help)"
-    proc = run_cli("--image", str(files / "gen.png"), "--metrics", "clip_x")
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+def test_clip_t_without_prompt_is_refused(files, run):
+    r = run("--image", str(files / "gen.png"), "--ref", str(files / "left.png"), "--metrics", "clip_t")
+    assert r.code == 2 and r.err.strip() == "error: CLIP-T needs --prompt (see --help)"
+    r = run("--image", str(files / "gen.png"), "--metrics", "clip_x")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1
 
 
 def _meta(ds: Path, *lines: dict | str) -> Path:
