@@ -6,10 +6,7 @@ and are never listed."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -132,14 +129,18 @@ def test_the_toy_rows_train_on_the_bare_shipped_base():
 
 
 @pytest.mark.parametrize("name,module", [("flux_dev_adapter.yaml", "train.pretrain"), ("flux_dev_ippo.yaml", "train.ippo")])
-def test_a_flux_config_without_its_data_refuses_with_one_line_before_writing(name, module, tmp_path):
+def test_a_flux_config_without_its_data_refuses_with_one_line_before_writing(name, module, tmp_path, monkeypatch,
+                                                                            run_main):
+    """Run in this process through run_cli (the real-subprocess one-line exits of both commands are in
+    test_pretrain.py and test_ippo_train.py), from a folder without the configs' data."""
+    import importlib
+
     out = tmp_path / "run"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
-    res = subprocess.run([sys.executable, "-m", module, "--config", str(CONFIG_DIR / name), "--output-dir", str(out)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), res.stderr[-2000:]
-    assert "Traceback" not in res.stderr and not (out.exists() and any(out.rglob("*")))   # nothing written
+    monkeypatch.chdir(tmp_path)
+    res = run_main(importlib.import_module(module).main, ["--config", CONFIG_DIR / name, "--output-dir", out])
+    lines = [ln for ln in res.err.splitlines() if ln.strip()]
+    assert res.code != 0 and len(lines) == 1 and lines[0].startswith("error:"), res.err[-2000:]
+    assert "Traceback" not in res.err and not (out.exists() and any(out.rglob("*")))   # nothing written
 
 
 def test_toy_rows_share_the_base_budget_and_timesteps():
