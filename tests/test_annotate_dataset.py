@@ -13,6 +13,7 @@ from PIL import Image
 from test_dataset_format import break_dataset, make_dataset
 
 from annotate.import_folder import import_folder
+from annotate.import_folder import main as import_folder_main
 from annotate.validate import main as validate_main
 from multicrafter.dataset_format import load_samples
 
@@ -48,7 +49,7 @@ def test_validate_cli_passes_valid_dataset(tmp_path):
 
 
 # ---------------------------------------------------------------- import
-def test_import_folder(tmp_path):
+def test_import_folder(tmp_path, monkeypatch, run_main):
     src = tmp_path / "src"
     src.mkdir()
     Image.new("RGB", (300, 120), (200, 10, 10)).save(src / "red car.png")
@@ -69,9 +70,10 @@ def test_import_folder(tmp_path):
     res = subprocess.run([sys.executable, "-m", "annotate.import_folder", str(src), "--out", str(tmp_path / "d2")],
                          cwd=REPO, capture_output=True, text=True, env=env)
     assert res.returncode == 0 and "imported 2 images" in res.stdout and "skipped broken.png" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "annotate.import_folder", str(src), "--out", str(tmp_path / "d3"),
-                          "--florence", "florence-community/Florence-2-base-ft"], cwd=REPO, capture_output=True,
-                         text=True, env=dict(env, HF_HUB_OFFLINE="1"))
-    assert res.returncode == 2 and res.stderr.count("\n") == 1
-    assert "Florence-2 (florence-community/Florence-2-base-ft) is not available offline" in res.stderr
+    # in this process (through run_cli), which saves a second interpreter its transformers import
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = run_main(import_folder_main, [src, "--out", tmp_path / "d3", "--florence",
+                                        "florence-community/Florence-2-base-ft"])
+    assert res.code == 2 and res.err.count("\n") == 1
+    assert "Florence-2 (florence-community/Florence-2-base-ft) is not available offline" in res.err
     assert not (tmp_path / "d3").exists()  # failed before writing anything
