@@ -135,9 +135,15 @@ def test_a_flux_config_without_its_data_refuses_with_one_line_before_writing(nam
     test_pretrain.py and test_ippo_train.py), from a folder without the configs' data."""
     import importlib
 
+    from accelerate.state import AcceleratorState
+
     out = tmp_path / "run"
     monkeypatch.chdir(tmp_path)
-    res = run_main(importlib.import_module(module).main, ["--config", CONFIG_DIR / name, "--output-dir", out])
+    try:
+        res = run_main(importlib.import_module(module).main, ["--config", CONFIG_DIR / name, "--output-dir", out])
+    finally:
+        # the run set up accelerate's process-wide state in bf16; later runs in this process set up their own
+        AcceleratorState._reset_state(reset_partial_state=True)
     lines = [ln for ln in res.err.splitlines() if ln.strip()]
     assert res.code != 0 and len(lines) == 1 and lines[0].startswith("error:"), res.err[-2000:]
     assert "Traceback" not in res.err and not (out.exists() and any(out.rglob("*")))   # nothing written
