@@ -42,8 +42,16 @@ def test_cli_writes_json_and_figure(tmp_path):
     (["--levels", "half"], "comma-separated noise levels"),
     (["--n", "0"], "--n must be"),
 ])
-def test_bad_input_one_line(args, message):
-    proc = subprocess.run([sys.executable, "-m", "multicrafter.eval", "denoise", *args], capture_output=True,
+def test_bad_input_one_line(args, message, run_main):
+    from multicrafter.eval.__main__ import main as eval_main
+
+    r = run_main(eval_main, ["denoise", *args])  # the command line, in this process (through run_cli)
+    assert r.code != 0 and "Traceback" not in r.err
+    assert r.err.strip().count("\n") == 0 and message in r.err
+
+
+def test_bad_input_one_line_from_the_real_command():
+    proc = subprocess.run([sys.executable, "-m", "multicrafter.eval", "denoise", "--n", "0"], capture_output=True,
                           text=True, cwd=ROOT)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "--n must be" in proc.stderr
