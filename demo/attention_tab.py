@@ -11,6 +11,8 @@ import numpy as np
 
 from multicrafter.errors import UserError
 
+from .examples import Example
+from .generate_tab import MAX_STEPS, check_steps, run_pipeline
 from .inputs import (
     check_prompt,
     check_size,
@@ -20,8 +22,6 @@ from .inputs import (
     sampling_controls,
     ui_errors,
 )
-from .examples import Example
-from .generate_tab import MAX_STEPS, check_steps, run_pipeline
 from .state import FOLDER_ADAPTER, ModelHolder
 
 ALL = "all (mean)"
@@ -97,8 +97,8 @@ def render_view(state: dict[str, Any] | None, block: str | None = ALL, step: int
     """(figure with adapter, figure without, table rows, summary) for the selected block/step."""
     from PIL import Image
 
-    from multicrafter.bleeding import bleeding_report
     from multicrafter.attention_overlay import attention_figure
+    from multicrafter.bleeding import bleeding_report
 
     if not state:
         raise UserError("run the attention analysis first")

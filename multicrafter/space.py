@@ -97,6 +97,7 @@ def space_files(root: Path = REPO_ROOT) -> list[Path]:
 
 
 def readme(title: str, gradio: str, adapter: str | None) -> str:
+    """The Space's README.md: Hugging Face front matter (sdk, models, license) and a short body."""
     hint = f"`{adapter}` (the adapter folder this upload carries)" if adapter else (
         "a MultiCrafter adapter folder inside the Space, e.g. UNO's LoRA converted by\n  "
         "`python -m multicrafter.convert_uno` and added by `python -m multicrafter.space --adapter DIR`")
@@ -162,6 +163,7 @@ def build_space(out: str | os.PathLike, force: bool = False, adapter: str | None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m multicrafter.space`."""
     p = ArgumentParser(prog="python -m multicrafter.space", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="the Space folder to write (must be new or empty, unless --force)")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Write the Space folder and print the upload command; returns the exit code."""
     args = build_parser().parse_args(argv)
     if not args.title.strip() or "\n" in args.title:
         raise UserError("--title must be one non-empty line")

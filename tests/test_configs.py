@@ -21,7 +21,7 @@ from train.vae import VAEConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "train" / "configs"
-ACCELERATE = {"accelerate_ddp.yaml", "accelerate_fsdp.yaml"}   # accelerate's own launcher configs, not ours
+ACCELERATE = {"accelerate_ddp.yaml"}   # accelerate's own launcher configs, not ours
 CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.name not in ACCELERATE)
 PRETRAIN = {"tiny_pretrain.yaml", "toy_adapter_baseline.yaml", "toy_adapter_attn.yaml", "toy_adapter_attn_moe.yaml",
             "flux_dev_adapter.yaml"}
