@@ -289,3 +289,16 @@ def test_claim_and_resume_point_in_a_single_process(tmp_path, capsys):
         resume_point(acc, tmp_path, resume=False)
     assert resume_point(acc, tmp_path, resume=True) == tmp_path / "checkpoint-2"
     lock.release()
+
+
+def test_a_folder_made_by_the_lock_goes_again_when_the_run_wrote_nothing(tmp_path):
+    unused, used = tmp_path / "a" / "run", tmp_path / "b"
+    lock = RunLock(unused)
+    lock.acquire()
+    lock.release()
+    assert not unused.exists() and unused.parent.exists()
+    lock = RunLock(used)
+    lock.acquire()
+    (used / "metrics.jsonl").write_text("{}\n")
+    lock.release()
+    assert (used / "metrics.jsonl").is_file() and not (used / "run.lock").exists()

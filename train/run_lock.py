@@ -43,6 +43,7 @@ class RunLock:
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / LOCK_FILE
         self._fd: int | None = None
+        self._made_dir = False   # the lock created the folder: an unused one is removed again on release
 
     @property
     def held(self) -> bool:
@@ -54,7 +55,9 @@ class RunLock:
             return None
         while True:
             try:
-                self.output_dir.mkdir(parents=True, exist_ok=True)
+                if not self.output_dir.exists():
+                    self.output_dir.mkdir(parents=True)
+                    self._made_dir = True
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise UserError(f"cannot use output dir {self.output_dir}: {one_line(exc)}") from None
@@ -98,6 +101,11 @@ class RunLock:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+        if self._made_dir:   # a run refused before writing anything leaves no empty folder behind
+            try:
+                self.output_dir.rmdir()
+            except OSError:
+                pass   # not empty: the run wrote its files
 
     def __enter__(self) -> RunLock:
         note = self.acquire()
