@@ -177,3 +177,15 @@ def test_reward_reference_faces_go_through_the_shared_cache():
     cached = reference_faces(refs, backend, cache=reward._ref_cache)
     assert backend.calls == 5 + 2
     assert direct[1:] == cached[1:] == ([1, 0], ["no face found in reference 1: it scores 0"])
+
+
+@pytest.mark.parametrize("components,setting", [(("text",), "reward.real.clip_model"),
+                                                (("aes",), "reward.real.aes_head")])
+def test_a_missing_reward_model_names_the_config_setting(components, setting, tmp_path, monkeypatch):
+    """The reward is configured in the IPPO YAML, so its one-line message names the key there, not a CLI flag."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))   # an empty cache: nothing can be found
+    with pytest.raises(ModelUnavailable) as err:
+        RealReward.load(components=components)
+    msg = str(err.value)
+    assert f"{setting}=/path/to/" in msg and "--" not in msg and "\n" not in msg, msg

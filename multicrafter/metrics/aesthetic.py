@@ -93,11 +93,13 @@ class AestheticScorer:
 
     @classmethod
     def load(cls, clip: str | ClipScorer = DEFAULT_AES_CLIP, head: str = DEFAULT_AES_HEAD,
-             head_filename: str = DEFAULT_AES_FILE, device: str | torch.device = "cpu") -> AestheticScorer:
-        """Load the CLIP backbone (id, folder, or an already loaded ClipScorer) and the head (file, folder, hub id)."""
-        head_mod = load_head(resolve_file(head, head_filename, "aesthetic head", "--aes-head"))
+             head_filename: str = DEFAULT_AES_FILE, device: str | torch.device = "cpu",
+             options: tuple[str, str] = ("--aes-clip", "--aes-head")) -> AestheticScorer:
+        """Load the CLIP backbone (id, folder, or an already loaded ClipScorer) and the head (file, folder, hub id);
+        `options` name the settings a missing model's message tells the user to set (backbone, head)."""
+        head_mod = load_head(resolve_file(head, head_filename, "aesthetic head", options[1]))
         if not isinstance(clip, ClipScorer):
-            clip = ClipScorer.load(clip, device=device, option="--aes-clip", load_tokenizer=False)
+            clip = ClipScorer.load(clip, device=device, option=options[0], load_tokenizer=False)
         return cls(clip, head_mod)
 
     @torch.inference_mode()

@@ -24,6 +24,10 @@ from ..metrics.loading import ModelUnavailable
 from ..metrics.objects import Embed, subject_similarity
 from .base import RewardBatch, RewardOutput
 
+# The reward is configured in the IPPO config's `reward.real` section: a missing model's one-line message names the
+# setting there (e.g. "pass reward.real.clip_model=/path/to/folder").
+CONFIG = "reward.real"
+
 
 class RealReward:
     """A `RewardFn`: call it with a RewardBatch, get {"text", "aes", "id"} lists for the components it has."""
@@ -65,10 +69,11 @@ class RealReward:
                 missing[name] = str(exc)
 
         if "text" in components:
-            attempt("text", lambda: ClipScorer.load(clip_model, device=device))
+            attempt("text", lambda: ClipScorer.load(clip_model, device=device, option=f"{CONFIG}.clip_model"))
         if "aes" in components:
             shared = parts.get("text") if aes_clip == clip_model else None
-            attempt("aes", lambda: AestheticScorer.load(shared or aes_clip, aes_head, aes_head_file, device=device))
+            attempt("aes", lambda: AestheticScorer.load(shared or aes_clip, aes_head, aes_head_file, device=device,
+                                                        options=(f"{CONFIG}.aes_clip", f"{CONFIG}.aes_head")))
         if "id" in components and id_kind == "face":
             attempt("face", lambda: get_backend(face_backend, **(face_kwargs or {})))
         elif "id" in components:
@@ -122,7 +127,8 @@ def _object_embedder(source: str, device: str) -> Embed:
 
     from ..metrics.loading import load_pretrained
 
-    cfg = load_pretrained(AutoConfig, source, "subject embedding", "--id-model")
+    option = f"{CONFIG}.id_model"
+    cfg = load_pretrained(AutoConfig, source, "subject embedding", option)
     if cfg.model_type == "clip":
-        return ClipScorer.load(source, device=device, load_tokenizer=False).image_embeddings
-    return DinoScorer.load(source, device=device).image_embeddings
+        return ClipScorer.load(source, device=device, load_tokenizer=False, option=option).image_embeddings
+    return DinoScorer.load(source, device=device, option=option).image_embeddings
