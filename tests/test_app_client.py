@@ -156,6 +156,7 @@ def test_huge_reference_is_downscaled_with_a_note(app, tmp_path):
     assert "8000x8000" in notes and "downscaled" in notes and Image.open(download).size == (64, 64)
 
 
+@pytest.mark.slow
 def test_train_start_streams_refuses_a_second_job_and_stop_leaves_nothing(app):
     client, runner = app["client"], app["demo"].multicrafter["runner"]
     job = client.submit(mode="pretrain", config="tiny_pretrain.yaml", config_text="", max_steps=100000, dataset="",

@@ -175,6 +175,7 @@ def test_job_survives_until_stopped_when_nobody_follows(tmp_path):
     assert os.path.getsize(tmp_path / "run" / "log.txt") > 0
 
 
+@pytest.mark.slow
 def test_a_toy_row_trained_from_the_tab_on_an_annotated_dataset_loads_and_generates(settings):
     """toy_adapter_attn.yaml from the Train tab's start handler, its dataset field naming a set saved with the
     library's writer (as the Annotate tab saves): 2 steps on the shipped toy base, then the run's adapter folder loads

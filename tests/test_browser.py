@@ -109,6 +109,7 @@ def test_every_tab_renders(page):
     assert page.locator("#train-config").is_visible()
 
 
+@pytest.mark.slow
 def test_click_adds_a_point_and_a_brush_stroke_changes_the_mask(page, tmp_path):
     page.get_by_role("tab", name="Annotate").click()
     page.locator("#ann-image input[type=file]").set_input_files(scene_image(tmp_path / "scene.png", 128))

@@ -188,6 +188,7 @@ def _decoder_direction(pipe) -> np.ndarray:
     return torch.linalg.svd(jac, full_matrices=False)[0][:, 0].reshape(3, SIZE, SIZE).permute(1, 2, 0).numpy()
 
 
+@pytest.mark.slow
 def test_overfit_on_one_prompt_raises_the_reward(tmp_path):
     pipe = MultiCrafterPipeline.from_pretrained("tiny")
     u = _decoder_direction(pipe)

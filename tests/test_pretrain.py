@@ -342,6 +342,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, world):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_two_process_data_parallel_run_on_cpu(tmp_path, world):
     """torchrun with 2 CPU processes (gloo): one metrics file, batches split by rank, losses averaged."""
     out = tmp_path / "ddp"

@@ -118,6 +118,7 @@ def test_space_cli_prints_one_line_errors_and_the_upload_command(tmp_path):
     assert (tmp_path / "new/adapters/attn/adapter_config.json").is_file()
 
 
+@pytest.mark.slow
 def test_the_space_folder_serves_generate_from_inside_itself(built, tmp_path):
     """The app started in the Space folder (not the checkout) imports only the folder's packages and generates."""
     gradio_client = pytest.importorskip("gradio_client")

@@ -70,6 +70,7 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return {f"{f.name}:{k}": v for f in sorted((out / "adapter").glob("*.safetensors")) for k, v in load_file(f).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the launcher's workers through /proc")
 def test_two_process_ippo_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
