@@ -13,6 +13,7 @@ block of up as B. Rank comes from the file; alpha = rank gives UNO's scale of 1.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,8 +37,28 @@ MAPPING = {
     ("single", "proj_lora"): ["proj_out"],
 }
 BLOCKS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
-# UNO's inference defaults (its README / inference script): 512x512, 25 steps, guidance 4.
-UNO_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 4.0, "height": 512, "width": 512}
+# UNO's inference defaults (its README / inference script): 512x512, 25 steps, guidance 4, and its own time schedule.
+UNO_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 4.0, "height": 512, "width": 512, "schedule": "uno"}
+
+
+def uno_sigmas(num_steps: int, height: int, width: int) -> list[float]:
+    """UNO's denoising schedule, without the terminal 0: `num_steps` sigmas from 1 down.
+
+    As UNO's sampler: t = linspace(1, 0, steps + 1), shifted by t' = e^mu / (e^mu + 1/t - 1) with mu linear in the
+    sequence length, 0.5 at 256 and 1.15 at 4096. UNO takes the sequence length as (W // 8) * (H // 8) // 256
+    (16 at 512x512, 64 at 1024x1024), where FluxPipeline uses the packed token count (1024, 4096); so UNO's shift
+    is smaller (middle sigma of 25 steps at 1024x1024: 0.634, FluxPipeline's 0.774).
+    """
+    if num_steps < 1:
+        raise UserError(f"the UNO schedule needs at least 1 step, got {num_steps}")
+    seq_len = (width // 8) * (height // 8) // (16 * 16)
+    slope = (1.15 - 0.5) / (4096 - 256)
+    mu = 0.5 + slope * (seq_len - 256)
+    out = []
+    for i in range(num_steps):
+        t = 1.0 - i / num_steps
+        out.append(math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0)))
+    return out
 
 
 def convert_state_dict(uno: dict[str, torch.Tensor], base: torch.nn.Module) -> tuple[dict, int]:
@@ -89,8 +110,9 @@ def flux_dev_skeleton() -> torch.nn.Module:
         )
 
 
-def convert(uno_path: str | Path, out_dir: str | Path, base: torch.nn.Module) -> Path:
-    """Convert and write an adapter folder; nothing is written if any key or shape is refused."""
+def convert(uno_path: str | Path, out_dir: str | Path, base: torch.nn.Module, source: str | None = None) -> Path:
+    """Convert and write an adapter folder; nothing is written if any key or shape is refused. `source` (e.g. the
+    Hub repository the file came from) is recorded in the adapter config's `extra.converted_from`."""
     uno_path = Path(uno_path)
     if not uno_path.is_file():
         raise UserError(f"UNO checkpoint not found: {uno_path}")
@@ -105,8 +127,10 @@ def convert(uno_path: str | Path, out_dir: str | Path, base: torch.nn.Module) ->
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
     targets = "^(" + "|".join(re.escape(m) for m in modules) + ")$"
     meta = lora_config_metadata(LoraConfig(r=rank, lora_alpha=rank, target_modules=modules))
-    cfg = AdapterConfig(lora_rank=rank, lora_alpha=float(rank), lora_targets=targets,
-                        extra={"reference_style": "uno", "source": "UNO", "sampling_defaults": UNO_DEFAULTS})
+    extra = {"reference_style": "uno", "source": "UNO", "sampling_defaults": dict(UNO_DEFAULTS)}
+    if source:
+        extra["converted_from"] = source
+    cfg = AdapterConfig(lora_rank=rank, lora_alpha=float(rank), lora_targets=targets, extra=extra)
     return write_adapter_dir(out_dir, cfg, sd, meta)
 
 

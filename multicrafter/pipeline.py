@@ -23,6 +23,7 @@ from diffusers import FluxPipeline
 from diffusers.utils import BaseOutput
 
 from . import presets
+from .adapter_sources import resolve_adapter
 from .adapters import AdapterConfig, has_adapter, load_adapter, remove_adapter, save_adapter, set_adapter_enabled
 from .attention import (
     AttentionCapture,
@@ -33,6 +34,7 @@ from .attention import (
     normalize_maps,
     remove_capture,
 )
+from .convert_uno import uno_sigmas
 from .errors import UserError, one_line
 from .ref_timestep import find_ref_timestep, install_ref_timestep
 from .references import (
@@ -43,6 +45,8 @@ from .references import (
     prepare_reference_images,
     target_grid,
 )
+
+SCHEDULES = ("flux", "uno")   # FluxPipeline's time schedule; UNO's (see convert_uno.uno_sigmas)
 
 
 @dataclass
@@ -218,12 +222,9 @@ class MultiCrafterPipeline(FluxPipeline):
 
     # ---------------------------------------------------------------- adapters
     def _adapter_dir(self, name_or_dir: str | Path) -> Path:
-        p = Path(name_or_dir).expanduser()
-        if p.is_dir():
-            return p
-        if self.model_dir is not None and (Path(self.model_dir) / "adapters" / str(name_or_dir)).is_dir():
-            return Path(self.model_dir) / "adapters" / str(name_or_dir)
-        raise UserError(f"adapter '{name_or_dir}' not found (not a folder, and not a named adapter of this model)")
+        """The adapter folder: a named adapter of the model, a local path, then a Hub id (UNO LoRAs converted once
+        and cached); see `multicrafter.adapter_sources`."""
+        return resolve_adapter(name_or_dir, self.transformer, self.model_dir)
 
     def available_adapters(self) -> list[str]:
         """Names of the adapters shipped in the model folder's `adapters/` (empty without a model folder)."""
@@ -241,8 +242,12 @@ class MultiCrafterPipeline(FluxPipeline):
 
         Args:
             name_or_dir (`str` or `os.PathLike`):
-                An adapter folder (`adapter_config.json` and/or `pytorch_lora_weights.safetensors`, optionally
-                `moe_lora.safetensors`), or the name of one under the model folder's `adapters/`.
+                Tried in this order: the name of an adapter under the model folder's `adapters/`; a local adapter
+                folder (`adapter_config.json` and/or `pytorch_lora_weights.safetensors`, optionally
+                `moe_lora.safetensors`) or LoRA file; a Hugging Face Hub id `owner/name[@revision][/subfolder or
+                /file.safetensors]`. A LoRA in UNO's format (recognised by its keys) is converted on first load and
+                the result cached under `~/.cache/multicrafter/adapters/`. With `HF_HUB_OFFLINE=1` only the local
+                Hugging Face cache is read.
 
         Returns:
             `AdapterConfig`: the loaded adapter's config. A missing or unfit adapter raises `UserError`.
@@ -270,6 +275,8 @@ class MultiCrafterPipeline(FluxPipeline):
                     changes[key] = int(value)
             self.reference_options = dataclasses.replace(opts, **changes)
             self.sampling_defaults = {**self.base_sampling_defaults, **extra.get("sampling_defaults", {})}
+            if extra.get("source") == "UNO":   # UNO's weights sample on UNO's schedule (older conversions lack it)
+                self.sampling_defaults.setdefault("schedule", "uno")
         return cfg
 
     def unload_adapter(self) -> None:
@@ -419,7 +426,9 @@ class MultiCrafterPipeline(FluxPipeline):
                 Every other `FluxPipeline.__call__` argument, passed through unchanged: `prompt_2`,
                 `negative_prompt_2`, `sigmas`, `prompt_embeds`, `pooled_prompt_embeds`, `negative_prompt_embeds`,
                 `negative_pooled_prompt_embeds`, `ip_adapter_image`, `joint_attention_kwargs`,
-                `callback_on_step_end_tensor_inputs`, ...
+                `callback_on_step_end_tensor_inputs`, ... And `schedule`: `"flux"` (FluxPipeline's sigmas, shifted
+                by the packed token count) or `"uno"` (UNO's own time schedule, which a converted UNO adapter sets
+                in its sampling defaults); ignored when `sigmas` is given.
 
         Returns:
             [`MultiCrafterPipelineOutput`] or `tuple`: a [`MultiCrafterPipelineOutput`] if `return_dict` is True,
@@ -441,6 +450,27 @@ class MultiCrafterPipeline(FluxPipeline):
                                   use_adapter=use_adapter, reference_options=reference_options,
                                   return_dict=return_dict, **kwargs)
 
+    def _schedule(self, kwargs: dict[str, Any], height: int, width: int) -> contextlib.AbstractContextManager:
+        """Apply the `schedule` argument (or sampling default): `"flux"` keeps FluxPipeline's resolution-shifted
+        sigmas; `"uno"` passes UNO's sigmas (`convert_uno.uno_sigmas`) and, for the call, a copy of the scheduler
+        with dynamic shifting off and shift 1, so they are used as given. Sigmas passed by the caller win."""
+        schedule = kwargs.pop("schedule", None) or "flux"
+        if schedule not in SCHEDULES:
+            raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if schedule == "flux" or kwargs.get("sigmas") is not None:
+            return contextlib.nullcontext()
+        kwargs["sigmas"] = uno_sigmas(kwargs.get("num_inference_steps") or 28, height, width)
+        return self._scheduler_without_shift()
+
+    @contextlib.contextmanager
+    def _scheduler_without_shift(self) -> Iterator[None]:
+        original = self.scheduler
+        self.scheduler = type(original).from_config(original.config, use_dynamic_shifting=False, shift=1.0)
+        try:
+            yield
+        finally:
+            self.scheduler = original
+
     def _generate(self, prompt: str | list[str] | None, reference_images: Sequence[Any] | None, *,
                   return_attention: bool, attention_mode: str, attention_blocks: Iterable[int] | None,
                   attention_single_blocks: Iterable[int] | None, attention_heads: Iterable[int] | None,
@@ -456,6 +486,7 @@ class MultiCrafterPipeline(FluxPipeline):
         if height % unit or width % unit or height <= 0 or width <= 0:
             raise UserError(f"height and width must be positive multiples of {unit}, got {height}x{width}")
         kwargs["height"], kwargs["width"] = height, width
+        schedule_ctx = self._schedule(kwargs, height, width)
         refs_pil = self.prepare_references(reference_images, reference_options)
         if return_attention and not refs_pil:
             raise UserError("attention maps need at least one reference image")
@@ -493,7 +524,7 @@ class MultiCrafterPipeline(FluxPipeline):
             if packed.num_tokens or return_attention:
                 handles = [self.transformer.register_forward_pre_hook(hooks.pre, with_kwargs=True),
                            self.transformer.register_forward_hook(hooks.post, with_kwargs=True)]
-            with adapter_ctx:
+            with adapter_ctx, schedule_ctx:
                 result = FluxPipeline.__call__(self, prompt=prompt, return_dict=True, **kwargs)
         finally:
             for h in handles:
