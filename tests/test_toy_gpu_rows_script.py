@@ -62,6 +62,7 @@ def test_rows_train_with_their_own_sets_are_cut_at_the_budget_scored_and_packed(
     train = {Path(_arg(c, "--output-dir")).name: parsed[i] for i, c in enumerate(calls)
              if c["module"] == "train.pretrain"}
     assert sorted(train) == ["_prepare", "long", "plain", "r8"]
+    assert [c["env"].get("OMP_NUM_THREADS") for c in calls if c["module"] == "train.pretrain"] == [None, "2", "2", "2"]
     assert calls[0]["module"] == "train.pretrain" and _arg(calls[0], "--max-steps") == "1"  # the data, written once
     for cfg in train.values():
         assert cfg.model.name == "toy" and cfg.data.positions_caption_prob == 0.5  # the common sets reach every row

@@ -93,6 +93,7 @@ def test_every_stage_runs_is_packed_and_the_budget_cuts_ippo_after_a_checkpoint(
     assert parsed[2][1] == runs / "toy_base_gpu" / "pipeline"  # assemble --base
     rows = {Path(c["argv"][c["argv"].index("--output-dir") + 1]).name: cfg for c, cfg in zip(calls[3:6], parsed[3:6])}
     assert sorted(rows) == ["toy_adapter_attn", "toy_adapter_attn_moe", "toy_adapter_baseline"]
+    assert all(c["env"].get("OMP_NUM_THREADS") == "4" for c in calls[3:6])  # the three share the host's cores
     for cfg in rows.values():
         assert cfg.train.mode == "adapter" and cfg.model.name == str(runs / "toy_base_gpu" / "pipeline")
         assert cfg.train.max_steps == 2
