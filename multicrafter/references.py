@@ -192,7 +192,13 @@ def encode_references(
     generator: torch.Generator | None = None,
     sample: bool = False,
 ) -> PackedReferences:
-    """VAE-encode prepared references (mode of the posterior by default, as UNO), normalise, pack, give ids."""
+    """VAE-encode prepared references, normalise, pack, give ids.
+
+    We encode each reference with the mode of the VAE posterior (deterministic: the same reference gives the same
+    tokens in every call); UNO encodes with a sample of the posterior (`sample=True` does that here). A reference with
+    transparency is composited onto white when loaded (`io.load_image`), where UNO drops the alpha channel
+    (`convert("RGB")`, so transparent pixels keep whatever colour they store).
+    """
     latents = [encode_image(vae, img, device, generator if sample else None, sample) for img in images]
     return pack_references(latents, target_hw, batch_size, device, dtype)
 
