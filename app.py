@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python app.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=env("MULTICRAFTER_MODEL", "toy"),
                    help="toy (embedded; falls back to tiny when absent), tiny (random), a diffusers folder or hub id")
-    p.add_argument("--adapter", default=env("MULTICRAFTER_ADAPTER"), help="named adapter of the model or a folder")
+    p.add_argument("--adapter", default=env("MULTICRAFTER_ADAPTER"),
+                   help="named adapter of the model, a folder, a LoRA file or a Hub id owner/name[/file]")
     p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="0.0.0.0 to serve the network")
     p.add_argument("--no-train", action="store_true",

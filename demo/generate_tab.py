@@ -224,7 +224,7 @@ def build(holder: ModelHolder, output_dir: Path, examples: list[Example], gpu: C
                                   elem_id="gen-negative-prompt",
                                   info="used with true CFG above 1 (each step then runs the model twice)")
             seed, steps, guidance, height, width, adapter, folder = sampling_controls(
-                holder, MAX_STEPS, "none = base model; folder... = an adapter directory on this machine")
+                holder, MAX_STEPS, "none = base model; folder... = an adapter folder or file here, or a Hub id")
             with gr.Row():
                 randomize = gr.Checkbox(value=False, label="Randomize seed", elem_id="gen-randomize-seed",
                                         info="draw a new seed for each run (shown after the run)")

@@ -191,6 +191,7 @@ def sampling_controls(holder: Any, max_steps: int, adapter_info: str | None = No
     with gr.Row():
         adapter = gr.Dropdown(holder.adapter_choices(), value=holder.default_adapter(), label="Adapter",
                               info=adapter_info, elem_id=f"{prefix}-adapter" if prefix else None)
-        folder = gr.Textbox(label="Adapter folder", visible=holder.default_adapter() == FOLDER_ADAPTER,
-                            value=holder.initial_adapter or "", max_lines=1)
+        folder = gr.Textbox(label="Adapter folder, LoRA file or Hub id (owner/name)",
+                            visible=holder.default_adapter() == FOLDER_ADAPTER, value=holder.initial_adapter or "",
+                            max_lines=1)
     return seed, steps, guidance, height, width, adapter, folder

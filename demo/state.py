@@ -186,10 +186,11 @@ class ModelHolder:
         return [NO_ADAPTER, *names, FOLDER_ADAPTER]
 
     def default_adapter(self) -> str:
-        if self.initial_adapter and not Path(self.initial_adapter).is_dir():
-            return self.initial_adapter
+        """The adapter dropdown's first value: `--adapter` (MULTICRAFTER_ADAPTER) when it names one of the model's
+        adapters, `folder...` when it is anything else (a folder, a LoRA file or a Hub id, shown in the folder field
+        and resolved by `MultiCrafterPipeline.load_adapter`), else the model folder's default adapter."""
         if self.initial_adapter:
-            return FOLDER_ADAPTER
+            return self.initial_adapter if self.initial_adapter in self.adapter_choices() else FOLDER_ADAPTER
         from multicrafter import presets
 
         try:
@@ -212,9 +213,8 @@ class ModelHolder:
             if choice == FOLDER_ADAPTER:
                 target = (folder or "").strip()
                 if not target:
-                    raise UserError("choose an adapter folder (or pick 'none' or a named adapter)")
-                if not Path(target).expanduser().is_dir():
-                    raise UserError(f"adapter folder not found: {target}")
+                    raise UserError("choose an adapter folder or Hub id (or pick 'none' or a named adapter)")
+                # A folder, a LoRA file or a Hub id owner/name: load_adapter resolves it (one-line error if it can't)
             if pipe.adapter_name != target:
                 pipe.load_adapter(target)
             yield pipe, True, target

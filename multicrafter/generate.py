@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line's options (shared with `--help`)."""
     p = ArgumentParser(prog="python -m multicrafter.generate", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="toy", help="toy (embedded), tiny (random, tests), a diffusers folder or hub id")
-    p.add_argument("--adapter", default=None, help="named adapter of the model (e.g. ippo, attn) or an adapter folder")
+    p.add_argument("--adapter", default=None,
+                   help="named adapter of the model (e.g. ippo, attn), an adapter folder or LoRA file, or a Hub id "
+                        "owner/name[@revision][/subfolder or /file.safetensors]; UNO's LoRA format is converted once")
     p.add_argument("--no-adapter", action="store_true", help="run the base model without any adapter")
     p.add_argument("--ref", action="append", default=[], metavar="IMAGE", help="reference subject image (repeat, 1-4)")
     p.add_argument("--kind", action="append", default=[], choices=["object", "face"],

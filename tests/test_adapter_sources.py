@@ -201,3 +201,16 @@ def test_default_flux_schedule_is_unchanged(size, middle):
     assert torch.allclose(sigmas[:-1], torch.tensor(flux_formula(25, size, size)), atol=1e-6)
     assert round(float(sigmas[12]), 3) == middle
     one_line(lambda: pipe("a", height=32, width=32, schedule="karras"), "schedule must be one of")
+
+
+def test_app_adapter_field_takes_a_hub_id(hub, tmp_path):
+    from demo.state import FOLDER_ADAPTER, ModelHolder
+
+    place_in_hub_cache(hub, REPO, uno_repo_folder(tmp_path))
+    holder = ModelHolder("tiny", adapter=REPO)   # --adapter / MULTICRAFTER_ADAPTER
+    assert holder.default_adapter() == FOLDER_ADAPTER
+    with holder.session(FOLDER_ADAPTER, REPO) as (pipe, on, label):
+        assert on and label == REPO and pipe.adapter_name == REPO and pipe.sampling_defaults["schedule"] == "uno"
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE=1: run once online or `hf download nobody/x`"):
+        with holder.session(FOLDER_ADAPTER, "nobody/x"):
+            pass
