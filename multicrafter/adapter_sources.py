@@ -122,17 +122,18 @@ def _from_file(path: Path, base: nn.Module, label: str) -> Path:
 
 
 def _from_folder(folder: Path, base: nn.Module, label: str) -> Path:
-    """An adapter folder as is; a folder without one but with exactly one UNO LoRA file: that file, converted."""
+    """An adapter folder as is; else the folder's one LoRA file (UNO's format: converted; diffusers': linked)."""
     if (folder / CONFIG_FILE).is_file() or (folder / LORA_FILE).is_file():
         return folder
-    files = sorted(folder.glob("*.safetensors"))
-    uno = [f for f in files if is_uno_lora(safetensors_keys(f))]
-    if len(uno) == 1:
-        return converted_uno_adapter(uno[0], base, f"{label}/{uno[0].name}" if label else uno[0].name)
-    if len(uno) > 1:
-        raise UserError(f"{label} holds several UNO LoRA files ({', '.join(f.name for f in uno)}): name one, "
-                        f"e.g. {label}/{uno[0].name}")
-    raise UserError(f"{label} is not an adapter: no {CONFIG_FILE}, no {LORA_FILE} and no UNO LoRA file")
+    keys = {f: safetensors_keys(f) for f in sorted(folder.glob("*.safetensors"))}
+    loras = [f for f, k in keys.items() if is_uno_lora(k) or is_diffusers_lora(k)]
+    if len(loras) == 1:
+        return _from_file(loras[0], base, f"{label}/{loras[0].name}")
+    if len(loras) > 1:
+        raise UserError(f"{label} holds several LoRA files ({', '.join(f.name for f in loras)}): name one, "
+                        f"e.g. {label}/{loras[0].name}")
+    raise UserError(f"{label} is not an adapter: no {CONFIG_FILE}, no {LORA_FILE} and no LoRA file in UNO's or "
+                    "diffusers' format")
 
 
 # ------------------------------------------------------------------------------------------------ the Hub

@@ -96,8 +96,10 @@ def test_subfolder_file_and_revision_forms(hub, tmp_path, monkeypatch):
     assert (style / LORA_FILE).resolve() == (snapshot / "loras" / "style.safetensors").resolve()
     pipe = MultiCrafterPipeline.from_pretrained("tiny", adapter=f"{REPO}/loras/style.safetensors")
     assert pipe.adapter_name == f"{REPO}/loras/style.safetensors" and "schedule" not in pipe.sampling_defaults
-    # Two UNO files at the root: the user must say which.
-    one_line(lambda: resolve_adapter(REPO, base), "several UNO LoRA files")
+    # Two LoRA files at the root: the user must say which.
+    one_line(lambda: resolve_adapter(REPO, base), "several LoRA files")
+    # A folder whose one LoRA file has another name: diffusers' format loads as is.
+    assert (resolve_adapter(f"{REPO}/loras", base) / LORA_FILE).resolve() == style.joinpath(LORA_FILE).resolve()
 
 
 def test_offline_and_missing_is_one_line_saying_what_to_download(hub):
