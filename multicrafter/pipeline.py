@@ -175,7 +175,9 @@ class MultiCrafterPipeline(FluxPipeline):
                 built from configs (tests). Anything else: a diffusers FLUX pipeline folder or a Hub id such as
                 `"black-forest-labs/FLUX.1-dev"`.
             adapter (`str` or `os.PathLike`, *optional*):
-                An adapter folder, or the name of one under the model folder's `adapters/`. Left out on `"toy"`, the
+                The name of an adapter under the model folder's `adapters/`, an adapter folder or LoRA file, or a
+                Hugging Face Hub id `owner/name[@revision][/subfolder or /file.safetensors]` (tried in that order;
+                a LoRA in UNO's format is converted once and cached; see `load_adapter`). Left out on `"toy"`, the
                 toy's shipped default adapter is loaded; `False` loads none.
             dtype (`torch.dtype`, *optional*):
                 Weights dtype (e.g. `torch.bfloat16` for FLUX.1-dev on a GPU); float32 for `"tiny"` when left out.
