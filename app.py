@@ -7,7 +7,7 @@ Space (SPACE_ID set) and with a non-loopback --host (e.g. 0.0.0.0) it needs an e
 Every flag has an environment variable for Spaces: MULTICRAFTER_MODEL, MULTICRAFTER_ADAPTER, MULTICRAFTER_DISABLE_TRAIN
 (training is off by default on a Space, i.e. when SPACE_ID is set), MULTICRAFTER_TRAIN=1 (like --train; so is MULTICRAFTER_DISABLE_TRAIN=0),
 MULTICRAFTER_DATA_DIR, MULTICRAFTER_RUNS_DIR,
-MULTICRAFTER_OUTPUT_DIR, MULTICRAFTER_SAM2, MULTICRAFTER_FLORENCE; the port also follows GRADIO_SERVER_PORT.
+MULTICRAFTER_OUTPUT_DIR, MULTICRAFTER_SAM2, MULTICRAFTER_FLORENCE, MULTICRAFTER_QUANTIZE, MULTICRAFTER_OFFLOAD; the port also follows GRADIO_SERVER_PORT.
 Hub models (SAM 2, Florence-2) download on first use as the Hugging Face libraries do; HF_HUB_OFFLINE=1 keeps
 them to the local cache.
 """
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Florence-2 hub id or folder for auto-annotation (default "
                         "florence-community/Florence-2-base-ft, downloaded on first use unless HF_HUB_OFFLINE=1)")
     p.add_argument("--device", default=env("MULTICRAFTER_DEVICE"), help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--quantize", default=env("MULTICRAFTER_QUANTIZE", "none"),
+                   help="none, int8 or fp8 (torchao; CPU or GPU), nf4 (bitsandbytes; GPU): transformer and T5 weights")
+    p.add_argument("--offload", default=env("MULTICRAFTER_OFFLOAD", "none"),
+                   help="none, model or sequential: diffusers' CPU offload for small GPUs (needs CUDA)")
     p.add_argument("--no-warmup", action="store_true", help="load the model on the first request, not at launch")
     return p
 
@@ -83,12 +87,15 @@ def make_app(argv: Sequence[str] | None = None):
     args = build_parser().parse_args(argv)
     if args.port <= 0 or args.port > 65535:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
+    from multicrafter.memory import check_modes
+
+    check_modes(args.quantize, args.offload)
     from demo import ModelHolder, build_app
 
     cfg = AppConfig(model=args.model, adapter=args.adapter, data_dir=Path(args.data_dir), runs_dir=Path(args.runs_dir),
                     output_dir=Path(args.output_dir), train_enabled=train_enabled(args), sam2=args.sam2,
-                    florence=args.florence, device=args.device)
-    holder = ModelHolder(cfg.model, cfg.adapter, cfg.device)
+                    florence=args.florence, device=args.device, quantize=args.quantize, offload=args.offload)
+    holder = ModelHolder(cfg.model, cfg.adapter, cfg.device, quantize=cfg.quantize, offload=cfg.offload)
     if holder.note:
         print(f"note: {holder.note}", file=sys.stderr, flush=True)
     if not args.no_warmup:

@@ -40,6 +40,8 @@ class AppConfig:
     florence: str | None = None           # Florence-2 hub id or folder for auto-annotation (hub ids: downloaded on
                                           # first use unless HF_HUB_OFFLINE=1)
     device: str | None = None
+    quantize: str = "none"                # none|int8|fp8|nf4 (transformer and T5 weights)
+    offload: str = "none"                 # none|model|sequential CPU offload (CUDA)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -76,10 +78,12 @@ def _folder_adapters(name: str) -> list[str]:
 class ModelHolder:
     """One MultiCrafterPipeline, loaded on first use (or by `warm_up`), with per-request adapter selection."""
 
-    def __init__(self, name: str = "toy", adapter: str | None = None, device: str | None = None):
+    def __init__(self, name: str = "toy", adapter: str | None = None, device: str | None = None,
+                 quantize: str = "none", offload: str = "none"):
         self.name, self.note = resolve_model(name)
         self.initial_adapter = adapter
         self.device = device
+        self.quantize, self.offload = quantize, offload
         self._pipe = None
         self._error: str | None = None
         self._load_lock = threading.Lock()
@@ -118,7 +122,8 @@ class ModelHolder:
             dtype = torch.bfloat16 if device.startswith("cuda") and self.name not in ("tiny", "toy") else None
             try:
                 self._pipe = MultiCrafterPipeline.from_pretrained(self.name, adapter=self.initial_adapter,
-                                                                  dtype=dtype, device=device)
+                                                                  dtype=dtype, device=device, quantize=self.quantize,
+                                                                  offload=self.offload)
             except Exception as exc:  # noqa: BLE001 - shown once as one line, then on every request
                 self._error = f"model '{self.name}' could not be loaded: {one_line(exc)}"
                 raise UserError(self._error) from None
@@ -216,5 +221,5 @@ class ModelHolder:
                     raise UserError("choose an adapter folder or Hub id (or pick 'none' or a named adapter)")
                 # A folder, a LoRA file or a Hub id owner/name: load_adapter resolves it (one-line error if it can't)
             if pipe.adapter_name != target:
-                pipe.load_adapter(target)
+                pipe.load_adapter(target, fuse=True)   # inference only: the LoRA merged into the base weights
             yield pipe, True, target

@@ -53,6 +53,8 @@ CONFIG_FILE = "adapter_config.json"
 FORMAT = "multicrafter-adapter"
 FORMAT_VERSION = 1
 _STATE_ATTR = "_multicrafter_adapter"  # (adapter_name, AdapterConfig) kept on the transformer
+_FUSE_ATTR = "_multicrafter_fused"      # {module name: original base weight (CPU)} while the LoRA is fused
+_FUSE_WANTED_ATTR = "_multicrafter_fuse_wanted"  # fused before a switch-off: fuse again on switch-on
 
 # Attention projections of the double blocks (image and text streams) and the single blocks, anchored so that
 # nothing outside the blocks is touched.
@@ -181,6 +183,9 @@ def add_adapter(transformer: nn.Module, cfg: AdapterConfig, adapter_name: str = 
 def remove_adapter(transformer: nn.Module) -> bool:
     """Take every adapter off (MoE-LoRA and all peft LoRA layers) and restore the plain linears; True if any was on."""
     had = has_adapter(transformer)
+    unfuse_lora(transformer)   # peft's unload keeps the base weights as they are: merged deltas must go first
+    if hasattr(transformer, _FUSE_WANTED_ATTR):
+        delattr(transformer, _FUSE_WANTED_ATTR)
     remove_moe_lora(transformer)
     if getattr(transformer, "_hf_peft_config_loaded", False):
         transformer.unload_lora()
@@ -190,10 +195,78 @@ def remove_adapter(transformer: nn.Module) -> bool:
 
 
 def set_adapter_enabled(transformer: nn.Module, enabled: bool) -> None:
-    """Switch the whole adapter (LoRA and MoE-LoRA) on or off without unloading it."""
+    """Switch the whole adapter (LoRA and MoE-LoRA) on or off without unloading it.
+
+    A fused LoRA is unfused (the exact base weights restored) before switching off and fused again on switching on,
+    so off is exactly the base model and on is the fused (fast) adapter again."""
     if _peft_loaded(transformer):
-        transformer.enable_adapters() if enabled else transformer.disable_adapters()
+        wants_fused = bool(getattr(transformer, _FUSE_ATTR, None)) or getattr(transformer, _FUSE_WANTED_ATTR, False)
+        if not enabled:
+            was_fused = unfuse_lora(transformer)
+            transformer.disable_adapters()
+            setattr(transformer, _FUSE_WANTED_ATTR, was_fused or wants_fused)
+        else:
+            transformer.enable_adapters()
+            if wants_fused:
+                fuse_lora(transformer)
     set_moe_enabled(transformer, enabled)
+
+
+# ------------------------------------------------------------------------------------------------ fuse
+
+
+def _fusable(layer: LoraLayer) -> bool:
+    from .memory import is_quantized_weight
+
+    weight = getattr(layer.get_base_layer(), "weight", None)
+    return (isinstance(layer.get_base_layer(), nn.Linear) and weight is not None and weight.device.type != "meta"
+            and not is_quantized_weight(weight))
+
+
+def fuse_lora(transformer: nn.Module) -> int:
+    """Merge the active plain-LoRA deltas into their base linears for inference (MoE-LoRA stays routed); return
+    how many linears were fused.
+
+    The LoRA matmuls then cost nothing per step. Each merged linear's original weight is kept (on the CPU) so that
+    `unfuse_lora` restores it bit for bit. Quantised base weights (torchao, bitsandbytes), offloaded (meta) weights
+    and a switched-off adapter are left unfused; training must not fuse (the LoRA weights would stop reaching the
+    output through their own path)."""
+    if not _peft_loaded(transformer) or getattr(transformer, _FUSE_ATTR, None):
+        return 0
+    saved: dict[str, torch.Tensor] = {}
+    for name, layer in transformer.named_modules():
+        if not isinstance(layer, LoraLayer) or layer.merged or layer.disable_adapters or not _fusable(layer):
+            continue
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        if not active:
+            continue
+        weight = layer.get_base_layer().weight
+        saved[name] = weight.detach().to("cpu", copy=True)
+        with torch.no_grad():
+            layer.merge(adapter_names=active)
+    if saved:
+        setattr(transformer, _FUSE_ATTR, saved)
+    return len(saved)
+
+
+def unfuse_lora(transformer: nn.Module) -> bool:
+    """Undo `fuse_lora`: put the exact original base weights back; True if anything was fused."""
+    saved: dict[str, torch.Tensor] | None = getattr(transformer, _FUSE_ATTR, None)
+    if not saved:
+        return False
+    with torch.no_grad():
+        for name, original in saved.items():
+            layer = transformer.get_submodule(name)
+            weight = layer.get_base_layer().weight
+            weight.data.copy_(original.to(weight.device))
+            layer.merged_adapters.clear()
+    delattr(transformer, _FUSE_ATTR)
+    return True
+
+
+def lora_fused(transformer: nn.Module) -> bool:
+    """Whether the transformer's LoRA is currently merged into its base weights by `fuse_lora`."""
+    return bool(getattr(transformer, _FUSE_ATTR, None))
 
 
 def _lora_module_names(transformer: nn.Module) -> list[str]:
@@ -412,6 +485,6 @@ def load_adapter(transformer: nn.Module, directory: str | os.PathLike,
 
 __all__ = [
     "ADAPTER_NAME", "AdapterConfig", "CONFIG_FILE", "DEFAULT_LORA_TARGETS", "LORA_FILE", "MOE_FILE",
-    "MoELoRAConfig", "adapter_parameters", "adapter_state", "add_adapter", "default_target_regex", "has_adapter",
-    "load_adapter", "remove_adapter", "save_adapter", "set_adapter_enabled",
+    "MoELoRAConfig", "adapter_parameters", "adapter_state", "add_adapter", "default_target_regex", "fuse_lora",
+    "has_adapter", "load_adapter", "lora_fused", "remove_adapter", "save_adapter", "set_adapter_enabled", "unfuse_lora",
 ]

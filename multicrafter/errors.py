@@ -49,7 +49,8 @@ def quiet_libraries() -> None:
     for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         os.environ.setdefault(var, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("huggingface_hub", "diffusers", "transformers"):
+    # torchao (the int8/fp8 modes) reports its CUDA-only kernels missing on CPU and trips a torch deprecation notice
+    for name in ("huggingface_hub", "diffusers", "transformers", "torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

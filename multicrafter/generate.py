@@ -41,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequence-length", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload (large models, small GPUs)")
+    p.add_argument("--cpu-offload", action="store_true", help="the same as --offload model")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "fp8", "nf4"],
+                   help="weights of the transformer and T5: int8/fp8 (torchao, CPU or GPU), nf4 (bitsandbytes, GPU)")
+    p.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
+                   help="CPU offload on a GPU: model (one component at a time) or sequential (one layer, least memory)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in VAE tiles (on by itself above 1024x1024)")
     return p
 
 
@@ -62,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         true_cfg_arguments(args.true_cfg)  # checked before anything loads
     if args.attention_out and not args.ref:
         raise UserError("--attention-out needs at least one --ref")
+    offload = "model" if args.cpu_offload and args.offload == "none" else args.offload
+
+    from .memory import check_modes  # imports torch: after the file checks above
+
+    check_modes(args.quantize, offload)
 
     from .references import MAX_REFERENCES  # imports torch: only after the cheap checks have passed
 
@@ -93,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     pipe = MultiCrafterPipeline.from_pretrained(
         args.model, adapter=False if args.no_adapter else args.adapter, dtype=dtype,   # False: not even toy's default
-        device=None if args.cpu_offload else device, enable_model_cpu_offload=args.cpu_offload,
+        device=device, quantize=args.quantize, offload=offload, vae_tiling=args.vae_tiling,
     )
     params = dict(pipe.sampling_defaults, prompt=args.prompt)
     for key, value in (("height", args.height), ("width", args.width), ("guidance_scale", args.guidance),
@@ -110,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = pipe(reference_images=refs, generator=torch.Generator().manual_seed(args.seed),
                   return_attention=bool(args.attention_out), **params)
     meta = dict(params, model=args.model, adapter=pipe.adapter_name, seed=args.seed,
-                references=[Path(r).name for r in args.ref], kinds=args.kind or ["object"] * len(args.ref))
+                references=[Path(r).name for r in args.ref], kinds=args.kind or ["object"] * len(args.ref),
+                quantize=args.quantize, offload=offload)
     save_generation(result.images[0], out, meta)
     print(f"wrote {out}")
     if args.attention_out:

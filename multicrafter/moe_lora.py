@@ -166,6 +166,38 @@ class MoELoRALinear(nn.Module):
         b = self.expert_B.reshape(e * r, self.out_features).to(z.dtype)
         return torch.addmm(out, z, b, alpha=self.scaling)
 
+    def _inference_weights(self, dtype: torch.dtype, fuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(router rows + all A's stacked, or the A's alone; all B's) in `dtype`, built once and reused until a
+        weight changes (their in-place version counters key the cache)."""
+        key = (dtype, fuse, self.router.weight._version, self.expert_A._version, self.expert_B._version,
+               self.router.weight.data_ptr(), self.expert_A.data_ptr(), self.expert_B.data_ptr())
+        cached = self.__dict__.get("_inference_cache")
+        if cached is None or cached[0] != key:
+            e, r = self.num_experts, self.rank
+            a = self.expert_A.detach().reshape(e * r, self.in_features)
+            first = torch.cat([self.router.weight.detach(), a]) if fuse else a
+            cached = (key, first.to(dtype), self.expert_B.detach().reshape(e * r, self.out_features).to(dtype))
+            self.__dict__["_inference_cache"] = cached
+        return cached[1], cached[2]
+
+    def _dense_top1_inference(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Top-1 routing without autograd: the same numbers as `_dense` with fewer ops (no softmax, no gate
+        matrix, the stacked weights cached), since the routed gate is exactly 1."""
+        n, e, r = h.shape[0], self.num_experts, self.rank
+        fuse = (self.fuse_router if self.fuse_router is not None else h.device.type == "cpu") and h.dtype == torch.float32
+        first, b = self._inference_weights(h.dtype, fuse)
+        if fuse:
+            logits, z = F.linear(h, first).split([e, e * r], dim=1)
+        else:
+            logits = F.linear(h.float(), self.router.weight.float())  # route in fp32 (bf16 logits tie)
+            z = F.linear(h, first)
+        idx = logits.argmax(dim=-1, keepdim=True)
+        self._last_idx, self._last_probs = idx, None
+        keep = idx == torch.arange(e, device=idx.device)           # (n, E): the routed expert
+        z = (z.view(n, e, r) * keep.unsqueeze(-1).to(z.dtype)).view(n, e * r)
+        out2d = out.reshape(-1, self.out_features)
+        return torch.addmm(out2d, z, b, alpha=self.scaling)
+
     def _grouped(self, h: torch.Tensor, out: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Tokens sorted by expert, one small matmul pair per expert, results added back at their rows."""
         k = self.top_k
@@ -187,6 +219,8 @@ class MoELoRALinear(nn.Module):
         h = x.reshape(-1, self.in_features)
         e, r = self.num_experts, self.rank
         dense = self._use_dense(h.device)
+        if dense and self.top_k == 1 and not torch.is_grad_enabled() and not (self.training and self.router_noise > 0):
+            return self._dense_top1_inference(h, out).view(out.shape)
         z = None
         fuse = self.fuse_router if self.fuse_router is not None else h.device.type == "cpu"
         if dense and fuse:  # router and all A's in one matmul: saves an input-gradient pass on CPU; on GPU the

@@ -22,9 +22,17 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.utils import BaseOutput
 
-from . import presets
+from . import memory, presets
 from .adapter_sources import resolve_adapter
-from .adapters import AdapterConfig, has_adapter, load_adapter, remove_adapter, save_adapter, set_adapter_enabled
+from .adapters import (
+    AdapterConfig,
+    fuse_lora,
+    has_adapter,
+    load_adapter,
+    remove_adapter,
+    save_adapter,
+    set_adapter_enabled,
+)
 from .attention import (
     AttentionCapture,
     CaptureLayout,
@@ -151,6 +159,7 @@ class MultiCrafterPipeline(FluxPipeline):
         self.sampling_defaults: dict[str, Any] = {}        # e.g. UNO's 25 steps / guidance 4 from a converted adapter
         self.base_sampling_defaults: dict[str, Any] = {}   # the model folder's own; an adapter's are added on top
         self._adapter_enabled = True
+        self.quantize, self.offload, self.vae_tiling = "none", "none", False   # memory modes (from_pretrained)
 
     @property
     def _lock(self) -> threading.RLock:
@@ -165,7 +174,8 @@ class MultiCrafterPipeline(FluxPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path = "toy", adapter: str | Path | bool | None = None,
                         dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        enable_model_cpu_offload: bool = False, **kwargs: Any) -> MultiCrafterPipeline:
+                        enable_model_cpu_offload: bool = False, quantize: str = "none", offload: str = "none",
+                        vae_tiling: bool = False, **kwargs: Any) -> MultiCrafterPipeline:
         r"""
         Load a model, and optionally an adapter onto it.
 
@@ -184,7 +194,16 @@ class MultiCrafterPipeline(FluxPipeline):
             device (`str` or `torch.device`, *optional*):
                 Move the pipeline there after loading.
             enable_model_cpu_offload (`bool`, *optional*, defaults to `False`):
-                Call `enable_model_cpu_offload()` after loading (large models on a small GPU).
+                Call `enable_model_cpu_offload()` after loading (the same as `offload="model"`).
+            quantize (`str`, *optional*, defaults to `"none"`):
+                Weight quantisation of the transformer and T5: `"int8"` (torchao int8 weight-only), `"fp8"` (torchao
+                float8 weight-only), `"nf4"` (bitsandbytes 4-bit, CUDA only). int8 and fp8 run on CPU too. Adapters
+                load on top; their LoRA is then not fused into the (quantised) base weights.
+            offload (`str`, *optional*, defaults to `"none"`):
+                `"model"` (`enable_model_cpu_offload`) or `"sequential"` (`enable_sequential_cpu_offload`); both need
+                a CUDA GPU.
+            vae_tiling (`bool`, *optional*, defaults to `False`):
+                Always decode in VAE tiles; otherwise tiling switches on by itself above 1024x1024 output pixels.
             kwargs (*optional*):
                 Passed on to `DiffusionPipeline.from_pretrained` (e.g. `revision`, `local_files_only`).
 
@@ -193,14 +212,22 @@ class MultiCrafterPipeline(FluxPipeline):
             `UserError` with one line saying why.
         """
         name = str(pretrained_model_name_or_path)
+        if enable_model_cpu_offload and offload == "none":
+            offload = "model"
+        memory.check_modes(quantize, offload)
         if name == "tiny":
             pipe = cls(**presets.build_tiny_components(dtype=dtype or torch.float32))
+            memory.quantize_in_place(pipe, quantize)
             pipe.reference_options = ReferenceOptions(**presets.TINY_REFERENCE_SIZES)
             pipe.base_reference_options = pipe.reference_options
         else:
             path = presets.resolve_model_path(name)
             if dtype is not None:
                 kwargs["dtype"] = dtype
+            if quantize != "none":
+                kwargs["quantization_config"] = memory.pipeline_quantization_config(quantize, dtype)
+                # torchao's loader otherwise turns every other layer to bf16: keep the checkpoint's float32
+                kwargs.setdefault("dtype", torch.float32)
             try:
                 pipe = super().from_pretrained(path, **kwargs)
             except (OSError, ValueError) as exc:
@@ -214,12 +241,12 @@ class MultiCrafterPipeline(FluxPipeline):
             # adapter=None on `toy` means its shipped default; adapter=False means none at all.
             if name == "toy" and adapter is None:
                 adapter = presets.default_adapter_for(path)
-        if device is not None:
+        pipe.quantize, pipe.offload, pipe.vae_tiling = quantize, offload, vae_tiling
+        if device is not None and offload == "none":
             pipe.to(device)
-        if enable_model_cpu_offload:
-            pipe.enable_model_cpu_offload()
+        memory.apply_offload(pipe, offload)
         if adapter:
-            pipe.load_adapter(adapter)
+            pipe.load_adapter(adapter, fuse=True)   # inference: training loads through load_adapter, unfused
         return pipe
 
     # ---------------------------------------------------------------- adapters
@@ -234,7 +261,7 @@ class MultiCrafterPipeline(FluxPipeline):
             return []
         return sorted(p.name for p in (Path(self.model_dir) / "adapters").iterdir() if p.is_dir())
 
-    def load_adapter(self, name_or_dir: str | Path) -> AdapterConfig:
+    def load_adapter(self, name_or_dir: str | Path, fuse: bool = False) -> AdapterConfig:
         r"""
         Load a MultiCrafter adapter (LoRA + optional MoE-LoRA), replacing any loaded one.
 
@@ -250,6 +277,10 @@ class MultiCrafterPipeline(FluxPipeline):
                 /file.safetensors]`. A LoRA in UNO's format (recognised by its keys) is converted on first load and
                 the result cached under `~/.cache/multicrafter/adapters/`. With `HF_HUB_OFFLINE=1` only the local
                 Hugging Face cache is read.
+            fuse (`bool`, *optional*, defaults to `False`):
+                For inference: merge the plain LoRA into the base weights (no per-step LoRA cost; MoE-LoRA stays
+                routed). Switching the adapter off restores the exact base weights. Skipped on quantised weights.
+                Never for training (the LoRA weights would no longer act through their own path).
 
         Returns:
             `AdapterConfig`: the loaded adapter's config. A missing or unfit adapter raises `UserError`.
@@ -258,6 +289,8 @@ class MultiCrafterPipeline(FluxPipeline):
         with self._lock:
             try:
                 cfg = load_adapter(self.transformer, directory)
+                if fuse:
+                    fuse_lora(self.transformer)
             except BaseException:
                 if not has_adapter(self.transformer):
                     self._reset_adapter_state()
@@ -489,6 +522,8 @@ class MultiCrafterPipeline(FluxPipeline):
             raise UserError(f"height and width must be positive multiples of {unit}, got {height}x{width}")
         kwargs["height"], kwargs["width"] = height, width
         schedule_ctx = self._schedule(kwargs, height, width)
+        if self.vae_tiling or height * width > memory.VAE_TILING_PIXELS:
+            memory.use_vae_tiling(self, height, width, force=True)   # only below tile size is it a plain decode
         refs_pil = self.prepare_references(reference_images, reference_options)
         if return_attention and not refs_pil:
             raise UserError("attention maps need at least one reference image")
