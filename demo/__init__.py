@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .state import AppConfig, ModelHolder
+from .state import FOLDER_ADAPTER, AppConfig, ModelHolder
 
 __all__ = ["AppConfig", "ModelHolder", "build_app", "gpu_decorator", "launch_kwargs"]
 
@@ -24,6 +24,12 @@ def gpu_decorator(duration: int | Callable[..., int] = 120) -> Callable:
     except ImportError:
         return lambda fn: fn
     return spaces.GPU(duration=duration)
+
+
+def _adapter_label(holder: ModelHolder) -> str:
+    """The header's adapter: its name, or the folder / LoRA file / Hub id given with --adapter."""
+    choice = holder.default_adapter()
+    return holder.initial_adapter if choice == FOLDER_ADAPTER and holder.initial_adapter else choice
 
 
 def build_app(model: str | ModelHolder = "toy", adapter: str | None = None, config: AppConfig | None = None,
@@ -49,7 +55,7 @@ def build_app(model: str | ModelHolder = "toy", adapter: str | None = None, conf
 
     with gr.Blocks(title="MultiCrafter") as demo:
         gr.Markdown("# MultiCrafter\nMulti-subject generation on FLUX with disentangled attention "
-                    f"(model: **{holder.name}**{', adapter: **' + holder.default_adapter() + '**' if holder.default_adapter() != 'none' else ''})")
+                    f"(model: **{holder.name}**{', adapter: **' + _adapter_label(holder) + '**' if holder.default_adapter() != 'none' else ''})")
         if holder.note:
             gr.Markdown(f"**Note:** {holder.note}", elem_id="model-note")
         with gr.Tabs():

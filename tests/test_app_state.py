@@ -47,3 +47,11 @@ def test_defaults_give_the_generate_tabs_starting_values(tmp_path):
     assert d["negative_prompt"] == "blurry" and d["reference_sizes"] == (384, 256)
     (tmp_path / "multicrafter_references.json").write_text("{broken")
     assert ModelHolder(str(tmp_path)).defaults()["reference_sizes"] == (512, 320)   # reported when it loads
+
+
+def test_the_header_names_a_hub_id_or_folder_adapter_not_the_dropdown_placeholder():
+    from demo import _adapter_label
+
+    assert _adapter_label(ModelHolder("tiny", "someone/uno-lora")) == "someone/uno-lora"
+    assert _adapter_label(ModelHolder("toy", "attn")) == "attn"
+    assert _adapter_label(ModelHolder("toy")) == "ippo"   # the toy model's own default
