@@ -119,6 +119,9 @@ def test_click_adds_a_point_and_a_brush_stroke_changes_the_mask(page, tmp_path):
     page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.wait_for_selector("#ann-mask img", timeout=60_000)
     page.wait_for_function("document.querySelector('#ann-backend').innerText.includes('mask:')", timeout=60_000)
+    # the prompts box is another output of the click: wait for its update too rather than read it mid-render
+    page.wait_for_function("JSON.parse(document.querySelector('#ann-prompts textarea').value).points.length > 0",
+                           timeout=20_000)
     clicks = json.loads(page.locator("#ann-prompts textarea").input_value())
     assert len(clicks["points"]) == 1 and clicks["points"][0][2] == 1
     assert abs(clicks["points"][0][0] - 64) <= 3 and abs(clicks["points"][0][1] - 64) <= 3
@@ -132,8 +135,8 @@ def test_click_adds_a_point_and_a_brush_stroke_changes_the_mask(page, tmp_path):
     x0, y = canvas["x"] + canvas["width"] * 0.5 - 90, canvas["y"] + canvas["height"] * 0.5 + 100
     page.mouse.move(x0, y)
     page.mouse.down()
-    for i in range(18):
-        page.mouse.move(x0 + 10 * i, y, steps=2)
+    for i in range(1, 6):  # the brush joins successive pointer positions: a few make one 170 px stroke
+        page.mouse.move(x0 + 34 * i, y)
     page.mouse.up()
     page.wait_for_function(f"document.querySelector('#ann-mask img').src !== {json.dumps(before_src)}",
                            timeout=30_000)
