@@ -194,9 +194,13 @@ def test_short_runs_log_every_step_and_every_run_logs_its_last_step():
 
 
 @pytest.mark.parametrize("every, horizon", [(1, 200), (10, 200), (7, 40), (300, 200)])
-def test_a_resumed_metrics_file_equals_an_uninterrupted_one(tmp_path, every, horizon):
+def test_a_resumed_metrics_file_equals_an_uninterrupted_one(tmp_path, monkeypatch, every, horizon):
     """A run logs the steps its schedule calls due, is cut at any step (its checkpoint) and resumed to the end, maybe
     through more cuts: the file then holds exactly the steps of one uninterrupted run to the same end."""
+    import train.metrics_log
+
+    # what the file holds is checked here, not that each line reaches the disk: thousands of fsyncs only cost time
+    monkeypatch.setattr(train.metrics_log.os, "fsync", lambda fd: None)
     def run(folder, start, stop, resumed):
         schedule = LogSchedule(every, horizon, stop)
         with MetricsLogger(folder, resume_step=start if resumed else None, keep=schedule.due) as m:
