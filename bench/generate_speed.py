@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel  # noq
 
 from bench.measure import interleaved_medians  # noqa: E402
 from multicrafter import MultiCrafterPipeline  # noqa: E402
+from multicrafter.adapters import lora_fused, unfuse_lora  # noqa: E402
 from multicrafter.presets import REPO_ROOT, build_tiny_components  # noqa: E402
 from multicrafter.references import ReferenceOptions  # noqa: E402
 
@@ -46,17 +47,22 @@ def toy_sized_pipeline():
 
 def shipped_toy_pipelines():
     """The shipped toy model (trained weights), stock FluxPipeline over the same modules, and the toy as the app
-    loads it, with its default adapter (`ippo`: LoRA on attention + MoE-LoRA on the single blocks) as a second
-    pipeline (None when the toy's default is the base alone)."""
+    loads it, with its default adapter (`ippo`: LoRA on attention + MoE-LoRA on the single blocks; the LoRA fused
+    into the base weights) as a second pipeline and the same with the LoRA unfused as a third (None when the toy's
+    default is the base alone)."""
     ours = MultiCrafterPipeline.from_pretrained("toy", adapter=False)
     stock = FluxPipeline(**{k: v for k, v in ours.components.items() if k in FluxPipeline._get_signature_keys(
         FluxPipeline)[0]})
-    adapted = MultiCrafterPipeline.from_pretrained("toy")                 # the manifest's default adapter
+    adapted = MultiCrafterPipeline.from_pretrained("toy")                 # the manifest's default adapter (fused)
     adapted = adapted if adapted.adapter_name else None
-    for p in (ours, stock, adapted):
+    unfused = None
+    if adapted is not None and lora_fused(adapted.transformer):          # the same adapter with its LoRA unfused
+        unfused = MultiCrafterPipeline.from_pretrained("toy")
+        unfuse_lora(unfused.transformer)
+    for p in (ours, stock, adapted, unfused):
         if p is not None:
             p.set_progress_bar_config(disable=True)
-    return ours, stock, adapted
+    return ours, stock, adapted, unfused
 
 
 def main() -> None:
@@ -68,9 +74,9 @@ def main() -> None:
                     help="the shipped toy model (assets/toy) instead of random weights, plus a row with its default adapter")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    adapted = None
+    adapted = unfused = None
     if args.toy:
-        ours, stock, adapted = shipped_toy_pipelines()
+        ours, stock, adapted, unfused = shipped_toy_pipelines()
     else:
         ours, stock = toy_sized_pipeline()
     rng = np.random.default_rng(0)
@@ -93,14 +99,17 @@ def main() -> None:
         runs["ours, 2 references, true CFG off"] = gen(ours, reference_images=refs, true_cfg_scale=1.0)
     if adapted is not None:
         runs[f"ours, 2 references, {adapted.adapter_name} adapter (the default)"] = gen(adapted, reference_images=refs)
+    if unfused is not None:
+        runs[f"ours, 2 references, {unfused.adapter_name} adapter, LoRA unfused"] = gen(unfused, reference_images=refs)
     med = interleaved_medians(runs, args.repeats)
     base = med["stock FluxPipeline"]
     model = "shipped toy model" if args.toy else "toy-sized model (random weights)"
     print(f"{model}, 128x128, {args.steps} steps, {args.threads} threads, sampling {cfg or 'FluxPipeline defaults'}; "
           f"medians of {args.repeats}")
-    print("| run | seconds | x stock |\n|---|---|---|")
+    no_adapter = med["ours, 2 references"]
+    print("| run | seconds | x stock | x ours, 2 references (no adapter) |\n|---|---|---|---|")
     for name, t in med.items():
-        print(f"| {name} | {t:.3f} | {t / base:.2f} |")
+        print(f"| {name} | {t:.3f} | {t / base:.2f} | {t / no_adapter:.2f} |")
 
 
 if __name__ == "__main__":
