@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The FLUX.1-dev-size GPU checks in one run: attention capture cost and the converted UNO LoRA (carry .gpu_deps:
-# diffusers, when the GPU image lacks it). Results: bench/results/gpu_flux_size_checks.md.
+# The FLUX.1-dev-size GPU checks in one run: attention capture cost and the converted UNO LoRA. Packages the GPU's
+# Python lacks (diffusers) can be installed into .gpu_deps/, which goes first on PYTHONPATH.
+# Results: bench/results/gpu_flux_size_checks.md.
 set -u
 export PYTHONPATH="$PWD/.gpu_deps:$PWD:${PYTHONPATH:-}"
 python -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__, torch.cuda.get_device_name(0))"
