@@ -9,3 +9,5 @@ echo "=== attention capture at FLUX.1-dev size (no gradient checkpointing)"
 timeout 200 python bench/attention_capture.py --flux-size --device cuda --repeats 3 --no-checkpointing 2>&1 | grep -v "float32: \[\]" | tail -8
 echo "=== attention capture, gradient checkpointing"
 timeout 200 python bench/attention_capture.py --flux-size --device cuda --repeats 3 2>&1 | grep -v "float32: \[\]" | tail -8
+echo "=== a random UNO-format rank-512 LoRA, converted and run"
+timeout 200 python bench/uno_flux.py --device cuda 2>&1 | tail -8
