@@ -161,3 +161,15 @@ def test_moe_top1_inference_path_matches_the_autograd_path_and_follows_weight_ch
     with torch.enable_grad():
         torch.testing.assert_close(moved, m(x).detach(), rtol=0, atol=1e-6)
     assert not torch.allclose(moved, ref)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_app_flags_and_environment_refuse_cuda_modes_on_cpu(monkeypatch):
+    from app import make_app
+
+    _one_line(lambda: make_app(["--quantize", "nf4", "--no-warmup"]), "nf4 needs a CUDA GPU")
+    monkeypatch.setenv("MULTICRAFTER_OFFLOAD", "sequential")
+    _one_line(lambda: make_app(["--no-warmup"]), "--offload sequential needs a CUDA GPU")
+    monkeypatch.setenv("MULTICRAFTER_OFFLOAD", "none")
+    monkeypatch.setenv("MULTICRAFTER_QUANTIZE", "int4")
+    _one_line(lambda: make_app(["--no-warmup"]), "--quantize must be one of")
