@@ -4,7 +4,14 @@
 modules (ToyWorld, metrics, the dataset tools) do not pay for importing diffusers.
 """
 
+import logging
 from typing import TYPE_CHECKING
+
+# diffusers imports torchao (the int8/fp8 memory modes) when it is installed; on a machine without its CUDA kernels
+# torchao logs each missing kernel, trips a torch deprecation notice and diffusers adds a notice of its own. They are
+# import-time noise, not errors, and would otherwise precede every command's output.
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 __all__ = ["MultiCrafterPipeline", "MultiCrafterPipelineOutput"]

@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from .adapters import AdapterConfig, base_linear, lora_config_metadata, write_adapter_dir
 from .errors import ArgumentParser, UserError, run_cli
+from .presets import build_tiny_components, load_error, resolve_model_path
 
 _KEY = re.compile(r"^(?P<kind>double|single)_blocks\.(?P<i>\d+)\.processor\.(?P<lora>\w+)\.(?P<ab>down|up)\.weight$")
 # (block kind, UNO LoRA name) -> diffusers module suffixes; several suffixes = a fused projection split by rows.
@@ -144,12 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.base == "flux-dev":
         base = flux_dev_skeleton()
-    else:
-        # Only a model folder needs the pipeline; importing it loads transformers' image processors, whose notices
-        # would print before run_cli has quieted the libraries.
-        from .pipeline import MultiCrafterPipeline
-
-        base = MultiCrafterPipeline.from_pretrained(args.base, adapter=False).transformer
+    elif args.base == "tiny":
+        base = build_tiny_components()["transformer"]
+    else:   # only the transformer's shapes matter: the rest of the pipeline is not loaded
+        folder = resolve_model_path(args.base)
+        try:
+            base = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+        except (OSError, ValueError) as exc:
+            raise load_error(args.base, exc) from None
     out = convert(args.src, args.out, base)
     print(f"wrote UNO adapter to {out} (load with --adapter {out})")
     return 0

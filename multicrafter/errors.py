@@ -45,10 +45,10 @@ def one_line(exc: BaseException) -> str:
 
 
 def quiet_libraries() -> None:
-    """Keep library chatter (hub retries, optional-backend notices) off the user's screen; errors still show."""
+    """Keep library chatter (hub retries, optional-backend notices) off the user's screen; errors and the Hub's
+    download progress bars still show."""
     for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         os.environ.setdefault(var, "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # torchao (the int8/fp8 modes) reports its CUDA-only kernels missing on CPU and trips a torch deprecation notice
     for name in ("huggingface_hub", "diffusers", "transformers", "torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
