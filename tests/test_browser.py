@@ -68,8 +68,9 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, server):
+@pytest.fixture(scope="module")
+def shared_page(browser, server):
+    """One page for the module (loading the app is the slow part); each test opens the tab it needs."""
     blocked: list[str] = []
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     local = (server["url"], "data:", "blob:")
@@ -84,9 +85,16 @@ def page(browser, server):
     page.route("**/*", route)
     page.goto(server["url"], wait_until="load")
     page.wait_for_selector("#gen-run", timeout=60_000)
-    yield page
+    yield page, blocked
     page.close()
-    assert blocked == [], f"requests left localhost: {blocked}"
+
+
+@pytest.fixture
+def page(shared_page):
+    page, blocked = shared_page
+    seen = len(blocked)
+    yield page
+    assert blocked[seen:] == [], f"requests left localhost: {blocked[seen:]}"
 
 
 def _shot(page, name: str) -> None:
@@ -146,6 +154,7 @@ def test_click_adds_a_point_and_a_brush_stroke_changes_the_mask(page, tmp_path):
 
 
 def test_generation_shows_an_image_and_attention_maps(page):
+    page.get_by_role("tab", name="Generate").click()
     page.locator("#gen-refs").scroll_into_view_if_needed()
     page.locator("table tbody tr").first.click()               # first offline example: runs on click
     result = page.wait_for_selector("#gen-result img", timeout=120_000)
