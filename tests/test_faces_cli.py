@@ -123,10 +123,10 @@ def test_missing_metric_weights_are_reported_not_invented(files, capsys):
     res = json.loads(out.read_text())
     assert res["clip_t"] is None and res["clip_i"] is None and res["dino_i"] is None and res["aes"] is None
     assert set(res["missing"]) == {"clip_t", "clip_i", "dino_i", "aes"}
-    assert all("\n" not in why and "unavailable" in why for why in res["missing"].values())
+    assert all("\n" not in why and "not available" in why and "pass --" in why for why in res["missing"].values())
     assert res["face_sim"] > 0.5                                  # Face-Sim still works offline
     printed = capsys.readouterr().out
-    assert "| CLIP-T | missing |" in printed and "note: AES missing: aesthetic head model" in printed
+    assert "| CLIP-T | missing |" in printed and "note: AES missing: aesthetic head (" in printed
 
 
 def test_extra_metrics_from_local_folders(files, tmp_path):
