@@ -155,7 +155,7 @@ def test_no_adapter_reaches_the_loader_as_false(monkeypatch, flags, expected):
 
     seen = []
 
-    def fake_runner(model, adapter, steps, guidance, true_cfg=None, prompt_style="full", device="cpu"):
+    def fake_runner(model, adapter, steps, guidance, true_cfg=None, prompt_style="full", device="cpu", quantize="none"):
         seen.append(adapter)
         raise UserError("stop here")
 
@@ -208,3 +208,8 @@ def test_prompt_probes_drop_exactly_their_words_from_what_the_pipeline_sees(monk
         assert not {*subject["colours"], subject["pattern"], subject["shape"]} & words
     assert positions.count("an object") == len(sample.scene["subjects"])
     assert positions.endswith(full.split(", ")[-1])
+
+
+def test_quantize_reaches_the_loader_and_a_bad_mode_is_one_line():
+    with pytest.raises(UserError, match="--quantize must be one of none, int8, fp8, nf4, got 'int4'"):
+        eval_toy_main(["--model", "tiny", "--n", "1", "--quantize", "int4"])

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-weights", type=reward_weights, default=dict(TOY_REWARD_WEIGHTS),
                    help="weights of IPPO's composite reward, reported as `reward` (default text=1,aes=0.5,id=1, "
                         "as train/configs/toy_ippo.yaml; text = layout, aes = quality, id = ID-Sim)")
+    p.add_argument("--quantize", default="none",
+                   help="none | int8 | fp8 | nf4: quantise the transformer and T5 (multicrafter.memory; the CPU runs "
+                        "none, int8 and fp8)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--save-images", default=None, metavar="DIR", help="also save each scored image")
     return p
@@ -112,7 +115,7 @@ def resolve_device(name: str) -> str:
 
 def _model_runner(model: str, adapter: str | bool | None, steps: int, guidance: float | None,
                   true_cfg: float | None = None, prompt_style: str = "full", device: str = "cpu",
-                  ) -> tuple[Callable[[Any, list[int]], list[Image.Image]], dict]:
+                  quantize: str = "none") -> tuple[Callable[[Any, list[int]], list[Image.Image]], dict]:
     """Load the pipeline once; returns (generate(sample, generator_seeds) -> one image per seed, sampling used).
     Generators stay on the CPU whatever `device` is, so a seed draws the same initial noise everywhere."""
     try:
@@ -124,7 +127,7 @@ def _model_runner(model: str, adapter: str | bool | None, steps: int, guidance: 
     except ImportError as exc:
         raise UserError(f"cannot run model {model!r}: the MultiCrafter pipeline is unavailable ({one_line(exc)})") from None
     try:
-        pipe = MultiCrafterPipeline.from_pretrained(model, adapter=adapter, device=device)
+        pipe = MultiCrafterPipeline.from_pretrained(model, adapter=adapter, device=device, quantize=quantize)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loading failure is the user's model/adapter choice
@@ -146,7 +149,8 @@ def _model_runner(model: str, adapter: str | bool | None, steps: int, guidance: 
                    **cfg)
         return list(out.images)
 
-    return generate, {"steps": steps, "guidance": guidance, "true_cfg": true_cfg, "device": device}
+    return generate, {"steps": steps, "guidance": guidance, "true_cfg": true_cfg, "device": device,
+                      "quantize": quantize}
 
 
 def _aggregate(per: list[dict]) -> dict:
@@ -267,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = None if ground_truth else resolve_device(args.device)
     generate, used = (None, {"steps": None, "guidance": None, "true_cfg": None, "device": None}) if ground_truth \
         else _model_runner(args.model, adapter, args.steps, args.guidance, args.true_cfg,
-                           prompt_style=args.prompts, device=device)
+                           prompt_style=args.prompts, device=device, quantize=args.quantize)
     save_dir = Path(args.save_images) if args.save_images else None
     with tqdm(total=args.n * len(seeds), desc="eval toy", unit="img", disable=ground_truth) as bar:
         per_seed = evaluate_scenes(args.n, seeds, generate, args.scene_seed, args.size, args.ref_size,
