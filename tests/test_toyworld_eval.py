@@ -1,4 +1,4 @@
-"""The deterministic ToyWorld evaluator: controls from the issue, bad input, and the toy reward."""
+"""The deterministic ToyWorld evaluator: its controls (ground truth, swapped and decoy references), bad input, and the toy reward."""
 
 import copy
 
