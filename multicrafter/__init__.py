@@ -5,6 +5,7 @@ modules (ToyWorld, metrics, the dataset tools) do not pay for importing diffuser
 """
 
 import logging
+import warnings
 from typing import TYPE_CHECKING
 
 # diffusers imports torchao (the int8/fp8 memory modes) when it is installed; on a machine without its CUDA kernels
@@ -12,6 +13,9 @@ from typing import TYPE_CHECKING
 # import-time noise, not errors, and would otherwise precede every command's output.
 for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
     logging.getLogger(_name).setLevel(logging.ERROR)
+# peft warns that a LoRA on torchao weights cannot be merged; nothing here merges into quantised weights
+# (adapters.fuse_lora skips them), so the warning would only mislead.
+warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
 
 __version__ = "0.1.0"
 __all__ = ["MultiCrafterPipeline", "MultiCrafterPipelineOutput"]

@@ -110,8 +110,9 @@ class MoELoRALinear(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         w = base.weight
-        # Trainable weights in fp32 over a half-precision base (as peft does for LoRA); compute in the input's dtype.
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        # Trainable weights in fp32 over a half-precision or quantised base (as peft does for LoRA; a bitsandbytes
+        # 4-bit weight reports uint8); compute in the input's dtype.
+        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
         self.in_features, self.out_features = base.in_features, base.out_features
         self.num_experts, self.top_k, self.rank = num_experts, top_k, rank
         self.scaling = alpha / rank

@@ -24,8 +24,8 @@ CONFIG_DIR = REPO / "train" / "configs"
 ACCELERATE = {"accelerate_ddp.yaml"}   # accelerate's own launcher configs, not ours
 CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.name not in ACCELERATE)
 PRETRAIN = {"tiny_pretrain.yaml", "toy_adapter_baseline.yaml", "toy_adapter_attn.yaml", "toy_adapter_attn_moe.yaml",
-            "flux_dev_adapter.yaml"}
-IPPO = {"tiny_ippo.yaml", "toy_ippo.yaml", "flux_dev_ippo.yaml"}
+            "flux_dev_adapter.yaml", "flux_dev_adapter_24gb.yaml"}
+IPPO = {"tiny_ippo.yaml", "toy_ippo.yaml", "flux_dev_ippo.yaml", "flux_dev_ippo_24gb.yaml"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
@@ -128,7 +128,9 @@ def test_the_toy_rows_train_on_the_bare_shipped_base():
     assert not any(p.requires_grad for p in pipe.transformer.parameters())
 
 
-@pytest.mark.parametrize("name,module", [("flux_dev_adapter.yaml", "train.pretrain"), ("flux_dev_ippo.yaml", "train.ippo")])
+@pytest.mark.parametrize("name,module", [("flux_dev_adapter.yaml", "train.pretrain"), ("flux_dev_ippo.yaml", "train.ippo"),
+                                         ("flux_dev_adapter_24gb.yaml", "train.pretrain"),
+                                         ("flux_dev_ippo_24gb.yaml", "train.ippo")])
 def test_a_flux_config_without_its_data_refuses_with_one_line_before_writing(name, module, tmp_path, monkeypatch,
                                                                             run_main):
     """Run in this process through run_cli (the real-subprocess one-line exits of both commands are in
@@ -161,3 +163,26 @@ def test_toy_rows_share_the_base_budget_and_timesteps():
         assert cfg.model.name == "toy", name
     assert rows["baseline"].attention_loss.weight == 0 and rows["attn"].attention_loss.weight == 0.1
     assert rows["attn_moe"].attention_loss.weight == 0.1
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("name,cls,differ", [
+    ("flux_dev_adapter", PretrainConfig,
+     {"model.quantize", "adapter.lora_rank", "adapter.lora_alpha", "adapter.moe.rank", "adapter.moe.alpha",
+      "train.gradient_accumulation_steps", "output.output_dir"}),
+    ("flux_dev_ippo", IPPOConfig,
+     {"model.quantize", "model.adapter", "sampling.micro_batch", "train.groups_per_step", "train.output_dir"}),
+])
+def test_the_24gb_configs_are_the_full_recipe_but_for_what_their_header_names(name, cls, differ):
+    from train.config import config_to_dict
+
+    full = _flat(config_to_dict(load_config(CONFIG_DIR / f"{name}.yaml", cls)))
+    small = _flat(config_to_dict(load_config(CONFIG_DIR / f"{name}_24gb.yaml", cls)))
+    assert {k for k in full.keys() | small.keys() if full.get(k) != small.get(k)} == differ
+    assert small["model.quantize"] == "nf4" and small["model.gradient_checkpointing"] is True

@@ -30,6 +30,7 @@ from multicrafter.adapters import DEFAULT_LORA_TARGETS, AdapterConfig, adapter_p
 from multicrafter.errors import UserError, run_cli
 from multicrafter.gspo import compute_advantages, gspo_loss
 from multicrafter.io import save_image_atomic
+from multicrafter.memory import QUANTIZE_MODES
 from multicrafter.moe_lora import MoELoRAConfig, set_router_noise
 from multicrafter.ref_timestep import install_ref_timestep
 from multicrafter.rewards.base import COMPONENTS
@@ -51,7 +52,7 @@ from .data import ToyWorldSource
 from .ippo_inputs import PromptsConfig, RewardConfig, build_reward, load_prompts, score
 from .metrics_log import MetricsLogger
 from .optim import OptimConfig, build_optimizer, grad_norm
-from .run_setup import build_model, claim_output_dir, parse_dtype, resume_point, setup_accelerator
+from .run_setup import build_model, claim_output_dir, freeze, parse_dtype, resume_point, setup_accelerator
 
 # ----------------------------------------------------------------------------------------------- config
 
@@ -66,7 +67,13 @@ class ModelConfig:
     lora_targets: str | None = None          # regex; default: attention projections (multicrafter.adapters)
     moe: MoELoRAConfig | None = None         # fresh adapter only: MoE-LoRA on FFN linears
     adapter_dtype: str = "fp32"              # trainable weights are kept in this dtype
+    # frozen transformer and T5 stored quantised (QLoRA-style): none | int8 | fp8 (torchao, CPU too) | nf4 (CUDA)
+    quantize: str = "none"
     gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE_MODES:
+            raise UserError(f"model.quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
 
 
 @dataclass
@@ -253,8 +260,11 @@ def policy_update(model, ro: Rollout, advantages: torch.Tensor, cfg: GSPOConfig,
 
 
 def train(cfg: IPPOConfig, output_dir: str | Path | None = None, max_steps: int | None = None, resume: bool = False,
-          reward_fn: Callable | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run IPPO; returns {"output_dir", "adapter_dir", "last": last metrics record, "steps": steps run now}."""
+          reward_fn: Callable | None = None, log: Callable[[str], None] = print, pipe: Any = None) -> dict[str, Any]:
+    """Run IPPO; returns {"output_dir", "adapter_dir", "last": last metrics record, "steps": steps run now}.
+
+    `pipe`: an already-built MultiCrafterPipeline to train instead of loading `cfg.model.name` (benchmarks at FLUX
+    size with random weights)."""
     out = Path(output_dir or cfg.train.output_dir)
     total = cfg.train.max_steps if max_steps is None else max_steps
     if total < 0:
@@ -263,13 +273,13 @@ def train(cfg: IPPOConfig, output_dir: str | Path | None = None, max_steps: int 
     lock = claim_output_dir(accelerator, out)   # before anything is written there
     try:
         return _train(cfg, accelerator, out, total, resume, reward_fn,
-                      log if accelerator.is_main_process else (lambda s: None))
+                      log if accelerator.is_main_process else (lambda s: None), pipe)
     finally:
         lock.release()
 
 
 def _train(cfg: IPPOConfig, accelerator, out: Path, total: int, resume: bool, reward_fn: Callable | None,
-           log: Callable[[str], None]) -> dict[str, Any]:
+           log: Callable[[str], None], pipe: Any = None) -> dict[str, Any]:
     # setup: resume point, reward (config problems surface before any model loads), prompts, model + adapter, optimizer
     ckpt = resume_point(accelerator, out, resume)
     seed_everything(cfg.train.seed)
@@ -277,7 +287,10 @@ def _train(cfg: IPPOConfig, accelerator, out: Path, total: int, resume: bool, re
     active, schedule, G = cfg.reward.active, cfg.window_schedule(), cfg.sampling.group_size
     with accelerator.main_process_first():  # the main process writes the ToyWorld prompt set, the others read it
         prompts: list[GroupInput] = load_prompts(cfg.prompts, out)
-    pipe = build_model(cfg.model.name, cfg.model.dtype, device=accelerator.device)
+    if pipe is None:
+        pipe = build_model(cfg.model.name, cfg.model.dtype, device=accelerator.device, quantize=cfg.model.quantize)
+    else:
+        freeze(pipe)
     params = setup_adapter(pipe, cfg.model)
     # The schedule's horizon is train.max_steps even when --max-steps stops earlier, so a run cut short and resumed
     # follows the same learning rates as an uninterrupted one.

@@ -66,7 +66,7 @@ from .data import BatchOrder, TrainingSet, ensure_toyworld, load_samples
 from .metrics_log import LogSchedule, MetricsLogger
 from .optim import EMA, build_optimizer, grad_norm
 from .pretrain_config import ATTENTION_LOSSES, PretrainConfig
-from .run_setup import build_model, claim_output_dir, parse_dtype, resume_point, setup_accelerator
+from .run_setup import build_model, claim_output_dir, freeze, parse_dtype, resume_point, setup_accelerator
 
 
 def adapter_config(cfg: PretrainConfig, ref_options: ReferenceOptions) -> AdapterConfig:
@@ -84,8 +84,12 @@ class Trainer:
     """Builds data, model, adapter and optimizer from a config; `train_step()` does one optimizer step, `run()` the
     whole loop. Holds the output folder's lock from construction to `close()` (or the end of a `with` block)."""
 
-    def __init__(self, cfg: PretrainConfig, output_dir: str | Path | None = None, resume: bool = False):
+    def __init__(self, cfg: PretrainConfig, output_dir: str | Path | None = None, resume: bool = False,
+                 pipe: Any = None):
+        """`pipe`: an already-built MultiCrafterPipeline to train on instead of loading `cfg.model` (benchmarks at
+        FLUX size with random weights); it is frozen here like a loaded one."""
         self.cfg = cfg
+        self._given_pipe = pipe
         self.output_dir = Path(output_dir or cfg.output.output_dir)
         self.lam = cfg.attention_loss.weight
         self.metrics: MetricsLogger | None = None
@@ -112,7 +116,11 @@ class Trainer:
                             "(and data.with_references: true)")
 
         # 2. the model (frozen), rebuilt in part only when the config builds a base, then what trains
-        self.pipe = build_model(cfg.model.name, parse_dtype(cfg.model.dtype), device=self.device)
+        if self._given_pipe is not None:
+            self.pipe = freeze(self._given_pipe)
+        else:
+            self.pipe = build_model(cfg.model.name, parse_dtype(cfg.model.dtype), device=self.device,
+                                    quantize=cfg.model.quantize)
         self.pipe.set_progress_bar_config(disable=True)
         if cfg.model.builds_base:
             toy_base.build_base(self.pipe, cfg.model, cfg.train.seed, self.device)

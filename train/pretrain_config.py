@@ -12,6 +12,7 @@ from typing import Any
 
 from multicrafter.errors import UserError
 from multicrafter.losses import TimestepSampling, bleed_loss, dice_loss
+from multicrafter.memory import QUANTIZE_MODES
 from multicrafter.moe_lora import MoELoRAConfig
 
 from .data import DataConfig
@@ -28,6 +29,10 @@ ATTENTION_LOSSES = {"dice": dice_loss, "bleed": bleed_loss}
 class ModelConfig:
     name: str = "tiny"                   # tiny | toy | a diffusers FLUX folder | a hub id
     dtype: str = "fp32"                  # frozen weights: fp32 | bf16 | fp16 (trainable weights stay fp32)
+    # Store the frozen transformer and T5 quantised (QLoRA-style): none | int8 | fp8 (torchao, CPU too) | nf4
+    # (bitsandbytes, CUDA). The adapter still trains in fp32. Adapter mode only. With gradient checkpointing this is
+    # how FLUX.1-dev trains on one 24 GB card (train/configs/flux_dev_adapter_24gb.yaml).
+    quantize: str = "none"
     gradient_checkpointing: bool = False
     guidance: float = 1.0                # guidance embedding fed during training (guidance-distilled models)
     # Replace the loaded transformer by a fresh random FluxTransformer2DModel with these config keys (seeded by
@@ -49,6 +54,11 @@ class ModelConfig:
     t5_local_heads: bool = False
 
     def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE_MODES:
+            raise UserError(f"model.quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
+        if self.quantize != "none" and self.builds_base:
+            raise UserError("model.quantize keeps the base frozen: it cannot be combined with init_transformer, vae "
+                            "or t5_relative_buckets, which rebuild the base")
         if self.t5_relative_buckets is not None and (self.t5_relative_buckets < 2 or self.t5_relative_buckets % 2):
             raise UserError(f"model.t5_relative_buckets must be an even number >= 2, got {self.t5_relative_buckets}")
         if self.t5_local_heads and self.t5_relative_buckets is None:
@@ -155,6 +165,9 @@ class PretrainConfig:
     output: OutputSection = field(default_factory=OutputSection)
 
     def __post_init__(self) -> None:
+        if self.model.quantize != "none" and self.train.mode != "adapter":
+            raise UserError("model.quantize needs train.mode: adapter (a quantised base is frozen; base mode trains "
+                            "every weight)")
         if self.attention_loss.weight > 0 and not self.data.with_references:
             raise UserError("attention_loss.weight > 0 needs samples with subjects and masks "
                             "(and data.with_references: true)")

@@ -16,8 +16,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast_object_list
 
-from multicrafter.adapters import remove_adapter
 from multicrafter.errors import UserError
+from multicrafter.memory import check_modes
 
 from .checkpoints import resolve_resume
 from .run_lock import RunLock
@@ -104,19 +104,30 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def build_model(model: str, dtype: torch.dtype | str = torch.float32, device: str | torch.device | None = None):
+def build_model(model: str, dtype: torch.dtype | str = torch.float32, device: str | torch.device | None = None,
+                quantize: str = "none"):
     """`tiny` / `toy` / a diffusers FLUX folder or hub id -> a MultiCrafterPipeline (components as attributes:
     transformer, vae, text_encoder(_2), tokenizer(_2), scheduler; `.components` is the dict), everything frozen and in
-    eval mode; the trainer unfreezes what it trains. The toy model's shipped default adapter is NOT loaded."""
+    eval mode; the trainer unfreezes what it trains. The toy model's shipped default adapter is NOT loaded.
+
+    `quantize` (none | int8 | fp8 | nf4, `multicrafter.memory`) stores the frozen transformer and T5 quantised, as
+    QLoRA does: the adapter added on top trains in full precision through the quantised base linears (peft wraps
+    torchao and bitsandbytes layers). A mode this machine cannot run is a one-line UserError naming model.quantize."""
     # Imported here: diffusers' Flux pipeline module takes seconds to import and prints warnings, which must not come
     # before a config error's one line.
     from multicrafter import MultiCrafterPipeline
 
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    pipe = MultiCrafterPipeline.from_pretrained(model, dtype=dtype, device=device)
-    if model == "toy" and pipe.adapter_name is not None:  # from_pretrained("toy") loads the default adapter
-        remove_adapter(pipe.transformer)
-        pipe.adapter_name = None
+    try:
+        check_modes(quantize)
+    except UserError as exc:
+        raise UserError(f"model.quantize: {exc}") from None
+    pipe = MultiCrafterPipeline.from_pretrained(model, dtype=dtype, device=device, quantize=quantize, adapter=False)
+    return freeze(pipe)
+
+
+def freeze(pipe: Any) -> Any:
+    """Every model of the pipeline frozen and in eval mode (the trainer then unfreezes what it trains)."""
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
         if module is not None:
@@ -124,5 +135,5 @@ def build_model(model: str, dtype: torch.dtype | str = torch.float32, device: st
     return pipe
 
 
-__all__ = ["broadcast_from_main", "build_model", "claim_output_dir", "parse_dtype", "resume_point",
+__all__ = ["broadcast_from_main", "build_model", "claim_output_dir", "freeze", "parse_dtype", "resume_point",
            "setup_accelerator"]

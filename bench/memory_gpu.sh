@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Memory modes on one GPU in one run, most informative first: inference per quantisation mode at 512 and 1024 px
+# (bench/memory_modes.py), nf4 with model offload, then training per mode (bench/train_memory.py). Each part has its
+# own timeout, so a slow mode loses only its own rows. nf4 needs bitsandbytes in the GPU's Python (otherwise its rows
+# say "refused"). Packages the GPU's Python lacks can be placed in .gpu_deps/, which goes first on PYTHONPATH.
+# Tables: bench/results/memory_modes_inference.md and bench/results/memory_modes_training.md (or under $OUT if set).
+set -u
+export PYTHONPATH="$PWD/.gpu_deps:$PWD:${PYTHONPATH:-}"
+dest="${OUT:-bench/results}"
+mkdir -p "$dest"
+python -c "import diffusers, torch; print('diffusers', diffusers.__version__, 'torch', torch.__version__, torch.cuda.get_device_name(0))"
+echo "=== inference, every quantisation mode, no offload"
+timeout 240 python bench/memory_modes.py --device cuda --offloads none --steps 4 --out "$dest/memory_modes_inference.md" 2>&1 | tail -30
+echo "=== inference, nf4 + int8 with model offload"
+timeout 120 python bench/memory_modes.py --device cuda --modes nf4 int8 --offloads model --sizes 1024 --steps 4 \
+    --out "$dest/memory_modes_inference_offload.md" 2>&1 | tail -12
+echo "=== training (pre-training and IPPO), nf4 and int8"
+timeout 200 python bench/train_memory.py --device cuda --modes nf4 int8 --out "$dest/memory_modes_training.md" 2>&1 | tail -12
