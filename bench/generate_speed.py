@@ -24,6 +24,7 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel  # noq
 from bench.measure import interleaved_medians  # noqa: E402
 from multicrafter import MultiCrafterPipeline  # noqa: E402
 from multicrafter.adapters import lora_fused, unfuse_lora  # noqa: E402
+from multicrafter.moe_lora import moe_modules  # noqa: E402
 from multicrafter.presets import REPO_ROOT, build_tiny_components  # noqa: E402
 from multicrafter.references import ReferenceOptions  # noqa: E402
 
@@ -48,8 +49,9 @@ def toy_sized_pipeline():
 def shipped_toy_pipelines():
     """The shipped toy model (trained weights), stock FluxPipeline over the same modules, and the toy as the app
     loads it, with its default adapter (`ippo`: LoRA on attention + MoE-LoRA on the single blocks; the LoRA fused
-    into the base weights) as a second pipeline and the same with the LoRA unfused as a third (None when the toy's
-    default is the base alone)."""
+    into the base weights) as a second pipeline, the same with the LoRA unfused as a third, and the same with the
+    MoE-LoRA experts computed as low-rank updates instead of merged into per-expert weights as a fourth (None when
+    the toy's default is the base alone)."""
     ours = MultiCrafterPipeline.from_pretrained("toy", adapter=False)
     stock = FluxPipeline(**{k: v for k, v in ours.components.items() if k in FluxPipeline._get_signature_keys(
         FluxPipeline)[0]})
@@ -59,10 +61,15 @@ def shipped_toy_pipelines():
     if adapted is not None and lora_fused(adapted.transformer):          # the same adapter with its LoRA unfused
         unfused = MultiCrafterPipeline.from_pretrained("toy")
         unfuse_lora(unfused.transformer)
-    for p in (ours, stock, adapted, unfused):
+    unmerged = None
+    if adapted is not None and moe_modules(adapted.transformer):      # experts as rank-r updates (GPU's path)
+        unmerged = MultiCrafterPipeline.from_pretrained("toy")
+        for m in moe_modules(unmerged.transformer).values():
+            m.merge_experts = False
+    for p in (ours, stock, adapted, unfused, unmerged):
         if p is not None:
             p.set_progress_bar_config(disable=True)
-    return ours, stock, adapted, unfused
+    return ours, stock, adapted, unfused, unmerged
 
 
 def main() -> None:
@@ -74,9 +81,9 @@ def main() -> None:
                     help="the shipped toy model (assets/toy) instead of random weights, plus a row with its default adapter")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    adapted = unfused = None
+    adapted = unfused = unmerged = None
     if args.toy:
-        ours, stock, adapted, unfused = shipped_toy_pipelines()
+        ours, stock, adapted, unfused, unmerged = shipped_toy_pipelines()
     else:
         ours, stock = toy_sized_pipeline()
     rng = np.random.default_rng(0)
@@ -101,6 +108,9 @@ def main() -> None:
         runs[f"ours, 2 references, {adapted.adapter_name} adapter (the default)"] = gen(adapted, reference_images=refs)
     if unfused is not None:
         runs[f"ours, 2 references, {unfused.adapter_name} adapter, LoRA unfused"] = gen(unfused, reference_images=refs)
+    if unmerged is not None:
+        runs[f"ours, 2 references, {unmerged.adapter_name} adapter, experts not merged"] = gen(unmerged,
+                                                                                             reference_images=refs)
     med = interleaved_medians(runs, args.repeats)
     base = med["stock FluxPipeline"]
     model = "shipped toy model" if args.toy else "toy-sized model (random weights)"

@@ -43,6 +43,7 @@ from .moe_lora import (
     moe_parameters,
     moe_state_dict,
     remove_moe_lora,
+    set_merged_experts,
     set_moe_enabled,
 )
 
@@ -224,13 +225,15 @@ def _fusable(layer: LoraLayer) -> bool:
 
 
 def fuse_lora(transformer: nn.Module) -> int:
-    """Merge the active plain-LoRA deltas into their base linears for inference (MoE-LoRA stays routed); return
-    how many linears were fused.
+    """Merge the active plain-LoRA deltas into their base linears for inference; return how many linears were fused.
+    MoE-LoRA stays routed, but may then run each token through its expert's merged weight copy where those copies
+    are small (`MoELoRALinear.merge_experts`: on CPU).
 
     The LoRA matmuls then cost nothing per step. Each merged linear's original weight is kept (on the CPU) so that
     `unfuse_lora` restores it bit for bit. Quantised base weights (torchao, bitsandbytes), offloaded (meta) weights
     and a switched-off adapter are left unfused; training must not fuse (the LoRA weights would stop reaching the
-    output through their own path)."""
+    output through their own path, and IPPO's rollouts must compute exactly what its update recomputes)."""
+    set_merged_experts(transformer, True)
     if not _peft_loaded(transformer) or getattr(transformer, _FUSE_ATTR, None):
         return 0
     saved: dict[str, torch.Tensor] = {}
@@ -251,6 +254,7 @@ def fuse_lora(transformer: nn.Module) -> int:
 
 def unfuse_lora(transformer: nn.Module) -> bool:
     """Undo `fuse_lora`: put the exact original base weights back; True if anything was fused."""
+    set_merged_experts(transformer, False)
     saved: dict[str, torch.Tensor] | None = getattr(transformer, _FUSE_ATTR, None)
     if not saved:
         return False

@@ -32,6 +32,10 @@ IMPLS = ("auto", "dense", "grouped")
 # impl "auto": compute all experts densely while (E − k)·r stays at or below this (see MoELoRALinear._use_dense)
 DENSE_MAX_EXTRA_RANK_CPU = 128
 DENSE_MAX_EXTRA_RANK_GPU = 2048
+# Top-1 inference on CPU with each expert merged into its own copy of the base weight (W + s·B_e·A_e): one linear per
+# token instead of base + A + B, for E copies of the weight. Only while those copies stay small (the toy's: 4 MB per
+# layer; FLUX.1-dev's proj_out would need 750 MB per layer in bf16).
+MERGED_EXPERTS_MAX_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -121,6 +125,10 @@ class MoELoRALinear(nn.Module):
         self.impl = impl
         self.enabled = True
         self.fuse_router: bool | None = None  # dense: one matmul for router + A's (None: on CPU only)
+        # Inference may run top-1 through per-expert merged weights (on CPU, float32, up to MERGED_EXPERTS_MAX_BYTES).
+        # Off by default: IPPO's rollouts must compute exactly what its update recomputes with autograd on; an
+        # inference pipeline switches it on together with fusing its LoRA (`adapters.fuse_lora`).
+        self.merge_experts = False
         self.router = nn.Linear(self.in_features, num_experts, bias=False, device=w.device, dtype=dtype)
         self.expert_A = nn.Parameter(torch.empty(num_experts, rank, self.in_features, device=w.device, dtype=dtype))
         self.expert_B = nn.Parameter(torch.zeros(num_experts, rank, self.out_features, device=w.device, dtype=dtype))
@@ -199,6 +207,49 @@ class MoELoRALinear(nn.Module):
         out2d = out.reshape(-1, self.out_features)
         return torch.addmm(out2d, z, b, alpha=self.scaling)
 
+    def _use_merged(self, h: torch.Tensor) -> bool:
+        if not self.merge_experts or self.top_k != 1 or type(self.base) is not nn.Linear:
+            return False
+        weight = self.base.weight
+        if type(weight.data) is not torch.Tensor or weight.dtype != h.dtype:   # quantised or another dtype
+            return False
+        return (h.device.type == "cpu" and h.dtype == torch.float32
+                and self.num_experts * weight.numel() * weight.element_size() <= MERGED_EXPERTS_MAX_BYTES)
+
+    def _merged_weights(self) -> torch.Tensor:
+        """(E, out, in): the base weight with each expert's update merged in, rebuilt when any weight changes."""
+        w = self.base.weight
+        key = (w._version, w.data_ptr(), self.expert_A._version, self.expert_B._version, self.expert_A.data_ptr(),
+               self.expert_B.data_ptr())
+        cached = self.__dict__.get("_merged_cache")
+        if cached is None or cached[0] != key:
+            delta = torch.bmm(self.expert_B.detach().transpose(1, 2), self.expert_A.detach())   # (E, out, in)
+            cached = (key, (w.detach().unsqueeze(0) + self.scaling * delta.to(w.dtype)).contiguous())
+            self.__dict__["_merged_cache"] = cached
+        return cached[1]
+
+    def _merged_top1_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """Top-1 routing without autograd, each token through its expert's merged weight: the same function as base
+        plus `_dense` (up to float rounding) with one weight matmul per token."""
+        h = x.reshape(-1, self.in_features)
+        idx = F.linear(h.float(), self.router.weight.float()).argmax(dim=-1)   # route in fp32, as training does
+        self._last_idx, self._last_probs = idx.unsqueeze(-1), None
+        merged, bias = self._merged_weights(), self.base.bias
+        counts = torch.bincount(idx, minlength=self.num_experts).tolist()
+        if max(counts) == h.shape[0]:                       # every token on one expert: no gather / scatter
+            return F.linear(x, merged[int(idx[0])], bias)
+        # tokens sorted by expert, each group's output written straight into its rows, then gathered back in order
+        order = torch.argsort(idx, stable=True)
+        parts = h.index_select(0, order).split(counts)
+        buf = torch.empty(h.shape[0], self.out_features, dtype=h.dtype, device=h.device)
+        for e, (part, dst) in enumerate(zip(parts, buf.split(counts))):
+            if part.shape[0]:
+                if bias is None:
+                    torch.mm(part, merged[e].t(), out=dst)
+                else:
+                    torch.addmm(bias, part, merged[e].t(), out=dst)
+        return buf.index_select(0, torch.argsort(order)).view(*x.shape[:-1], self.out_features)
+
     def _grouped(self, h: torch.Tensor, out: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Tokens sorted by expert, one small matmul pair per expert, results added back at their rows."""
         k = self.top_k
@@ -214,13 +265,16 @@ class MoELoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """FFN(x) plus the routed experts' low-rank updates (just FFN(x) when disabled)."""
-        out = self.base(x)
         if not self.enabled:
-            return out
+            return self.base(x)
+        lean = self.top_k == 1 and not torch.is_grad_enabled() and not (self.training and self.router_noise > 0)
+        if lean and self._use_merged(x):
+            return self._merged_top1_inference(x)
+        out = self.base(x)
         h = x.reshape(-1, self.in_features)
         e, r = self.num_experts, self.rank
         dense = self._use_dense(h.device)
-        if dense and self.top_k == 1 and not torch.is_grad_enabled() and not (self.training and self.router_noise > 0):
+        if dense and lean:
             return self._dense_top1_inference(h, out).view(out.shape)
         z = None
         fuse = self.fuse_router if self.fuse_router is not None else h.device.type == "cpu"
@@ -303,6 +357,13 @@ def set_router_noise(model: nn.Module, std: float) -> None:
     """Set router noise on every module (keep 0 for rollouts: GSPO needs identical routing in rollout and update)."""
     for m in moe_modules(model).values():
         m.router_noise = std
+
+
+def set_merged_experts(model: nn.Module, on: bool) -> None:
+    """Let (or stop) every MoE-LoRA module's top-1 inference run through per-expert merged weights where that is
+    cheap (see `MoELoRALinear.merge_experts`); `adapters.fuse_lora` / `unfuse_lora` call this."""
+    for m in moe_modules(model).values():
+        m.merge_experts = on
 
 
 def moe_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -222,3 +222,21 @@ def test_save_is_atomic_and_refuses_foreign_folders(tmp_path, monkeypatch):
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     one_line_error(lambda: save_adapter(t2, tmp_path / "mine"), "not an adapter folder")
     one_line_error(lambda: save_adapter(fresh(), tmp_path / "x"), "no MultiCrafter adapter")
+
+
+def test_fusing_for_inference_merges_the_experts_and_unfusing_restores_the_training_path():
+    from multicrafter.adapters import fuse_lora, unfuse_lora
+    from multicrafter.moe_lora import moe_modules
+
+    t = fresh()
+    add_adapter(t, AdapterConfig(lora_rank=4, moe=MOE))
+    with torch.no_grad():
+        for p in adapter_parameters(t):
+            p.normal_(0, 0.2)
+    training = out(t)
+    assert fuse_lora(t) > 0 and all(m.merge_experts for m in moe_modules(t).values())
+    fused = out(t)
+    assert torch.allclose(fused, training, atol=1e-4) and not torch.equal(fused, training)
+    unfuse_lora(t)
+    assert not any(m.merge_experts for m in moe_modules(t).values())
+    assert torch.equal(out(t), training)

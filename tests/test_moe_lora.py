@@ -20,6 +20,7 @@ from multicrafter.moe_lora import (
     moe_parameters,
     moe_state_dict,
     remove_moe_lora,
+    set_merged_experts,
     set_moe_enabled,
 )
 
@@ -96,6 +97,9 @@ def test_output_equals_base_at_init(impl):
     inject_moe_lora(model, MoELoRAConfig(blocks="both", impl=impl))
     assert len(moe_modules(model)) == 8
     assert torch.equal(run(model), run(base))
+    set_merged_experts(model, True)   # as a fused inference pipeline: each expert merged, equal up to rounding
+    assert torch.allclose(run(model), run(base), atol=1e-5)
+    set_merged_experts(model, False)
     randomize_b(model)
     assert not torch.allclose(run(model), run(base), atol=1e-4)  # the adapter is live once B moves
 
@@ -259,3 +263,39 @@ def test_gradient_checkpointing_gives_the_same_gradients(impl):
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in grads[1])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_merged_top1_inference_matches_the_formula_and_follows_weight_edits(bias):
+    """CPU top-1 inference runs each token through its expert's merged weight (W + s B_e A_e); the merged copies
+    are rebuilt whenever a weight changes in place."""
+    torch.manual_seed(0)
+    m = MoELoRALinear(nn.Linear(8, 12, bias=bias), num_experts=4, top_k=1, rank=3, alpha=6.0)
+    x = torch.randn(2, 7, 8)
+    assert not m._use_merged(x)                     # off unless an inference pipeline fuses its adapter
+    m.merge_experts = True
+    assert m._use_merged(x)
+    with torch.no_grad():
+        m.expert_B.normal_()
+        assert torch.allclose(m(x), reference_output(m, x), atol=1e-5)
+        expected = torch.bincount((x.reshape(-1, 8) @ m.router.weight.t()).argmax(-1), minlength=4)
+        assert torch.equal(m.last_counts, expected) and (expected > 0).sum() > 1
+        m.expert_B.mul_(2.0)
+        m.base.weight.add_(0.5)
+        assert torch.allclose(m(x), reference_output(m, x), atol=1e-5)
+        m.router.weight.fill_(-1.0)
+        m.router.weight[1] = 1.0                    # positive inputs: every token on expert 1 (no gather)
+        xp = x.abs() + 0.1
+        assert torch.allclose(m(xp), reference_output(m, xp), atol=1e-5)
+        assert m.last_counts.tolist() == [0, 14, 0, 0]
+    assert torch.allclose(m(xp), reference_output(m, xp), atol=1e-5)   # with autograd: the training path
+
+
+def test_merged_experts_stay_off_where_their_copies_would_cost_memory():
+    big = MoELoRALinear(nn.Linear(3072, 3072), num_experts=4, rank=4)    # 4 copies of 36 MB: over the budget
+    half = MoELoRALinear(nn.Linear(8, 12).to(torch.bfloat16), rank=4)
+    small = MoELoRALinear(nn.Linear(8, 12), rank=4)
+    for m in (big, half, small):
+        m.merge_experts = True
+    assert not big._use_merged(torch.randn(3, 3072)) and not half._use_merged(torch.randn(3, 8, dtype=torch.bfloat16))
+    assert small._use_merged(torch.randn(3, 8))
