@@ -317,7 +317,8 @@ def moe_modules(model: nn.Module) -> dict[str, MoELoRALinear]:
 
 
 def inject_moe_lora(model: nn.Module, cfg: MoELoRAConfig) -> list[str]:
-    """Replace every `nn.Linear` whose name fully matches the target regex by a `MoELoRALinear`; return the names."""
+    """Replace every `nn.Linear` (quantised ones included) whose name fully matches the target regex by a
+    `MoELoRALinear`; return the names."""
     regex = re.compile(cfg.target_regex or default_target_regex(model, cfg))
     names = [n for n, _ in model.named_modules() if n and regex.fullmatch(n)]
     if not names:
@@ -328,8 +329,9 @@ def inject_moe_lora(model: nn.Module, cfg: MoELoRAConfig) -> list[str]:
         target = getattr(parent, child)
         if isinstance(target, MoELoRALinear):
             raise UserError(f"{name} already has MoE-LoRA; remove the adapter first")
-        if type(target) is not nn.Linear:
-            raise UserError(f"MoE-LoRA target {name} is a {type(target).__name__}, not a plain nn.Linear "
+        # nn.Linear or a quantised subclass (bitsandbytes' Linear4bit / Linear8bitLt); a peft LoRA wrapper is not one
+        if not isinstance(target, nn.Linear):
+            raise UserError(f"MoE-LoRA target {name} is a {type(target).__name__}, not an nn.Linear "
                             "(does the LoRA target it too?)")
         moe = MoELoRALinear(target, cfg.num_experts, cfg.top_k, cfg.rank, cfg.alpha, cfg.router_noise,
                             cfg.straight_through_router, cfg.impl)

@@ -224,7 +224,7 @@ def test_remove_restores_plain_linears_and_refusals():
     assert not moe_modules(model) and torch.equal(run(model), run(base))
     with pytest.raises(UserError, match="matches no module"):
         inject_moe_lora(model, MoELoRAConfig(target_regex=r"nothing\.here"))
-    with pytest.raises(UserError, match="not a plain nn.Linear"):
+    with pytest.raises(UserError, match="not an nn.Linear"):
         inject_moe_lora(model, MoELoRAConfig(target_regex=r"single_transformer_blocks\.0\.norm"))
     with pytest.raises(UserError, match="unknown MoE-LoRA config key"):
         MoELoRAConfig.from_dict({"num_experts": 2, "experts": 3})
@@ -299,3 +299,34 @@ def test_merged_experts_stay_off_where_their_copies_would_cost_memory():
         m.merge_experts = True
     assert not big._use_merged(torch.randn(3, 3072)) and not half._use_merged(torch.randn(3, 8, dtype=torch.bfloat16))
     assert small._use_merged(torch.randn(3, 8))
+
+
+class PackedLinear(nn.Linear):
+    """An nn.Linear subclass keeping its weight as uint8 codes, as bitsandbytes' Linear4bit does (packed NF4)."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__(lin.in_features, lin.out_features)
+        self.scale = float(lin.weight.detach().abs().max()) / 127
+        codes = (lin.weight.detach() / self.scale).round().add(128).to(torch.uint8)
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, (self.weight.float() - 128) * self.scale, self.bias)
+
+
+def test_a_quantised_linear_subclass_takes_moe_lora_with_fp32_experts_that_train():
+    torch.manual_seed(0)
+    model = nn.Sequential(PackedLinear(nn.Linear(8, 12)))
+    x = torch.randn(5, 8)
+    before = model(x)
+    assert inject_moe_lora(model, MoELoRAConfig(target_regex="0", rank=3)) == ["0"]
+    m = model[0]
+    assert isinstance(m, MoELoRALinear) and isinstance(m.base, PackedLinear)
+    assert {p.dtype for p in moe_parameters(model)} == {torch.float32}   # not the packed weight's uint8
+    assert torch.equal(model(x), before)
+    model(x).pow(2).sum().backward()
+    assert m.expert_B.grad.abs().sum() > 0 and m.base.weight.grad is None
+    m.merge_experts = True
+    with torch.no_grad():
+        assert not m._use_merged(x) and torch.equal(model(x), before)   # no merged copies of a packed weight

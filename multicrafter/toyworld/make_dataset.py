@@ -25,7 +25,7 @@ from .scenes import sample_scene, with_boxes
 
 
 @dataclass
-class Sample:
+class RenderedScene:
     """One rendered ToyWorld scene: its spec, the image, each subject's exact mask and rendered reference."""
 
     scene: dict                    # the spec, with visible boxes/areas filled
@@ -39,21 +39,21 @@ class Sample:
         return self.scene["prompt"]
 
 
-def render_sample(scene: dict) -> Sample:
+def render_sample(scene: dict) -> RenderedScene:
     """Render a scene spec (image, masks, references) and fill its boxes."""
     image, labels = render_scene(scene)
     with_boxes(scene, labels)
     refs = [render_reference(s, scene.get("ref_size", 64), s["reference_view"]) for s in scene["subjects"]]
-    return Sample(scene=scene, image=image, masks=masks_from_labels(labels, len(scene["subjects"])), references=refs)
+    return RenderedScene(scene=scene, image=image, masks=masks_from_labels(labels, len(scene["subjects"])), references=refs)
 
 
 def build_sample(seed: int, index: int, split: str = "train", size: int = 128, ref_size: int = 64,
-                 **scene_kwargs) -> Sample:
+                 **scene_kwargs) -> RenderedScene:
     """Sample and render scene `index` of `seed` (kwargs go to `sample_scene`)."""
     return render_sample(sample_scene(seed, index, split=split, size=size, ref_size=ref_size, **scene_kwargs))
 
 
-def metadata_line(sample: Sample, stem: str) -> dict:
+def metadata_line(sample: RenderedScene, stem: str) -> dict:
     """The metadata record of a sample saved under `stem`."""
     subjects = [
         {"name": s["name"], "kind": "object", "mask": mask_file(stem, k), "reference": reference_file(stem, k),
@@ -120,7 +120,7 @@ def write_dataset(out: str | os.PathLike, n: int, seed: int = 0, split: str = "t
 MASK_TINTS = ((255, 60, 60), (60, 120, 255), (40, 200, 80), (255, 200, 0))
 
 
-def contact_sheet(samples: list[Sample], scale: int = 2) -> Image.Image:
+def contact_sheet(samples: list[RenderedScene], scale: int = 2) -> Image.Image:
     """One row per sample: scene | coloured masks | references, with the prompt underneath (for the README)."""
     rows = []
     for s in samples:
