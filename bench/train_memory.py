@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.state import AcceleratorState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
@@ -46,7 +47,8 @@ def _configs(shapes: str, mode: str, args: argparse.Namespace) -> tuple[Pretrain
     if shapes == "tiny":
         pre = load_config(CONFIGS / "tiny_pretrain.yaml", PretrainConfig, {
             "model.quantize": mode, "model.gradient_checkpointing": True, "output.progress": False,
-            "data.toyworld": {"n": 2, "subjects": [2]}, "data.caption_dropout": 0.0})
+            "data.toyworld": {"n": 2, "subjects": [2]}, "data.caption_dropout": 0.0,
+            "train.mixed_precision": "bf16"})    # as the FLUX config (IPPO: none), so both set-ups run in turn
         ippo = load_config(CONFIGS / "tiny_ippo.yaml", IPPOConfig, {
             "model.quantize": mode, "model.gradient_checkpointing": True, "train.sample_every": 0,
             "train.groups_per_step": 1, "sampling.group_size": args.ippo_group, "sampling.num_steps": args.ippo_steps})
@@ -75,6 +77,12 @@ def _pipeline(shapes: str, mode: str, device: str) -> MultiCrafterPipeline:
     return pipe.to(device)
 
 
+def _fresh_accelerate() -> None:
+    """Each trainer sets up accelerate for its own config (pre-training in bf16 autocast, IPPO without): the
+    process-wide state the previous one left must go first."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _reset_peak(cuda: bool) -> None:
     gc.collect()
     if cuda:
@@ -88,6 +96,7 @@ def _peak_gb(cuda: bool) -> float | None:
 
 
 def measure_pretrain(pipe: MultiCrafterPipeline, cfg: PretrainConfig, steps: int, cuda: bool) -> dict[str, Any]:
+    _fresh_accelerate()
     with tempfile.TemporaryDirectory() as out, Trainer(cfg, Path(out) / "run", pipe=pipe) as trainer:
         trainer.train_step()                                     # warm-up: kernels, allocator, cached data
         _reset_peak(cuda)
@@ -103,6 +112,7 @@ def measure_pretrain(pipe: MultiCrafterPipeline, cfg: PretrainConfig, steps: int
 
 
 def measure_ippo(pipe: MultiCrafterPipeline, cfg: IPPOConfig, cuda: bool) -> dict[str, Any]:
+    _fresh_accelerate()
     _reset_peak(cuda)
     with tempfile.TemporaryDirectory() as out:
         ippo_train(cfg, output_dir=Path(out) / "run", max_steps=2, log=lambda _: None, pipe=pipe)
