@@ -1,5 +1,6 @@
-"""IPPO data parallel on 2 CPU processes (`accelerate launch` with train/configs/accelerate_ddp.yaml, gloo): a run
-killed with SIGKILL mid-run and resumed ends with the same adapter weights and metrics as an uninterrupted run."""
+"""Pre-training and IPPO data parallel on 2 CPU processes (`accelerate launch` with train/configs/accelerate_ddp.yaml,
+gloo): a run killed with SIGKILL mid-run and resumed ends with the same adapter weights and metrics as an
+uninterrupted run."""
 
 from __future__ import annotations
 
@@ -19,18 +20,26 @@ from train.metrics_log import read_metrics
 from train.run_lock import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[1]
-VOLATILE = ("time_rollout", "time_reward", "time_train")
-# the tiny model at its smallest: 2 sampling steps of 16x16 images, one prompt group of 2 per process and step
-SMALL = ["sampling.num_steps=2", "sampling.height=16", "sampling.width=16", "sampling.group_size=2",
-         "sampling.micro_batch=2", "window.size=1", "train.groups_per_step=1", "train.sample_every=0",
-         "train.save_every=1", "train.keep_last=2", "train.max_steps=4", "gspo.inner_updates=1"]
+# the tiny model at its smallest, 4 steps with a checkpoint after each: (config, overrides, per-run timing keys)
+RUNS = {
+    "ippo": ("tiny_ippo.yaml",
+             ["sampling.num_steps=2", "sampling.height=16", "sampling.width=16", "sampling.group_size=2",
+              "sampling.micro_batch=2", "window.size=1", "train.groups_per_step=1", "train.sample_every=0",
+              "train.save_every=1", "train.keep_last=2", "train.max_steps=4", "gspo.inner_updates=1"],
+             ("time_rollout", "time_reward", "time_train")),
+    "pretrain": ("tiny_pretrain.yaml",
+                 ["data.toyworld.n=4", "data.resolution=32", "train.max_steps=4", "output.checkpoint_every=1",
+                  "output.keep_last=2", "output.validation_steps=1", "output.progress=false"],
+                 ("sec_per_step",)),
+}
 
 
-def _launch(out: Path, *extra: str) -> subprocess.Popen:
-    sets = [a for s in SMALL for a in ("--set", s)]
+def _launch(stage: str, out: Path, *extra: str) -> subprocess.Popen:
+    config, small, _ = RUNS[stage]
+    sets = [a for s in small for a in ("--set", s)]
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file",
-            str(REPO / "train/configs/accelerate_ddp.yaml"), "-m", "train.ippo", "--config",
-            str(REPO / "train/configs/tiny_ippo.yaml"), "--output-dir", str(out), *sets, *extra]
+            str(REPO / "train/configs/accelerate_ddp.yaml"), "-m", f"train.{stage}", "--config",
+            str(REPO / "train/configs" / config), "--output-dir", str(out), *sets, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -72,11 +81,12 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the launcher's workers through /proc")
-def test_two_process_ippo_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("stage", ["ippo", "pretrain"])
+def test_two_processes_killed_and_resumed_equal_an_uninterrupted_run(tmp_path, stage):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    _finish(_launch(full))
+    _finish(_launch(stage, full))
 
-    proc = _launch(cut)
+    proc = _launch(stage, cut)
     try:
         deadline = time.monotonic() + 300
         while not list_checkpoints(cut) and proc.poll() is None and time.monotonic() < deadline:
@@ -90,9 +100,10 @@ def test_two_process_ippo_killed_and_resumed_equals_an_uninterrupted_run(tmp_pat
     killed_at = list_checkpoints(cut)[-1][0]
     assert 1 <= killed_at < 4 and (cut / LOCK_FILE).is_file()
 
-    log = _finish(_launch(cut, "--resume"))
+    log = _finish(_launch(stage, cut, "--resume"))
     assert "taking it over" in log and f"resumed from {cut / f'checkpoint-{killed_at}'}" in log
-    strip = lambda recs: [{k: v for k, v in r.items() if k not in VOLATILE} for r in recs]  # noqa: E731
+    volatile = RUNS[stage][2]
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in volatile} for r in recs]  # noqa: E731
     a, b = read_metrics(full), read_metrics(cut)
     assert [r["step"] for r in a] == [1, 2, 3, 4] and strip(a) == strip(b)
     wa, wb = _adapter(full), _adapter(cut)

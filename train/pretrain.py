@@ -486,6 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
     cfg = load_config(args.config, PretrainConfig, parse_set_overrides(args.set))
     with Trainer(cfg, output_dir=args.output_dir, resume=args.resume) as trainer:
+        if trainer.resumed_from is not None and trainer.accelerator.is_main_process:
+            print(f"resumed from {trainer.resumed_from} at step {trainer.step}")
         last = trainer.run(stop_at=args.max_steps)
         if trainer.accelerator.is_main_process:
             what = "adapter" if cfg.train.mode == "adapter" else "pipeline"
