@@ -36,7 +36,7 @@ def toy_sized_pipeline():
     comps["transformer"] = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=3, num_single_layers=3, attention_head_dim=48, num_attention_heads=4,
         joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(8, 20, 20)).eval()
-    comps["vae"] = AutoencoderKL.from_pretrained(REPO_ROOT / "assets" / "toy_vae").eval()
+    comps["vae"] = AutoencoderKL.from_pretrained(REPO_ROOT / "multicrafter" / "assets" / "toy_vae").eval()
     ours = MultiCrafterPipeline(**comps)
     ours.reference_options = ReferenceOptions(long_side_single=64, long_side_multi=64)
     for p in (ours,):
@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--toy", action="store_true",
-                    help="the shipped toy model (assets/toy) instead of random weights, plus a row with its default adapter")
+                    help="the shipped toy model (multicrafter/assets/toy) instead of random weights, plus a row with its default adapter")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     adapted = unfused = unmerged = None

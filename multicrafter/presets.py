@@ -1,7 +1,7 @@
 """Where models come from: the `tiny` random model, the embedded `toy` model, and any diffusers FLUX folder/hub id.
 
 `tiny` is built deterministically from configs (tests, CI, smoke runs). `toy` is the small FLUX-architecture model
-trained on ToyWorld and committed under `assets/toy/` in diffusers layout (with named adapters under `adapters/`).
+trained on ToyWorld and committed under `multicrafter/assets/toy/` in diffusers layout (with named adapters under `adapters/`).
 Everything else goes through diffusers' own `from_pretrained`; offline, a hub id fails with one line that says how
 to point at a local folder instead.
 """
@@ -21,7 +21,7 @@ from .references import ReferenceOptions
 from .vocab import load_tokenizers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TOY_DIR = Path(os.environ.get("MULTICRAFTER_TOY_DIR", REPO_ROOT / "assets" / "toy"))
+TOY_DIR = Path(os.environ.get("MULTICRAFTER_TOY_DIR", Path(__file__).resolve().parent / "assets" / "toy"))
 PRESETS = ("tiny", "toy")
 
 TINY_TRANSFORMER = dict(

@@ -1,7 +1,7 @@
 """`python -m multicrafter.space --out DIR`: write a Hugging Face Space folder of the app, ready for `hf upload`.
 
 The folder holds app.py, the packages the app imports at run time (multicrafter, annotate, demo, train), the embedded
-toy model (assets/toy), the pinned runtime requirements.txt, LICENSE and a README.md with the Space front matter. It
+toy model (multicrafter/assets/toy), the pinned runtime requirements.txt, LICENSE and a README.md with the Space front matter. It
 runs the toy model on a CPU Space as it stands; the printed variables switch a GPU Space to FLUX.1-dev.
 
 Files are copied by path from the source checkout (nothing is imported from the other packages), into a temporary
@@ -23,11 +23,10 @@ from .errors import ArgumentParser, UserError, run_cli
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("multicrafter", "annotate", "demo", "train")   # everything app.py and the tabs import at run time
 FILES = ("app.py", "requirements.txt", "LICENSE")
-ASSETS = ("assets/toy",)                                    # the default model (the toy VAE is only for training)
 # Not needed to serve the app: caches, shell recipes, and the toy recipe's stage configs (they start from runs/).
 SKIP_NAMES = {"__pycache__", ".pytest_cache", ".ruff_cache", ".DS_Store"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".sh")
-SKIP_PATHS = {Path("train/configs/recipe")}
+SKIP_PATHS = {Path("train/configs/recipe"), Path("multicrafter/assets/toy_vae")}   # the toy VAE: only for training
 
 FLUX = "black-forest-labs/FLUX.1-dev"
 FRONT_MATTER = """---
@@ -56,7 +55,7 @@ High-Fidelity Multi-Subject Generation via Disentangled Attention and Identity-A
 (CVPR 2026) on FLUX with diffusers. Tabs: **Generate**, **Attention** (per-subject attention maps and their
 bleeding, with and without the adapter), **Annotate** (build a small training set) and **Train** (off on a Space).
 
-As uploaded, the Space runs the small embedded `toy` model (trained on the procedural ToyWorld, in `assets/toy`) on
+As uploaded, the Space runs the small embedded `toy` model (trained on the procedural ToyWorld, in `multicrafter/assets/toy`) on
 CPU hardware. To run {flux} on GPU hardware, set these in the Space's settings:
 
 - variable `MULTICRAFTER_MODEL` = `{flux}`
@@ -83,12 +82,12 @@ def _skip(rel: Path) -> bool:
 
 def space_files(root: Path = REPO_ROOT) -> list[Path]:
     """Paths (relative to `root`) the Space folder copies, sorted; a missing source is one UserError line."""
-    missing = [name for name in (*FILES, *PACKAGES, *ASSETS) if not (root / name).exists()]
+    missing = [name for name in (*FILES, *PACKAGES) if not (root / name).exists()]
     if missing:
         raise UserError(f"{root} is not a complete source checkout (missing {', '.join(missing)}); run "
                         "python -m multicrafter.space from a clone of the repository")
     out = [Path(name) for name in FILES]
-    for top in (*PACKAGES, *ASSETS):
+    for top in PACKAGES:
         for dirpath, dirnames, filenames in os.walk(root / top):
             rel_dir = Path(dirpath).relative_to(root)
             dirnames[:] = sorted(d for d in dirnames if not _skip(rel_dir / d))
@@ -111,7 +110,7 @@ def _check_out(out: Path, force: bool) -> None:
         raise UserError(f"--out {out} exists and is not a folder")
     if out == REPO_ROOT or out in REPO_ROOT.parents:
         raise UserError(f"--out {out} holds the source checkout; choose a new folder")
-    if any(out == REPO_ROOT / p or (REPO_ROOT / p) in out.parents for p in (*PACKAGES, *ASSETS)):
+    if any(out == REPO_ROOT / p or (REPO_ROOT / p) in out.parents for p in PACKAGES):
         raise UserError(f"--out {out} is inside a folder the Space copies; choose a folder outside {REPO_ROOT}")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out} exists and is not empty (pass --force to replace it)")

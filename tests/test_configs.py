@@ -119,7 +119,7 @@ def test_a_dataset_override_replaces_the_toyworld_source(name, section, tmp_path
 
 
 def test_the_toy_rows_train_on_the_bare_shipped_base():
-    """`model.name: toy` in a training config loads assets/toy without its default adapter."""
+    """`model.name: toy` in a training config loads multicrafter/assets/toy without its default adapter."""
     from multicrafter.adapters import has_adapter
     from train.run_setup import build_model
 

@@ -113,7 +113,7 @@ PLACEHOLDER = re.compile(r"(?<![a-z])(?:ROW|NAME|BASE|DIR|MODEL|ADAPTER|OWNER|PN
 
 def test_documentation_points_at_existing_files():
     docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "bench" / "results").glob("*.md")),
-            ROOT / "assets" / "toy" / "TRAINING.md", ROOT / "assets" / "toy_vae" / "README.md"]
+            ROOT / "multicrafter/assets/toy/TRAINING.md", ROOT / "multicrafter/assets/toy_vae/README.md"]
     problems = []
     for doc in docs:
         if not doc.is_file():

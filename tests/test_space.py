@@ -64,12 +64,12 @@ def built(tmp_path_factory):
 def test_space_folder_holds_the_app_and_nothing_else(built):
     out, info = built
     names = {p.name for p in out.iterdir()}
-    assert names == {"app.py", "README.md", "requirements.txt", "LICENSE", "multicrafter", "annotate", "demo", "train",
-                     "assets"}
+    assert names == {"app.py", "README.md", "requirements.txt", "LICENSE", "multicrafter", "annotate", "demo", "train"}
     files = [p.relative_to(out) for p in out.rglob("*") if p.is_file()]
     assert info["files"] == len(files)
     assert not [f for f in files if f.suffix in (".pyc", ".sh") or "__pycache__" in f.parts or f.parts[0] == "tests"]
-    assert {p.name for p in (out / "assets").iterdir()} == {"toy"} and (out / "assets/toy/model_index.json").is_file()
+    assert (out / "multicrafter/assets/toy/model_index.json").is_file()
+    assert not (out / "multicrafter/assets/toy_vae").exists()                    # only the toy recipe needs it
     assert (out / "multicrafter/assets/tokenizer_t5/tokenizer.json").is_file()   # the tiny model's tokenizers
     assert (out / "train/configs/toy_adapter_attn.yaml").is_file() and not (out / "train/configs/recipe").exists()
     assert (out / "requirements.txt").read_text() == (REPO / "requirements.txt").read_text()
@@ -91,7 +91,7 @@ def test_space_refuses_to_overwrite_and_force_replaces(tmp_path):
     with pytest.raises(UserError, match="not empty"):
         space.build_space(out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["s"]
-    for bad in (REPO, REPO / "multicrafter" / "x", REPO / "assets" / "toy" / "x"):
+    for bad in (REPO, REPO / "multicrafter" / "x", REPO / "multicrafter" / "assets" / "toy" / "x"):
         with pytest.raises(UserError):
             space.build_space(bad, force=True)
     assert (REPO / "app.py").is_file() and not (REPO / "multicrafter" / "x").exists()
@@ -109,7 +109,7 @@ def test_space_cli_prints_one_line_errors_and_the_upload_command(tmp_path):
     adapter = subprocess.run([*cmd, "--out", str(tmp_path / "a"), "--adapter", str(tmp_path)], capture_output=True,
                              text=True, cwd=REPO)
     assert adapter.returncode == 2 and "not an adapter folder" in adapter.stderr and not (tmp_path / "a").exists()
-    ok = subprocess.run([*cmd, "--out", str(tmp_path / "new"), "--adapter", str(REPO / "assets/toy/adapters/attn")],
+    ok = subprocess.run([*cmd, "--out", str(tmp_path / "new"), "--adapter", str(REPO / "multicrafter/assets/toy/adapters/attn")],
                         capture_output=True, text=True, cwd=REPO)
     assert ok.returncode == 0, ok.stderr
     assert f"hf upload OWNER/NAME {tmp_path / 'new'} --repo-type space" in ok.stdout
@@ -151,7 +151,7 @@ def test_the_space_folder_serves_generate_from_inside_itself(built, tmp_path):
                 time.sleep(1.0)
         assert client is not None, (tmp_path / "app.log").read_text()[-3000:]
         refs, _, prompt = toy_refs(tmp_path / "refs")
-        adapter = sorted(p.name for p in (out / "assets/toy/adapters").iterdir())[0]
+        adapter = sorted(p.name for p in (out / "multicrafter/assets/toy/adapters").iterdir())[0]
         img, download, params, notes = client.predict(
             references=[{"image": handle_file(r), "caption": None} for r in refs], name_1="a", name_2="b",
             name_3="", name_4="", prompt=prompt, seed=1, steps=2, guidance=1.0, height=64, width=64,

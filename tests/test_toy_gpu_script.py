@@ -63,7 +63,7 @@ def test_every_stage_runs_is_packed_and_the_budget_cuts_ippo_after_a_checkpoint(
     budget = 1000
     env = {**os.environ, **fake.install(tmp_path), "CLOCK_FILE": str(clock), "FAKE_SEC_PER_STEP": "0.5",
            "RUNS": str(runs), "PACK": str(pack), "BUDGET": str(budget), "ADAPTER_RESERVE": "150", "PROBE": "3",
-           "BASE_SET": "--set model.name=assets/toy --set data.batch_size=2",
+           "BASE_SET": "--set model.name=multicrafter/assets/toy --set data.batch_size=2",
            "ADAPTER_SET": "--set train.max_steps=2 --set output.checkpoint_every=1",
            # far more IPPO steps than the budget holds: it must be cut off, leaving its last checkpoint
            "IPPO_SET": f"--set train.max_steps={fake.OUT_OF_REACH} --set train.save_every=1"}
@@ -88,7 +88,7 @@ def test_every_stage_runs_is_packed_and_the_budget_cuts_ippo_after_a_checkpoint(
     assert "--max-steps" in calls[0]["argv"] and calls[0]["argv"][calls[0]["argv"].index("--max-steps") + 1] == "3"
     assert "--resume" in calls[1]["argv"] and base.train.max_steps == 1550
     for cfg in (probe, base):
-        assert cfg.train.mode == "base" and cfg.model.name == "assets/toy" and cfg.data.batch_size == 2
+        assert cfg.train.mode == "base" and cfg.model.name == "multicrafter/assets/toy" and cfg.data.batch_size == 2
         assert cfg.train.train_text_encoders  # the base trains its text side too, and base.tar carries it
     assert parsed[2][1] == runs / "toy_base_gpu" / "pipeline"  # assemble --base
     rows = {Path(c["argv"][c["argv"].index("--output-dir") + 1]).name: cfg for c, cfg in zip(calls[3:6], parsed[3:6])}

@@ -1,4 +1,4 @@
-"""Assemble the embedded toy model: `python -m train.assemble_toy --base DIR --adapter NAME=DIR ... --out assets/toy`.
+"""Assemble the embedded toy model: `python -m train.assemble_toy --base DIR --adapter NAME=DIR ... --out multicrafter/assets/toy`.
 
 The toy model ships as one diffusers pipeline folder (what `MultiCrafterPipeline.from_pretrained("toy")` loads) with
 its named adapters under `adapters/` (baseline, attn, attn_moe, ippo: the paper's ablation rows). Only safetensors
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m train.assemble_toy", description=__doc__.splitlines()[0])
     ap.add_argument("--base", default=None, help="the base pipeline folder (train.pretrain base mode: OUTPUT/pipeline)")
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a named adapter (repeat)")
-    ap.add_argument("--out", default="assets/toy")
+    ap.add_argument("--out", default="multicrafter/assets/toy")
     ap.add_argument("--update", action="store_true", help="add/replace adapters of an existing assembly")
     ap.add_argument("--notes", default=None, help="a markdown file with the exact training commands, copied in")
     ap.add_argument("--default-adapter", default=None, metavar="NAME|none",

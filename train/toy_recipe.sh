@@ -9,7 +9,7 @@
 #                                                    see train/toy_gpu.sh
 #   BASE_HIGHNOISE=3 ...                           # adds N rounds of recipe/base_highnoise.yaml after it
 #                                                    (the high-noise base, measured in docs/report.md)
-#   What assets/toy ships (the large-batch base on a GPU, everything else on a CPU; its TRAINING.md):
+#   What multicrafter/assets/toy ships (the large-batch base on a GPU, everything else on a CPU; its TRAINING.md):
 #   BASE_GPU=1 BASE_GPU_SET="--set train.max_steps=450" BASE_HIGHNOISE=3 ADAPTER_SET="--set output.checkpoint_every=250"
 #     bash train/toy_recipe.sh
 #   (rows with logit-normal timesteps instead: --set train.timesteps.scheme=logit_normal --set train.timesteps.shift=null)
@@ -23,12 +23,12 @@ if [ -n "${SMOKE:-}" ]; then
   SMALL_IPPO=(--set prompts.toyworld.n=4 --set "prompts.toyworld.folder=$RUNS/toyworld_ippo" --set sampling.num_steps=4
               --set window.size=1)
 else
-  RUNS=${RUNS:-runs}; OUT=${OUT:-assets/toy}; EVAL_N=${EVAL_N:-200}; FIGS=${FIGS:-docs}
+  RUNS=${RUNS:-runs}; OUT=${OUT:-multicrafter/assets/toy}; EVAL_N=${EVAL_N:-200}; FIGS=${FIGS:-docs}
   SMALL=(); SMALL_IPPO=()
 fi
 steps() { if [ -n "${1:-}" ]; then echo "--max-steps $1"; fi; }
 
-# 0. The VAE is committed (assets/toy_vae); remake it with: python -m train.vae --config train/configs/recipe/vae.yaml
+# 0. The VAE is committed (multicrafter/assets/toy_vae); remake it with: python -m train.vae --config train/configs/recipe/vae.yaml
 # 1. Base: full-weight flow matching with references from the start (an ICL-pretrained base, as UNO's FLUX).
 if [ -n "${BASE_HISTORY:-}" ]; then
   # How the shipped base was actually trained (the cosine horizon was shortened twice during training; resumes
@@ -57,7 +57,7 @@ if [ -n "${BASE_GPU:-}" ]; then
   START_BASE="$RUNS/toy_base_gpu/pipeline"
 fi
 for round in $(seq 1 "${BASE_HIGHNOISE:-0}"); do
-  # 1e. The high-noise base (round 3 is what assets/toy ships): the base continued with 84 % of its steps near pure
+  # 1e. The high-noise base (round 3 is what multicrafter/assets/toy ships): the base continued with 84 % of its steps near pure
   #     noise (recipe/base_highnoise.yaml, shift 8), where bench/sdedit_shape.py found the outlines are lost; each round
   #     restarts the schedule from the previous round's export with the next seed (13, 14, ...).
   python -m train.pretrain --config train/configs/recipe/base_highnoise.yaml --output-dir "$RUNS/toy_base_highnoise$round" \
