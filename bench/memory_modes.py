@@ -3,8 +3,8 @@
 Builds FLUX.1-dev's transformer (19 double, 38 single blocks, hidden 3072) and T5-XXL from their configs, written
 out below, with RANDOM weights (no download; speed and memory do not depend on training), plus CLIP-L and FLUX's VAE.
 For each mode (quantize none bf16 / int8 / fp8 / nf4, each with offload none / model) and each size it runs
-MultiCrafterPipeline with 2 references, attention capture off and on, and stock FluxPipeline (no references) on the
-same components, and reports peak GPU memory (torch.cuda.max_memory_allocated over the call) and the median seconds
+MultiCrafterPipeline with 2 references, attention capture off and on, then with the 24 GB training config's adapter
+(LoRA + MoE-LoRA rank 128, random weights), and stock FluxPipeline (no references) on the same components, and reports peak GPU memory (torch.cuda.max_memory_allocated over the call) and the median seconds
 per denoising step. Modes the device cannot run are listed as refused, with the reason.
     python bench/memory_modes.py --device cuda --out bench/results/memory_modes.md [--sizes 512 1024] [--steps 4]
     python bench/memory_modes.py --shapes tiny --device cpu --out /tmp/modes.md    # tiny shapes, end to end on CPU
@@ -31,8 +31,10 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # noqa: E402
 
 from multicrafter import MultiCrafterPipeline  # noqa: E402
+from multicrafter.adapters import AdapterConfig, adapter_parameters, add_adapter, fuse_lora  # noqa: E402
 from multicrafter.errors import UserError  # noqa: E402
 from multicrafter.memory import apply_offload, check_modes, quantize_in_place, weight_bytes  # noqa: E402
+from multicrafter.moe_lora import MoELoRAConfig  # noqa: E402
 from multicrafter.presets import FLUX_SCHEDULER, build_tiny_components, load_tokenizers  # noqa: E402
 from multicrafter.references import ReferenceOptions  # noqa: E402
 
@@ -124,6 +126,19 @@ def quantize(comps: dict[str, Any], mode: str, device: str) -> None:
         quantize_in_place(holder, mode)
 
 
+def add_random_adapter(transformer: nn.Module, shapes: str) -> None:
+    """The adapter of train/configs/flux_dev_adapter_24gb.yaml (tiny shapes: rank 4) with random non-zero weights."""
+    rank = 128 if shapes == "flux" else 4
+    moe = MoELoRAConfig(num_experts=4, top_k=1, rank=rank, alpha=float(rank), blocks="single",
+                        num_blocks=8 if shapes == "flux" else 1)
+    add_adapter(transformer, AdapterConfig(lora_rank=rank, lora_alpha=float(rank), moe=moe))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in adapter_parameters(transformer):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    transformer.requires_grad_(False)
+
+
 def _steps_timer(device: str) -> tuple[list[float], Any]:
     stamps: list[float] = []
 
@@ -149,6 +164,51 @@ def measure(pipe: Any, device: str, call: dict[str, Any]) -> tuple[float | None,
     return peak, float(statistics.median(steps.tolist()))
 
 
+def measure_mode(args: argparse.Namespace, mode: str, offload: str, refs: list[Image.Image],
+                 ref_px: int) -> list[dict[str, Any]]:
+    """Every case of one quantize x offload mode at every size: stock, ours with references (capture off, on), and
+    ours with an adapter."""
+    cuda = args.device.startswith("cuda")
+    build_on = "cpu" if offload != "none" or not cuda else args.device
+    comps = build_components(args.shapes, build_on)
+    quantize(comps, mode, build_on)
+    weights = weight_bytes(comps["transformer"]) + weight_bytes(comps["text_encoder_2"])
+    ours = MultiCrafterPipeline(**comps)
+    ours.reference_options = ReferenceOptions(long_side_single=ref_px, long_side_multi=ref_px)
+    stock = FluxPipeline(**comps)
+    for p in (ours, stock):
+        p.set_progress_bar_config(disable=True)
+        if offload == "none":
+            p.to(args.device)
+        else:
+            apply_offload(p, offload)
+    rows: list[dict[str, Any]] = []
+    stock_steps: dict[int, float] = {}
+
+    def record(label: str, pipe: Any, kw: dict[str, Any], size: int) -> None:
+        measure(pipe, args.device, dict(kw, num_inference_steps=1))   # warm-up
+        peak, step = measure(pipe, args.device, kw)
+        stock_steps.setdefault(size, step)                            # the first case of each size is stock
+        row = dict(mode=mode, offload=offload, size=size, run=label, peak_gb=None if peak is None
+                   else peak / 2**30, s_per_step=step, x_stock=step / stock_steps[size], weights_mb=weights / 2**20)
+        rows.append(row)
+        print(row, flush=True)
+
+    calls = {size: dict(prompt="a dog and a cat on a sofa", height=size, width=size, num_inference_steps=args.steps,
+                        guidance_scale=3.5, max_sequence_length=args.max_seq) for size in args.sizes}
+    for size, call in calls.items():
+        record("stock FluxPipeline", stock, call, size)
+        record("ours, 2 refs", ours, dict(call, reference_images=refs), size)
+        record("ours, 2 refs + attention", ours, dict(call, reference_images=refs, return_attention=True), size)
+    # Last, since stock FluxPipeline shares the transformer: the adapter the 24 GB training config trains
+    # (LoRA + MoE-LoRA, random non-zero weights), fused where the base allows it, as inference loads it.
+    add_random_adapter(comps["transformer"], args.shapes)
+    fuse_lora(comps["transformer"])
+    for size, call in calls.items():
+        record("ours, 2 refs + adapter", ours, dict(call, reference_images=refs), size)
+    return rows
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     cuda = args.device.startswith("cuda")
     rng = np.random.default_rng(0)
@@ -165,36 +225,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rows.append(dict(mode=mode, offload=offload, refused=str(exc)))
                 print(f"{mode}/{offload}: refused: {exc}", flush=True)
                 continue
-            build_on = "cpu" if offload != "none" or not cuda else args.device
-            comps = build_components(args.shapes, build_on)
-            quantize(comps, mode, build_on)
-            weights = weight_bytes(comps["transformer"]) + weight_bytes(comps["text_encoder_2"])
-            ours = MultiCrafterPipeline(**comps)
-            ours.reference_options = ReferenceOptions(long_side_single=ref_px, long_side_multi=ref_px)
-            stock = FluxPipeline(**comps)
-            for p in (ours, stock):
-                p.set_progress_bar_config(disable=True)
-                if offload == "none":
-                    p.to(args.device)
-                else:
-                    apply_offload(p, offload)
-            for size in args.sizes:
-                call = dict(prompt="a dog and a cat on a sofa", height=size, width=size,
-                            num_inference_steps=args.steps, guidance_scale=3.5, max_sequence_length=args.max_seq)
-                cases = {"stock FluxPipeline": (stock, call),
-                         "ours, 2 refs": (ours, dict(call, reference_images=refs)),
-                         "ours, 2 refs + attention": (ours, dict(call, reference_images=refs, return_attention=True))}
-                stock_step = None
-                for label, (pipe, kw) in cases.items():
-                    measure(pipe, args.device, dict(kw, num_inference_steps=1))   # warm-up
-                    peak, step = measure(pipe, args.device, kw)
-                    stock_step = step if stock_step is None else stock_step
-                    row = dict(mode=mode, offload=offload, size=size, run=label, peak_gb=None if peak is None
-                               else peak / 2**30, s_per_step=step, x_stock=step / stock_step,
-                               weights_mb=weights / 2**20)
-                    rows.append(row)
-                    print(row, flush=True)
-            del ours, stock, comps
+            rows += measure_mode(args, mode, offload, refs, ref_px)
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()

@@ -18,8 +18,9 @@ def test_tiny_shapes_on_cpu_write_the_table_with_refusals(tmp_path):
     lines = out.read_text().splitlines()
     rows = [line for line in lines if line.startswith("| none") or line.startswith("| int8") or line.startswith("| nf4")]
     measured = [r for r in rows if "refused" not in r]
-    assert len(measured) == 6          # (none, int8) x (stock, 2 refs, 2 refs + attention) at 64 px
+    assert len(measured) == 8          # (none, int8) x (stock, 2 refs, 2 refs + attention, + adapter) at 64 px
     assert any(r.startswith("| int8 | none | 64 | ours, 2 refs + attention") for r in measured)
+    assert any(r.startswith("| int8 | none | 64 | ours, 2 refs + adapter") for r in measured)
     assert "| nf4 | none | - | refused: --quantize nf4 needs a CUDA GPU (bitsandbytes)" in "\n".join(rows)
     assert sum("refused: --offload model needs a CUDA GPU" in r for r in rows) == 2
     for r in measured:
