@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Memory modes on one GPU in one run, most informative first: inference per quantisation mode at 512 and 1024 px with
-# references, attention capture and an adapter (bench/memory_modes.py), nf4 with model offload, then training per mode (bench/train_memory.py). Each part has its
-# own timeout, so a slow mode loses only its own rows. nf4 needs bitsandbytes in the GPU's Python (otherwise its rows
-# say "refused"). Packages the GPU's Python lacks can be placed in .gpu_deps/, which goes first on PYTHONPATH.
+# references, attention capture and an adapter (bench/memory_modes.py), nf4 with model offload, then training per
+# mode (bench/train_memory.py). Each part has its own timeout, so a slow mode loses only its own rows. nf4 needs
+# bitsandbytes in the GPU's Python (otherwise its rows say "refused"). Packages the GPU's Python lacks can be placed
+# in .gpu_deps/, which goes first on PYTHONPATH.
 # Tables: bench/results/memory_modes_inference.md and bench/results/memory_modes_training.md (or under $OUT if set).
 set -u
 export PYTHONPATH="$PWD/.gpu_deps:$PWD:${PYTHONPATH:-}"
