@@ -17,6 +17,7 @@ import gc
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from multicrafter import MultiCrafterPipeline  # noqa: E402
 from multicrafter.adapters import AdapterConfig, adapter_parameters, add_adapter, fuse_lora  # noqa: E402
 from multicrafter.errors import UserError  # noqa: E402
+from multicrafter.io import atomic_write_text  # noqa: E402
 from multicrafter.memory import apply_offload, check_modes, quantize_in_place, weight_bytes  # noqa: E402
 from multicrafter.moe_lora import MoELoRAConfig  # noqa: E402
 from multicrafter.presets import FLUX_SCHEDULER, build_tiny_components, load_tokenizers  # noqa: E402
@@ -209,7 +211,9 @@ def measure_mode(args: argparse.Namespace, mode: str, offload: str, refs: list[I
     return rows
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, on_mode: Callable[[list[dict[str, Any]]], None] | None = None,
+        ) -> list[dict[str, Any]]:
+    """Every mode's rows; `on_mode(rows so far)` after each mode (the table is written as it grows)."""
     cuda = args.device.startswith("cuda")
     rng = np.random.default_rng(0)
     ref_px = 64 if args.shapes == "tiny" else 320
@@ -224,8 +228,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             except UserError as exc:
                 rows.append(dict(mode=mode, offload=offload, refused=str(exc)))
                 print(f"{mode}/{offload}: refused: {exc}", flush=True)
-                continue
-            rows += measure_mode(args, mode, offload, refs, ref_px)
+            else:
+                rows += measure_mode(args, mode, offload, refs, ref_px)
+            if on_mode is not None:
+                on_mode(rows)
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
@@ -267,10 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is available (use --shapes tiny --device cpu)", file=sys.stderr)
         return 2
-    rows = run(args)
-    text = table(rows, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    text = table(run(args, on_mode=lambda rows: atomic_write_text(args.out, table(rows, args))), args)
+    atomic_write_text(args.out, text)
     print(text)
     return 0
 

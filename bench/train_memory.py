@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from bench.memory_modes import MODES, build_components, quantize  # noqa: E402
 from multicrafter import MultiCrafterPipeline  # noqa: E402
 from multicrafter.errors import UserError  # noqa: E402
+from multicrafter.io import atomic_write_text  # noqa: E402
 from multicrafter.memory import check_modes, weight_bytes  # noqa: E402
 from multicrafter.references import ReferenceOptions  # noqa: E402
 from train.config import load_config  # noqa: E402
@@ -120,7 +122,9 @@ def measure_ippo(pipe: MultiCrafterPipeline, cfg: IPPOConfig, cuda: bool) -> dic
     return dict(s_rollout=second["time_rollout"], s_update=second["time_train"], peak_gb=_peak_gb(cuda))
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, on_mode: Callable[[list[dict[str, Any]]], None] | None = None,
+        ) -> list[dict[str, Any]]:
+    """Every mode's rows; `on_mode(rows so far)` after each mode (the table is written as it grows)."""
     cuda = args.device.startswith("cuda")
     rows: list[dict[str, Any]] = []
     for mode in args.modes:
@@ -131,6 +135,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         except UserError as exc:
             rows.append(dict(mode=mode, refused=str(exc)))
             print(f"{mode}: refused: {exc}", flush=True)
+            if on_mode is not None:
+                on_mode(rows)
             continue
         pre_cfg, ippo_cfg = _configs(args.shapes, mode, args)
         pipe = _pipeline(args.shapes, mode, args.device)
@@ -142,6 +148,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         row["ippo"] = measure_ippo(pipe, ippo_cfg, cuda)
         rows.append(row)
         print(row, flush=True)
+        if on_mode is not None:
+            on_mode(rows)
         del pipe
         _reset_peak(cuda)
     return rows
@@ -184,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is available (use --shapes tiny --device cpu)", file=sys.stderr)
         return 2
-    text = table(run(args), args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    text = table(run(args, on_mode=lambda rows: atomic_write_text(args.out, table(rows, args))), args)
+    atomic_write_text(args.out, text)
     print(text)
     return 0
 
