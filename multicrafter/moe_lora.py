@@ -33,8 +33,8 @@ IMPLS = ("auto", "dense", "grouped")
 DENSE_MAX_EXTRA_RANK_CPU = 128
 DENSE_MAX_EXTRA_RANK_GPU = 2048
 # Top-1 inference on CPU with each expert merged into its own copy of the base weight (W + s·B_e·A_e): one linear per
-# token instead of base + A + B, for E copies of the weight. Only while those copies stay small (the toy's: 4 MB per
-# layer; FLUX.1-dev's proj_out would need 750 MB per layer in bf16).
+# token instead of base + A + B, for E copies of the weight. Only while those copies stay small (the toy's: under 3 MB
+# per layer; FLUX.1-dev's proj_out would need 377 MB per layer in bf16).
 MERGED_EXPERTS_MAX_BYTES = 64 * 2**20
 
 
@@ -366,6 +366,8 @@ def set_merged_experts(model: nn.Module, on: bool) -> None:
     cheap (see `MoELoRALinear.merge_experts`); `adapters.fuse_lora` / `unfuse_lora` call this."""
     for m in moe_modules(model).values():
         m.merge_experts = on
+        if not on:
+            m.__dict__.pop("_merged_cache", None)   # the copies are rebuilt on the next merged forward
 
 
 def moe_parameters(model: nn.Module) -> list[nn.Parameter]:
