@@ -4,6 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -11,6 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.train_memory import _configs, main  # noqa: E402
 
 
+# bf16 autocast on CPU (as the FLUX pre-training config runs) makes torch note that layer norm cannot fuse
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 def test_tiny_shapes_on_cpu_write_the_table_with_refusals(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "train.md"
