@@ -28,14 +28,17 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, warmup
 
 
 def peak_memory(fn: Callable[[], None], device: str) -> float | None:
-    """Peak bytes allocated during one call (CUDA allocator), or None on CPU (use the subprocess RSS instead)."""
-    if device.startswith("cuda"):
+    """Run `fn` once; the peak bytes allocated during it (CUDA allocator), or None on CPU (use the subprocess RSS
+    or `saved_activation_bytes` instead)."""
+    cuda = device.startswith("cuda")
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated())
-    return None
+    fn()
+    if not cuda:
+        return None
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated())
 
 
 def saved_activation_bytes(step: Callable[[], None]) -> float:

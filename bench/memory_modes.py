@@ -1,7 +1,8 @@
 """Memory modes at FLUX.1-dev size (GPU): peak memory and seconds per step of each quantisation x offload mode.
 
-Builds FLUX.1-dev's transformer (19 double, 38 single blocks, hidden 3072) and T5-XXL from their configs, written
-out below, with RANDOM weights (no download; speed and memory do not depend on training), plus CLIP-L and FLUX's VAE.
+Builds FLUX.1-dev's transformer (19 double, 38 single blocks, hidden 3072; bench/attention_capture.py's FLUX config)
+and T5-XXL (config below) with RANDOM weights (no download; speed and memory do not depend on training), plus CLIP-L
+and FLUX's VAE.
 For each mode (quantize none bf16 / int8 / fp8 / nf4, each with offload none / model) and each size it runs
 MultiCrafterPipeline with 2 references, attention capture off and on, then with the 24 GB training config's adapter
 (LoRA + MoE-LoRA rank 128, random weights), and stock FluxPipeline (no references) on the same components, and reports peak GPU memory (torch.cuda.max_memory_allocated over the call) and the median seconds
@@ -31,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel  # noqa: E402
 
+from bench.attention_capture import FLUX  # noqa: E402
+from bench.measure import peak_memory  # noqa: E402
 from multicrafter import MultiCrafterPipeline  # noqa: E402
 from multicrafter.adapters import AdapterConfig, adapter_parameters, add_adapter, fuse_lora  # noqa: E402
 from multicrafter.errors import UserError  # noqa: E402
@@ -40,10 +43,6 @@ from multicrafter.moe_lora import MoELoRAConfig  # noqa: E402
 from multicrafter.presets import FLUX_SCHEDULER, build_tiny_components, load_tokenizers  # noqa: E402
 from multicrafter.references import ReferenceOptions  # noqa: E402
 
-# black-forest-labs/FLUX.1-dev transformer/config.json
-FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 # black-forest-labs/FLUX.1-dev text_encoder_2/config.json (T5 v1.1 XXL encoder)
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
@@ -91,7 +90,7 @@ def build_components(shapes: str, device: str) -> dict[str, Any]:
         return build_tiny_components()
     dtype = torch.bfloat16
     tokenizer, tokenizer_2 = load_tokenizers()   # ids stay within the real vocabularies
-    transformer = _build_big(FluxTransformer2DModel, FLUX_DEV_TRANSFORMER, device, dtype, 0)
+    transformer = _build_big(FluxTransformer2DModel, FLUX, device, dtype, 0)   # FLUX.1-dev's transformer config
     text_encoder_2 = _build_big(T5EncoderModel, T5Config(**T5_XXL), device, dtype, 1)
     torch.manual_seed(2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, bos_token_id=tokenizer.bos_token_id,
@@ -141,7 +140,8 @@ def add_random_adapter(transformer: nn.Module, shapes: str) -> None:
     transformer.requires_grad_(False)
 
 
-def _steps_timer(device: str) -> tuple[list[float], Any]:
+def measure(pipe: Any, device: str, call: dict[str, Any]) -> tuple[float | None, float]:
+    """(peak GPU bytes over one call or None on CPU, median seconds per denoising step)."""
     stamps: list[float] = []
 
     def callback(pipe, i, t, kw):
@@ -150,19 +150,13 @@ def _steps_timer(device: str) -> tuple[list[float], Any]:
         stamps.append(time.perf_counter())
         return kw
 
-    return stamps, callback
+    def generate() -> None:
+        stamps.append(time.perf_counter())
+        pipe(**call, callback_on_step_end=callback, generator=torch.Generator().manual_seed(0), output_type="pil")
 
-
-def measure(pipe: Any, device: str, call: dict[str, Any]) -> tuple[float | None, float]:
-    """(peak GPU bytes over one call or None on CPU, median seconds per denoising step)."""
-    stamps, callback = _steps_timer(device)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    pipe(**call, callback_on_step_end=callback, generator=torch.Generator().manual_seed(0), output_type="pil")
-    peak = float(torch.cuda.max_memory_allocated()) if device.startswith("cuda") else None
-    steps = np.diff([start] + stamps)[1:] if len(stamps) > 1 else np.diff([start] + stamps)
+    peak = peak_memory(generate, device)
+    steps = np.diff(stamps)
+    steps = steps[1:] if len(steps) > 1 else steps   # the first step also encodes the prompt and references
     return peak, float(statistics.median(steps.tolist()))
 
 

@@ -29,6 +29,7 @@ from accelerate.state import AcceleratorState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+from bench.measure import peak_memory  # noqa: E402
 from bench.memory_modes import MODES, build_components, quantize  # noqa: E402
 from multicrafter import MultiCrafterPipeline  # noqa: E402
 from multicrafter.errors import UserError  # noqa: E402
@@ -85,41 +86,44 @@ def _fresh_accelerate() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _reset_peak(cuda: bool) -> None:
+def _free(cuda: bool) -> None:
+    """Give back what the last measurement left, so the next one's peak is its own."""
     gc.collect()
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
-def _peak_gb(cuda: bool) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+def _gb(peak: float | None) -> float | None:
+    return None if peak is None else peak / 2**30
 
 
-def measure_pretrain(pipe: MultiCrafterPipeline, cfg: PretrainConfig, steps: int, cuda: bool) -> dict[str, Any]:
+def measure_pretrain(pipe: MultiCrafterPipeline, cfg: PretrainConfig, steps: int, device: str) -> dict[str, Any]:
     _fresh_accelerate()
+    secs: list[float] = []
+    losses: list[float] = []
     with tempfile.TemporaryDirectory() as out, Trainer(cfg, Path(out) / "run", pipe=pipe) as trainer:
         trainer.train_step()                                     # warm-up: kernels, allocator, cached data
-        _reset_peak(cuda)
-        secs = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            rec = trainer.train_step()
-            if cuda:
-                torch.cuda.synchronize()
-            secs.append(time.perf_counter() - start)
+
+        def timed_steps() -> None:
+            for _ in range(steps):
+                start = time.perf_counter()
+                losses.append(trainer.train_step()["loss"])
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                secs.append(time.perf_counter() - start)
+
+        peak = peak_memory(timed_steps, device)
         adapter_mb = sum(p.numel() for p in trainer.params) * 4 / 2**20
-    return dict(s_per_step=statistics.median(secs), peak_gb=_peak_gb(cuda), loss=rec["loss"], adapter_mb=adapter_mb)
+    return dict(s_per_step=statistics.median(secs), peak_gb=_gb(peak), loss=losses[-1], adapter_mb=adapter_mb)
 
 
-def measure_ippo(pipe: MultiCrafterPipeline, cfg: IPPOConfig, cuda: bool) -> dict[str, Any]:
+def measure_ippo(pipe: MultiCrafterPipeline, cfg: IPPOConfig, device: str) -> dict[str, Any]:
     _fresh_accelerate()
-    _reset_peak(cuda)
     with tempfile.TemporaryDirectory() as out:
-        ippo_train(cfg, output_dir=Path(out) / "run", max_steps=2, log=lambda _: None, pipe=pipe)
+        peak = peak_memory(lambda: ippo_train(cfg, output_dir=Path(out) / "run", max_steps=2, log=lambda _: None,
+                                              pipe=pipe), device)
         second = read_metrics(Path(out) / "run")[-1]           # the first iteration warms up
-    return dict(s_rollout=second["time_rollout"], s_update=second["time_train"], peak_gb=_peak_gb(cuda))
+    return dict(s_rollout=second["time_rollout"], s_update=second["time_train"], peak_gb=_gb(peak))
 
 
 def run(args: argparse.Namespace, on_mode: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -141,21 +145,22 @@ def run(args: argparse.Namespace, on_mode: Callable[[list[dict[str, Any]]], None
         pre_cfg, ippo_cfg = _configs(args.shapes, mode, args)
         pipe = _pipeline(args.shapes, mode, args.device)
         weights = weight_bytes(pipe.transformer) + weight_bytes(pipe.text_encoder_2)
-        row = dict(mode=mode, weights_mb=weights / 2**20, pretrain=measure_pretrain(pipe, pre_cfg, args.steps, cuda))
+        row = dict(mode=mode, weights_mb=weights / 2**20,
+                   pretrain=measure_pretrain(pipe, pre_cfg, args.steps, args.device))
         del pipe
-        _reset_peak(cuda)
+        _free(cuda)
         pipe = _pipeline(args.shapes, mode, args.device)       # a fresh base: IPPO adds its own adapter
-        row["ippo"] = measure_ippo(pipe, ippo_cfg, cuda)
+        row["ippo"] = measure_ippo(pipe, ippo_cfg, args.device)
         rows.append(row)
         print(row, flush=True)
         if on_mode is not None:
             on_mode(rows)
         del pipe
-        _reset_peak(cuda)
+        _free(cuda)
     return rows
 
 
-def _gb(v: float | None) -> str:
+def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
@@ -172,7 +177,7 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
             continue
         p, i = r["pretrain"], r["ippo"]
         lines.append(f"| {r['mode']} | {r['weights_mb']:.1f} | {p['adapter_mb']:.1f} | {p['s_per_step']:.3f} | "
-                     f"{_gb(p['peak_gb'])} | {i['s_rollout']:.2f} | {i['s_update']:.2f} | {_gb(i['peak_gb'])} |")
+                     f"{_fmt(p['peak_gb'])} | {i['s_rollout']:.2f} | {i['s_update']:.2f} | {_fmt(i['peak_gb'])} |")
     return head + "\n".join(lines) + "\n"
 
 
