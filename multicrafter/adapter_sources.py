@@ -25,13 +25,11 @@ from torch import nn
 
 from .adapters import _LORA_KEY, CONFIG_FILE, LORA_FILE
 from .errors import UserError, one_line
+from .metrics.loading import hub_offline
 
 CACHE_ENV = "MULTICRAFTER_ADAPTER_CACHE"
 # owner/name, optional @revision, optional /sub/path; owner and name as the Hub allows them.
 _HUB_ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<rev>[\w./-]+?))?(?:/(?P<sub>[\w./-]+))?$")
-_OFFLINE_VALUES = ("1", "true", "yes", "on")
-
-
 def adapter_cache_dir() -> Path:
     """Where converted adapters are kept: `$MULTICRAFTER_ADAPTER_CACHE`, else `$XDG_CACHE_HOME` or `~/.cache`, then
     `multicrafter/adapters`."""
@@ -39,11 +37,6 @@ def adapter_cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
     return base / "multicrafter" / "adapters"
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as set now (huggingface_hub itself reads it once, at import)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE_VALUES
 
 
 # ------------------------------------------------------------------------------------------------ recognising files
@@ -230,5 +223,5 @@ def _commit_of(path: Path) -> str:
     return "local"
 
 
-__all__ = ["adapter_cache_dir", "converted_uno_adapter", "hub_offline", "is_diffusers_lora", "is_uno_lora",
+__all__ = ["adapter_cache_dir", "converted_uno_adapter", "is_diffusers_lora", "is_uno_lora",
            "parse_hub_id", "resolve_adapter", "safetensors_keys"]

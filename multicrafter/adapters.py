@@ -203,9 +203,9 @@ def set_adapter_enabled(transformer: nn.Module, enabled: bool) -> None:
     if _peft_loaded(transformer):
         wants_fused = bool(getattr(transformer, _FUSE_ATTR, None)) or getattr(transformer, _FUSE_WANTED_ATTR, False)
         if not enabled:
-            was_fused = unfuse_lora(transformer)
+            unfuse_lora(transformer)
             transformer.disable_adapters()
-            setattr(transformer, _FUSE_WANTED_ATTR, was_fused or wants_fused)
+            setattr(transformer, _FUSE_WANTED_ATTR, wants_fused)
         else:
             transformer.enable_adapters()
             if wants_fused:

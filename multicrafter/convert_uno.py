@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from .adapters import AdapterConfig, base_linear, lora_config_metadata, write_adapter_dir
 from .errors import ArgumentParser, UserError, run_cli
-from .presets import build_tiny_components, load_error, resolve_model_path
+from .presets import TINY_TRANSFORMER, load_error, resolve_model_path
 
 _KEY = re.compile(r"^(?P<kind>double|single)_blocks\.(?P<i>\d+)\.processor\.(?P<lora>\w+)\.(?P<ab>down|up)\.weight$")
 # (block kind, UNO LoRA name) -> diffusers module suffixes; several suffixes = a fused projection split by rows.
@@ -143,16 +143,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--base", default="flux-dev",
                     help="model whose shapes the LoRA must fit: flux-dev (default, no download), tiny, or a folder")
     args = ap.parse_args(argv)
+    # Only the transformer's shapes matter: it is built on the meta device from its config, no weights read.
     if args.base == "flux-dev":
         base = flux_dev_skeleton()
     elif args.base == "tiny":
-        base = build_tiny_components()["transformer"]
-    else:   # only the transformer's shapes matter: the rest of the pipeline is not loaded
+        with torch.device("meta"):
+            base = FluxTransformer2DModel(**TINY_TRANSFORMER)
+    else:
         folder = resolve_model_path(args.base)
         try:
-            base = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
+            config = FluxTransformer2DModel.load_config(folder, subfolder="transformer")
         except (OSError, ValueError) as exc:
             raise load_error(args.base, exc) from None
+        with torch.device("meta"):
+            base = FluxTransformer2DModel.from_config(config)
     out = convert(args.src, args.out, base)
     print(f"wrote UNO adapter to {out} (load with --adapter {out})")
     return 0

@@ -49,8 +49,7 @@ def quiet_libraries() -> None:
     download progress bars still show."""
     for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         os.environ.setdefault(var, "error")
-    # torchao (the int8/fp8 modes) reports its CUDA-only kernels missing on CPU and trips a torch deprecation notice
-    for name in ("huggingface_hub", "diffusers", "transformers", "torchao", "torch.utils._pytree"):
+    for name in ("huggingface_hub", "diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

@@ -22,7 +22,6 @@ from .errors import UserError
 QUANTIZE_MODES = ("none", "int8", "fp8", "nf4")
 OFFLOAD_MODES = ("none", "model", "sequential")
 QUANTIZED_COMPONENTS = ("transformer", "text_encoder_2")
-CPU_QUANTIZE_MODES = ("none", "int8", "fp8")   # torchao weight-only kernels run on CPU; bitsandbytes NF4 does not
 VAE_TILING_PIXELS = 1024 * 1024                 # above this many output pixels the VAE decodes in tiles
 
 NF4_NEEDS_CUDA = "--quantize nf4 needs a CUDA GPU (bitsandbytes)"
@@ -136,21 +135,8 @@ def weight_bytes(module: nn.Module | None) -> int:
     return total
 
 
-def use_vae_tiling(pipe: Any, height: int | None, width: int | None, force: bool = False) -> bool:
-    """Switch the VAE to tiled decoding for large outputs (or when forced); return whether it is on."""
-    on = force or (height is not None and width is not None and height * width > VAE_TILING_PIXELS)
-    vae = getattr(pipe, "vae", None)
-    if vae is None:
-        return False
-    if on:
-        vae.enable_tiling()
-    else:
-        vae.disable_tiling()
-    return on
-
-
 __all__ = [
-    "CPU_QUANTIZE_MODES", "OFFLOAD_MODES", "QUANTIZED_COMPONENTS", "QUANTIZE_MODES", "VAE_TILING_PIXELS",
+    "OFFLOAD_MODES", "QUANTIZED_COMPONENTS", "QUANTIZE_MODES", "VAE_TILING_PIXELS",
     "apply_offload", "check_modes", "is_quantized_weight", "pipeline_quantization_config", "quantize_in_place",
-    "use_vae_tiling", "weight_bytes",
+    "weight_bytes",
 ]

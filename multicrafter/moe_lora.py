@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -175,19 +177,27 @@ class MoELoRALinear(nn.Module):
         b = self.expert_B.reshape(e * r, self.out_features).to(z.dtype)
         return torch.addmm(out, z, b, alpha=self.scaling)
 
+    def _cached(self, slot: str, tensors: tuple[torch.Tensor, ...], extra: tuple, build: Callable[[], Any]) -> Any:
+        """`build()`, kept in `slot` and reused until one of `tensors` changes in place or is replaced (their
+        version counters and storages key the cache) or `extra` differs."""
+        key = (*extra, *((t._version, t.data_ptr()) for t in tensors))
+        cached = self.__dict__.get(slot)
+        if cached is None or cached[0] != key:
+            cached = (key, build())
+            self.__dict__[slot] = cached
+        return cached[1]
+
     def _inference_weights(self, dtype: torch.dtype, fuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(router rows + all A's stacked, or the A's alone; all B's) in `dtype`, built once and reused until a
-        weight changes (their in-place version counters key the cache)."""
-        key = (dtype, fuse, self.router.weight._version, self.expert_A._version, self.expert_B._version,
-               self.router.weight.data_ptr(), self.expert_A.data_ptr(), self.expert_B.data_ptr())
-        cached = self.__dict__.get("_inference_cache")
-        if cached is None or cached[0] != key:
+        weight changes."""
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             e, r = self.num_experts, self.rank
             a = self.expert_A.detach().reshape(e * r, self.in_features)
             first = torch.cat([self.router.weight.detach(), a]) if fuse else a
-            cached = (key, first.to(dtype), self.expert_B.detach().reshape(e * r, self.out_features).to(dtype))
-            self.__dict__["_inference_cache"] = cached
-        return cached[1], cached[2]
+            return first.to(dtype), self.expert_B.detach().reshape(e * r, self.out_features).to(dtype)
+
+        return self._cached("_inference_cache", (self.router.weight, self.expert_A, self.expert_B), (dtype, fuse),
+                            build)
 
     def _dense_top1_inference(self, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Top-1 routing without autograd: the same numbers as `_dense` with fewer ops (no softmax, no gate
@@ -219,14 +229,12 @@ class MoELoRALinear(nn.Module):
     def _merged_weights(self) -> torch.Tensor:
         """(E, out, in): the base weight with each expert's update merged in, rebuilt when any weight changes."""
         w = self.base.weight
-        key = (w._version, w.data_ptr(), self.expert_A._version, self.expert_B._version, self.expert_A.data_ptr(),
-               self.expert_B.data_ptr())
-        cached = self.__dict__.get("_merged_cache")
-        if cached is None or cached[0] != key:
+
+        def build() -> torch.Tensor:
             delta = torch.bmm(self.expert_B.detach().transpose(1, 2), self.expert_A.detach())   # (E, out, in)
-            cached = (key, (w.detach().unsqueeze(0) + self.scaling * delta.to(w.dtype)).contiguous())
-            self.__dict__["_merged_cache"] = cached
-        return cached[1]
+            return (w.detach().unsqueeze(0) + self.scaling * delta.to(w.dtype)).contiguous()
+
+        return self._cached("_merged_cache", (w, self.expert_A, self.expert_B), (), build)
 
     def _merged_top1_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Top-1 routing without autograd, each token through its expert's merged weight: the same function as base

@@ -523,7 +523,7 @@ class MultiCrafterPipeline(FluxPipeline):
         kwargs["height"], kwargs["width"] = height, width
         schedule_ctx = self._schedule(kwargs, height, width)
         if self.vae_tiling or height * width > memory.VAE_TILING_PIXELS:
-            memory.use_vae_tiling(self, height, width, force=True)   # only below tile size is it a plain decode
+            self.vae.enable_tiling()   # it stays on: an image below the tile size still decodes in one piece
         refs_pil = self.prepare_references(reference_images, reference_options)
         if return_attention and not refs_pil:
             raise UserError("attention maps need at least one reference image")
