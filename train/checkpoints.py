@@ -16,7 +16,6 @@ import random
 import re
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from accelerate.utils import gather_object
 
 from multicrafter.errors import UserError, one_line
+from multicrafter.io import replace_dir
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.pt"
@@ -71,13 +71,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, state: dict, keep_
             (tmp / name).write_bytes(data)
         (tmp / META_FILE).write_text(json.dumps({"step": step}) + "\n")
         _fsync_tree(tmp)
-        if final.exists():
-            old = root / f".checkpoint-{step}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from multicrafter.io import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 # A run that stops at or before this step logs every step: a short run from the Train tab (e.g. `--max-steps 6` of a
@@ -81,9 +82,7 @@ class MetricsLogger:
                 s = int(rec.get("step", 0))
                 if s <= step and (keep is None or keep(s)):
                     kept.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
         if not self.enabled or self._fh is None:

@@ -66,7 +66,7 @@ from .data import BatchOrder, TrainingSet, ensure_toyworld, load_samples
 from .metrics_log import LogSchedule, MetricsLogger
 from .optim import EMA, build_optimizer, grad_norm
 from .pretrain_config import ATTENTION_LOSSES, PretrainConfig
-from .run_setup import build_model, claim_output_dir, freeze, parse_dtype, resume_point, setup_accelerator
+from .run_setup import build_model, claim_output_dir, freeze, resume_point, setup_accelerator
 
 
 def adapter_config(cfg: PretrainConfig, ref_options: ReferenceOptions) -> AdapterConfig:
@@ -119,7 +119,7 @@ class Trainer:
         if self._given_pipe is not None:
             self.pipe = freeze(self._given_pipe)
         else:
-            self.pipe = build_model(cfg.model.name, parse_dtype(cfg.model.dtype), device=self.device,
+            self.pipe = build_model(cfg.model.name, cfg.model.dtype, device=self.device,
                                     quantize=cfg.model.quantize)
         self.pipe.set_progress_bar_config(disable=True)
         if cfg.model.builds_base:

@@ -9,6 +9,7 @@ Sharded set-ups (FSDP, DeepSpeed) are refused, since their weights and optimizer
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,19 +66,26 @@ def broadcast_from_main(accelerator: Accelerator, obj: Any) -> Any:
     return box[0]
 
 
+def on_main(accelerator: Accelerator, fn: Callable[[], Any]) -> Any:
+    """`fn()` run by the main process only, its result on every process; a UserError it raises is raised, with the
+    same one line, on every process (so all ranks stop together)."""
+    result = error = None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except UserError as exc:
+            error = str(exc)
+    result, error = broadcast_from_main(accelerator, (result, error))
+    if error:
+        raise UserError(error)
+    return result
+
+
 def claim_output_dir(accelerator: Accelerator, output_dir: str | os.PathLike) -> RunLock:
     """The main process locks the output folder (`train.run_lock`); every process raises the same one-line UserError
     when another live run holds it. Call before anything is written there; release the returned lock at the end."""
     lock = RunLock(output_dir)
-    refusal = note = None
-    if accelerator.is_main_process:
-        try:
-            note = lock.acquire()
-        except UserError as exc:
-            refusal = str(exc)
-    refusal, note = broadcast_from_main(accelerator, (refusal, note))
-    if refusal:
-        raise UserError(refusal)
+    note = on_main(accelerator, lock.acquire)
     if note and accelerator.is_main_process:
         print(note)
     return lock
@@ -86,15 +94,7 @@ def claim_output_dir(accelerator: Accelerator, output_dir: str | os.PathLike) ->
 def resume_point(accelerator: Accelerator, output_dir: str | os.PathLike, resume: bool) -> Path | None:
     """The checkpoint every process continues from: chosen once by the main process (`resolve_resume`), so all ranks
     read the same complete checkpoint."""
-    ckpt = error = None
-    if accelerator.is_main_process:
-        try:
-            ckpt = resolve_resume(output_dir, resume)
-        except UserError as exc:
-            error = str(exc)
-    ckpt, error = broadcast_from_main(accelerator, (str(ckpt) if ckpt else None, error))
-    if error:
-        raise UserError(error)
+    ckpt = on_main(accelerator, lambda: resolve_resume(output_dir, resume))
     return Path(ckpt) if ckpt else None
 
 
@@ -135,5 +135,5 @@ def freeze(pipe: Any) -> Any:
     return pipe
 
 
-__all__ = ["broadcast_from_main", "build_model", "claim_output_dir", "freeze", "parse_dtype", "resume_point",
+__all__ = ["broadcast_from_main", "build_model", "claim_output_dir", "freeze", "on_main", "parse_dtype", "resume_point",
            "setup_accelerator"]
