@@ -278,13 +278,12 @@ def delete_sample(data_dir: Path, dataset: str, name: str) -> str:
 
 
 def validate(data_dir: Path, dataset: str) -> str:
-    from multicrafter.dataset_format import errors_of, read_lines, validate_dataset
+    from multicrafter.dataset_format import check_dataset, errors_of
 
     root = resolve_dataset(data_dir, dataset)
-    problems = validate_dataset(root)
+    records, problems = check_dataset(root)
     errs = errors_of(problems)
-    n = len(read_lines(root)[0])
-    head = f"**{dataset}**: {n} sample(s), {len(errs)} error(s), {len(problems) - len(errs)} warning(s)"
+    head = f"**{dataset}**: {len(records)} sample(s), {len(errs)} error(s), {len(problems) - len(errs)} warning(s)"
     return head + ("".join(f"\n- {p}" for p in problems[:50]) if problems else " - valid")
 
 

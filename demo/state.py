@@ -89,6 +89,7 @@ class ModelHolder:
         self._load_lock = threading.Lock()
         self.run_lock = threading.Lock()
         self._warm: threading.Thread | None = None
+        self._defaults: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- loading
     @property
@@ -135,7 +136,13 @@ class ModelHolder:
         return self.name in ("tiny", "toy")
 
     def defaults(self) -> dict[str, Any]:
-        """Sizes and steps that suit the model: tiny/toy are 128 px models, FLUX wants 1024 px and 28 steps."""
+        """Sizes and steps that suit the model: tiny/toy are 128 px models, FLUX wants 1024 px and 28 steps. Read
+        from the model folder's files once per holder (the model never changes), a copy per call."""
+        if self._defaults is None:
+            self._defaults = self._read_defaults()
+        return dict(self._defaults)
+
+    def _read_defaults(self) -> dict[str, Any]:
         if self.name == "tiny":
             return dict(size=128, steps=8, guidance=3.5, max_sequence_length=64, true_cfg=1.0, negative_prompt="",
                         reference_sizes=self._reference_sizes())

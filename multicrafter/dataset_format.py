@@ -87,7 +87,7 @@ from .reference_crops import face_crop, reference_crop
 
 __all__ = [
     "CORE_KEYS", "DATA_DIRS", "KINDS", "MAX_SIDE", "METADATA", "SUBJECT_KEYS", "DatasetError", "DatasetWriter",
-    "Problem", "Sample", "Subject", "SubjectSpec", "errors_of", "image_file", "load_samples", "mask_file",
+    "Problem", "Sample", "Subject", "SubjectSpec", "check_dataset", "errors_of", "image_file", "load_samples", "mask_file",
     "mask_to_image", "new_dataset", "parse_box", "read_lines", "reference_file", "sanitize_name", "save_mask",
     "validate_dataset", "write_metadata",
 ]
@@ -384,8 +384,9 @@ class _Checker:
                          "warning")
 
 
-def validate_dataset(root: str | os.PathLike) -> list[Problem]:
-    """Every problem in the dataset at `root`, errors and warnings, in line order (dataset-wide ones last)."""
+def check_dataset(root: str | os.PathLike) -> tuple[list[tuple[int, dict]], list[Problem]]:
+    """metadata.jsonl read once: its parsed (line number, record) pairs and every problem in the dataset, errors and
+    warnings, in line order (dataset-wide ones last)."""
     root = Path(root)
     records, problems = read_lines(root)
     checker = _Checker(root)
@@ -394,7 +395,12 @@ def validate_dataset(root: str | os.PathLike) -> list[Problem]:
         checker.check_line(line, rec)
     checker.check_columns(records)
     checker.check_orphans()
-    return sorted(checker.problems, key=lambda p: (p.line is None, p.line or 0))
+    return records, sorted(checker.problems, key=lambda p: (p.line is None, p.line or 0))
+
+
+def validate_dataset(root: str | os.PathLike) -> list[Problem]:
+    """Every problem in the dataset at `root` (see `check_dataset`)."""
+    return check_dataset(root)[1]
 
 
 class DatasetError(UserError):
@@ -462,10 +468,9 @@ def _sample_from_record(root: Path, line: int, rec: dict) -> Sample:
 def load_samples(root: str | os.PathLike) -> list[Sample]:
     """All samples of a valid dataset, in file order; raises DatasetError listing the problems otherwise."""
     root = Path(root)
-    problems = validate_dataset(root)
+    records, problems = check_dataset(root)
     if errors_of(problems):
         raise DatasetError(root, problems)
-    records, _ = read_lines(root)
     return [_sample_from_record(root, line, rec) for line, rec in records]
 
 

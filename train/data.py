@@ -30,7 +30,6 @@ from multicrafter.dataset_format import Sample
 from multicrafter.errors import UserError
 from multicrafter.io import atomic_write_bytes
 from multicrafter.losses import masks_to_grid
-from multicrafter.masks import as_bool_mask
 from multicrafter.references import (
     PackedReferences,
     ReferenceOptions,
@@ -121,8 +120,6 @@ def ensure_toyworld(src: ToyWorldSource, output_dir: str | Path) -> Path:
 def load_samples(root: str | Path) -> list[Sample]:
     """The dataset's samples, validated up front (line-numbered errors); an empty dataset is refused."""
     root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"dataset folder not found: {root}")
     samples = dataset_format.load_samples(root)
     if not samples:
         raise UserError(f"dataset {root} is empty: metadata.jsonl lists no samples")
@@ -236,8 +233,8 @@ class TrainingSet:
         ms = []
         for p in it.masks:
             with Image.open(p) as m:
-                arr = as_bool_mask(m).astype(np.uint8) * 255
-            small = cover_crop(Image.fromarray(arr), it.size, Image.BILINEAR)
+                mask = dataset_format.mask_to_image(m)
+            small = cover_crop(mask, it.size, Image.BILINEAR)
             ms.append(torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0))
         return masks_to_grid(torch.stack(ms)[None], grid)[0]
 
