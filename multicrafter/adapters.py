@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -32,7 +30,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import UserError, one_line
-from .io import replace_dir
+from .io import staged_dir
 from .moe_lora import (
     MoELoRAConfig,
     MoELoRALinear,
@@ -330,9 +328,7 @@ def write_adapter_dir(directory: str | os.PathLike, cfg: AdapterConfig, lora_sd:
         raise UserError(f"cannot save the adapter: {target} is a file")
     if target.is_dir() and any(target.iterdir()) and not _is_adapter_dir(target):
         raise UserError(f"refusing to replace {target}: it is not empty and not an adapter folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         if lora_sd:
             FluxLoraLoaderMixin.save_lora_weights(tmp, transformer_lora_layers=lora_sd,
                                                   transformer_lora_adapter_metadata=lora_meta)
@@ -342,10 +338,6 @@ def write_adapter_dir(directory: str | os.PathLike, cfg: AdapterConfig, lora_sd:
         for f in tmp.iterdir():  # the data must be on disk before the folder becomes visible under its name
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -68,8 +68,6 @@ import math
 import numbers
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -80,7 +78,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
-from .io import atomic_write_text, load_image, replace_dir, save_image_atomic
+from .io import atomic_write_text, load_image, save_image_atomic, staged_dir
 from .masks import as_bool_mask, mask_box
 from .paths import resolve_inside
 from .reference_crops import face_crop, reference_crop
@@ -170,16 +168,10 @@ def new_dataset(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         raise UserError(f"{root} is not empty and holds no dataset (no {METADATA}); choose another folder")
     if exists and not overwrite:
         raise UserError(f"{root / METADATA} already exists (pass --overwrite to replace the dataset)")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    with staged_dir(root) as tmp:
         yield tmp
         if not (tmp / METADATA).is_file():
             raise RuntimeError(f"new_dataset: no {METADATA} was written; {root} is left as it was")
-        replace_dir(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ validation

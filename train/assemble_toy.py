@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from multicrafter.errors import ArgumentParser, UserError, run_cli
-from multicrafter.io import replace_dir
+from multicrafter.io import staged_dir
 from multicrafter.presets import MANIFEST, SAMPLING_CONFIG, read_manifest, true_cfg_arguments
 
 MAX_BYTES = 40 * 2**20
@@ -85,9 +84,7 @@ def assemble(out: Path, base: Path | None, adapters: dict[str, Path], update: bo
     for name, d in adapters.items():
         if not (d / "adapter_config.json").is_file():
             raise UserError(f"adapter {name}: {d} is not an adapter folder (no adapter_config.json)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         _copy_tree(out if update else base, tmp)
         if update and base is not None:
             _copy_tree(base, tmp)
@@ -117,10 +114,6 @@ def assemble(out: Path, base: Path | None, adapters: dict[str, Path], update: bo
         size = manifest["bytes"] + (tmp / MANIFEST).stat().st_size
         if size > MAX_BYTES:
             raise UserError(f"the assembled toy model is {size / 2**20:.1f} MB, over the {MAX_BYTES // 2**20} MB budget")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

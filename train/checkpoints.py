@@ -15,7 +15,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from accelerate.utils import gather_object
 
 from multicrafter.errors import UserError, one_line
-from multicrafter.io import replace_dir
+from multicrafter.io import staged_dir
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.pt"
@@ -64,17 +63,12 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, state: dict, keep_
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"checkpoint-{step}.tmp-", dir=root))
-    try:
+    with staged_dir(final, prefix=f"checkpoint-{step}.tmp-") as tmp:
         torch.save(state, tmp / STATE_FILE)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
         (tmp / META_FILE).write_text(json.dumps({"step": step}) + "\n")
         _fsync_tree(tmp)
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if keep_last > 0:
         for _, p in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)

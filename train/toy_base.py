@@ -10,8 +10,6 @@ side is trained with the transformer (a frozen random T5 is a bag of words that 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from transformers import T5EncoderModel
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from multicrafter.errors import UserError
-from multicrafter.io import replace_dir
+from multicrafter.io import staged_dir
 from multicrafter.presets import REFERENCE_CONFIG, SAMPLING_CONFIG
 
 from .pretrain_config import ModelConfig
@@ -158,16 +156,11 @@ def average_text_gradients(accelerator, params: list[torch.nn.Parameter]) -> Non
 def save_pipeline(pipe, target: Path, reference_sizes: dict[str, int | None], sampling: dict[str, Any]) -> Path:
     """`save_pretrained` plus the reference sizes and sampling defaults the base was trained with, written next to
     `target` and swapped in, so `target` is never a half-written model."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         pipe.save_pretrained(tmp)
         (tmp / REFERENCE_CONFIG).write_text(json.dumps(reference_sizes) + "\n")
         if sampling:
             (tmp / SAMPLING_CONFIG).write_text(json.dumps(sampling) + "\n")
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -9,8 +9,6 @@ saved with `save_pretrained`. Checkpoints are atomic and `--resume` continues bi
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,7 +21,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from multicrafter.errors import ArgumentParser, UserError, run_cli
-from multicrafter.io import replace_dir
+from multicrafter.io import staged_dir
 from multicrafter.toyworld.make_dataset import build_sample
 
 from .checkpoints import (
@@ -153,14 +151,8 @@ def latent_statistics(vae, cfg: VAEConfig) -> tuple[float, float]:
 
 def save_vae(vae, target: Path) -> Path:
     """`save_pretrained` into a temp sibling folder swapped in at the end: `target` is never a half-written VAE."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:
         vae.save_pretrained(tmp)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
