@@ -55,13 +55,9 @@ def safetensors_keys(path: Path) -> list[str]:
 
 def is_uno_lora(keys: list[str]) -> bool:
     """Every key is one of UNO's LoRA keys (`{double,single}_blocks.{i}.processor.<lora>.{down,up}.weight`)."""
-    from .convert_uno import _KEY, MAPPING
+    from .convert_uno import parse_uno_key
 
-    def fits(key: str) -> bool:
-        m = _KEY.match(key)
-        return m is not None and (m["kind"], m["lora"]) in MAPPING
-
-    return bool(keys) and all(fits(k) for k in keys)
+    return bool(keys) and all(parse_uno_key(k) is not None for k in keys)
 
 
 def is_diffusers_lora(keys: list[str]) -> bool:

@@ -62,13 +62,19 @@ def uno_sigmas(num_steps: int, height: int, width: int) -> list[float]:
     return out
 
 
+def parse_uno_key(key: str) -> re.Match | None:
+    """The parts (`kind`, `i`, `lora`, `ab`) of one of UNO's LoRA keys, or None for any other key."""
+    m = _KEY.match(key)
+    return m if m is not None and (m["kind"], m["lora"]) in MAPPING else None
+
+
 def convert_state_dict(uno: dict[str, torch.Tensor], base: torch.nn.Module) -> tuple[dict, int]:
     """UNO keys -> diffusers peft keys `<module>.lora_A.weight` / `.lora_B.weight`; checks every shape against the
     base model's linears (seen through any loaded LoRA or MoE-LoRA wrapper)."""
     pairs: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
     for key, t in uno.items():
-        m = _KEY.match(key)
-        if m is None or (m["kind"], m["lora"]) not in MAPPING:
+        m = parse_uno_key(key)
+        if m is None:
             raise UserError(f"not a UNO LoRA key: {key!r}")
         pairs.setdefault((m["kind"], m["i"], m["lora"]), {})[m["ab"]] = t
     ranks = set()
